@@ -1,0 +1,1 @@
+"""Score networks (NCSN++, DDPM++, DDPM, NCSNv2, MLP), EMA, checkpoints and score adapters."""

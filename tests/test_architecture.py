@@ -1,0 +1,64 @@
+"""The layer rule of STYLE.md: modules import only from layers below (or beside, where allowed)."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+# Layer of each top-level name of ours; a module may import from a strictly lower layer, or from
+# its own package. losses | samplers | likelihood | datasets are siblings and never import each
+# other; samplers and likelihood never import models.
+LAYERS = {
+    "utils": 0,
+    "sde_lib": 1,
+    "oracle": 2,
+    "models": 2,
+    "losses": 3,
+    "samplers": 3,
+    "likelihood": 3,
+    "datasets": 3,
+    "training": 4,
+    "evaluation": 4,
+    "main": 5,
+}
+FORBIDDEN = {("samplers", "models"), ("likelihood", "models"), ("samplers", "oracle"),
+             ("likelihood", "oracle"), ("losses", "oracle")}
+
+
+def _top(path) -> str:
+    rel = path.relative_to(REPO)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_layers_import_downwards():
+    bad = []
+    for path in sorted(REPO.glob("**/*.py")):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("tests", "benchmarks", "build") or rel.parts[0].startswith("."):
+            continue
+        src = _top(path)
+        if src == "configs":
+            # configs are pure data: ml_collections only.
+            for name in _imports(path):
+                if name == "torch" or (name in LAYERS):
+                    bad.append(f"{rel}: configs import {name}")
+            continue
+        if src not in LAYERS:
+            continue
+        for name in _imports(path):
+            if name not in LAYERS or name == src:
+                continue
+            if LAYERS[name] >= LAYERS[src] or (src, name) in FORBIDDEN:
+                bad.append(f"{rel} imports {name} (layer {LAYERS[name]} >= {LAYERS[src]})")
+    assert not bad, "upward or sibling imports:\n" + "\n".join(bad)

@@ -1,0 +1,17 @@
+"""Registry, type aliases and tensor helpers: the bottom layer, importing nothing of ours."""
+
+from utils.registry import Registry
+from utils.tensor import append_dims, as_batch_time, batch_mul, sum_except_batch
+from utils.types import InverseScaler, ScoreFn
+from utils.version import __version__
+
+__all__ = [
+    "Registry",
+    "ScoreFn",
+    "InverseScaler",
+    "append_dims",
+    "as_batch_time",
+    "batch_mul",
+    "sum_except_batch",
+    "__version__",
+]
