@@ -167,7 +167,7 @@ class ReverseSDE:
         return 0.5 if self.probability_flow else 1.0
 
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drift (B, *D) and diffusion (B,) of the reverse SDE / probability-flow ODE (eqs. 6, 13)."""
+        """Drift (B, *D) and diffusion (B,) of the reverse SDE or probability flow (eqs. 6, 13)."""
         t = as_batch_time(t, x)
         drift, diffusion = self.forward.sde(x, t)
         score = self.score_fn(x, t)

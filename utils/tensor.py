@@ -23,7 +23,7 @@ def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 def as_batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Return ``t`` as a (B,) tensor on ``x``'s device and dtype; a scalar is broadcast to the batch."""
+    """``t`` as a (B,) tensor on ``x``'s device and dtype; a scalar is broadcast."""
     t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
     if t.dim() == 0:
         return t.expand(x.shape[0])
