@@ -1,0 +1,193 @@
+"""The one calling convention of every sampler: registry, NFE counting, noise, progress, callback.
+
+A sampler is a registered subclass of :class:`Sampler` that declares its properties (``order``,
+``nfe_per_step``, ``stochastic``) and implements :meth:`Sampler.run`. Users call
+:func:`sample` (or the reference-style ``get_sampling_fn``); ``sample`` validates the inputs,
+draws x_T from the prior, counts every score evaluation and returns the samples and a report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import sde_lib
+from utils import Registry, ScoreFn
+
+SAMPLERS = Registry("sampler")
+register_sampler = SAMPLERS.register
+
+#: ``callback(step, t, x, x0_pred_or_None)`` receives intermediate states.
+Callback = Callable[..., None]
+
+
+class CountingScore:
+    """Wraps ``score_fn`` and counts its calls: one call = one batched network evaluation (NFE)."""
+
+    def __init__(self, score_fn: ScoreFn) -> None:
+        self.score_fn = score_fn
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.score_fn(x, t)
+
+
+class NoiseSource:
+    """Gaussian noise for stochastic samplers, from one generator or one generator per sample.
+
+    With per-sample generators (``seeds=[...]`` in :func:`sample`), row k of every draw comes from
+    generator k alone, so sample k depends only on its seed, whatever the batch size.
+    """
+
+    def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None) -> None:
+        self.generator = generator
+
+    @property
+    def per_sample(self) -> bool:
+        """True when each sample has its own generator."""
+        return isinstance(self.generator, (list, tuple))
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x`` (B, *D) on its device and dtype."""
+        if self.per_sample:
+            rows = [
+                torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                for g in self.generator
+            ]
+            return torch.stack(rows)
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def rand_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like ``x``."""
+        if self.per_sample:
+            rows = [
+                torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                for g in self.generator
+            ]
+            return torch.stack(rows)
+        return torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+
+class Sampler:
+    """Base of all samplers. Subclasses declare their properties and implement :meth:`run`.
+
+    Class attributes:
+        order: convergence order of the deterministic part (measured in the tests).
+        nfe_per_step: score evaluations per step.
+        stochastic: whether the sampler draws noise after x_T.
+    """
+
+    order: int = 1
+    nfe_per_step: int = 1
+    stochastic: bool = False
+
+    def __init__(self, **options: Any) -> None:
+        """Subclasses take their options as keyword arguments and validate them here."""
+        if options:
+            raise TypeError(
+                f"{type(self).__name__} got unknown options: {', '.join(sorted(options))}"
+            )
+
+    def check_sde(self, sde: sde_lib.SDE) -> None:
+        """Raise ``ValueError`` if this sampler cannot run on ``sde`` (default: every SDE)."""
+
+    def run(
+        self,
+        sde: sde_lib.SDE,
+        score_fn: ScoreFn,
+        x: torch.Tensor,
+        *,
+        noise: NoiseSource,
+        progress: bool = False,
+        callback: Callback | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """Integrate from x_T (B, *D) to data; returns samples and extra report entries."""
+        raise NotImplementedError
+
+
+def progress_bar(iterable, enabled: bool, desc: str):
+    """A tqdm bar over ``iterable`` when ``enabled``; the iterable itself otherwise."""
+    return tqdm(iterable, desc=desc, leave=False) if enabled else iterable
+
+
+def _initial_state(sde, shape, noise: NoiseSource, device, dtype) -> torch.Tensor:
+    """x_T: the given tensor, or a prior draw (row k from generator k when seeded per sample)."""
+    if isinstance(shape, torch.Tensor):
+        if shape.dim() < 2:
+            raise ValueError(f"x_T must have shape (B, *D), got {tuple(shape.shape)}")
+        if not torch.is_floating_point(shape):
+            raise TypeError(f"x_T must be a floating-point tensor, got {shape.dtype}")
+        return shape
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"shape must be a tuple of ints or an initial tensor x_T, got {shape!r}"
+        ) from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (B, *D) with positive sizes, got {shape}")
+    if noise.per_sample:
+        rows = [
+            sde.prior_sampling((1, *shape[1:]), generator=g, device=device, dtype=dtype)
+            for g in noise.generator
+        ]
+        return torch.cat(rows)
+    return sde.prior_sampling(shape, generator=noise.generator, device=device, dtype=dtype)
+
+
+def sample(
+    sde: sde_lib.SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...] | torch.Tensor,
+    method: str = "pc",
+    *,
+    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **options: Any,
+) -> tuple[torch.Tensor, dict]:
+    """Draw samples by integrating the reverse SDE / probability-flow ODE (Song et al. 2021).
+
+    Args:
+        sde: the forward SDE the score belongs to.
+        score_fn: ``score_fn(x, t) -> score``, any callable (a network adapter or an exact score).
+        shape: (B, *D) of the samples, or an initial tensor x_T (B, *D).
+        method: a registered sampler name (``'pc'``, ``'ode'``, fast samplers ...).
+        generator: the random source of x_T and every later draw.
+        seeds: one integer seed per sample instead of ``generator``: sample k then depends only
+            on ``seeds[k]``, whatever the batch size.
+        progress: show a tqdm bar.
+        callback: called with intermediate states (see each sampler).
+        device, dtype: of x_T when ``shape`` is a tuple.
+        **options: the sampler's own options (see its docstring).
+    Returns:
+        samples (B, *D) and a report dict whose ``nfe`` is the exact number of score calls.
+    """
+    if not isinstance(sde, sde_lib.SDE):
+        raise TypeError(f"sde must be an sde_lib.SDE, got {type(sde).__name__}")
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    sampler_cls = SAMPLERS.get(method)
+    if seeds is not None:
+        if generator is not None:
+            raise ValueError("give either generator or seeds, not both")
+        batch = shape.shape[0] if isinstance(shape, torch.Tensor) else int(shape[0])
+        if len(seeds) != batch:
+            raise ValueError(f"seeds has {len(seeds)} entries for a batch of {batch}")
+        gen_device = shape.device if isinstance(shape, torch.Tensor) else (device or "cpu")
+        generator = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
+    noise = NoiseSource(generator)
+    x = _initial_state(sde, shape, noise, device, dtype)
+    counter = CountingScore(score_fn)
+    sampler = sampler_cls(**options)  # options are validated here, before any work
+    sampler.check_sde(sde)
+    samples, extra = sampler.run(sde, counter, x, noise=noise, progress=progress, callback=callback)
+    info = {"method": method, "nfe": counter.nfe, **extra}
+    return samples, info
