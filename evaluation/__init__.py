@@ -1,0 +1,1 @@
+"""Evaluation: sample-quality metrics (FID, KID, Inception score) and evaluation records."""
