@@ -132,6 +132,23 @@ def dense(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.Li
     return _init_(nn.Linear(in_features, out_features), init_scale)
 
 
+def get_sigmas(config) -> torch.Tensor:
+    """The geometric noise grid of NCSN/SMLD, sigma_max first (Song & Ermon 2019).
+
+    ``sigma_i = exp(linspace(log sigma_max, log sigma_min, num_scales))_i`` in float64, from
+    ``config.model.sigma_max``, ``sigma_min`` and ``num_scales``; the models keep it as the
+    ``sigmas`` buffer of the reference.
+
+    Returns:
+        (num_scales,) float64.
+    """
+    m = config.model
+    log_sigmas = torch.linspace(
+        math.log(m.sigma_max), math.log(m.sigma_min), m.num_scales, dtype=torch.float64
+    )
+    return torch.exp(log_sigmas)
+
+
 def get_timestep_embedding(
     timesteps: torch.Tensor, embedding_dim: int, max_positions: int = 10000
 ) -> torch.Tensor:
