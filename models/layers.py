@@ -192,7 +192,7 @@ class NIN(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
-def _spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Dot-product attention over the H·W positions; q, k, v (B, C, H, W) -> (B, C, H, W)."""
     B, C, H, W = q.shape
     w = torch.einsum("bchw,bcij->bhwij", q, k) * (int(C) ** (-0.5))
@@ -217,7 +217,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.GroupNorm_0(x)
-        h = _spatial_attention(self.NIN_0(h), self.NIN_1(h), self.NIN_2(h))
+        h = spatial_attention(self.NIN_0(h), self.NIN_1(h), self.NIN_2(h))
         return x + self.NIN_3(h)
 
 

@@ -1,0 +1,374 @@
+"""NCSN++ and DDPM++: the U-Net score networks of Song et al. 2021 (App. H).
+
+One class covers both families; the config picks the variant:
+
+* NCSN++ (VE SDE): Gaussian Fourier features of log sigma, FIR resampling, BigGAN blocks,
+  progressive input/output pyramids, output divided by sigma (``scale_by_sigma``);
+* DDPM++ (VP / sub-VP SDEs): sinusoidal embedding of the time label 999 t, no FIR, no pyramids.
+
+The network is kept as one flat ``nn.ModuleList`` named ``all_modules`` in the reference's
+order, plus the float64 ``sigmas`` buffer, so a reference (yang-song/score_sde_pytorch) state dict
+loads with ``strict=True`` once the ``module.`` prefix of ``DataParallel`` is removed.
+``forward`` walks the list with an iterator in the order ``__init__`` built it.
+
+Optional class conditioning (``config.model.num_classes > 0``) adds ``label_embedding``, an
+``nn.Embedding(num_classes + 1, 4 nf)`` added to the time embedding; its last index is the null
+label used for classifier-free guidance (Ho & Salimans 2022). With ``num_classes`` absent or 0 the
+model and its state dict are exactly the reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from models import layerspp
+from models.layers import dense, get_act, get_sigmas, get_timestep_embedding
+from models.layerspp import group_norm
+from models.utils import register_model
+
+_CHOICES = {
+    "progressive": ("none", "output_skip", "residual"),
+    "progressive_input": ("none", "input_skip", "residual"),
+    "progressive_combine": ("sum", "cat"),
+    "embedding_type": ("fourier", "positional"),
+    "resblock_type": ("ddpm", "biggan"),
+}
+
+
+def _choice(config, key: str) -> str:
+    value = str(config.model[key]).lower()
+    if value not in _CHOICES[key]:
+        raise ValueError(
+            f"Unknown model.{key} {config.model[key]!r}; valid: {', '.join(_CHOICES[key])}"
+        )
+    return value
+
+
+@register_model("ncsnpp")
+class NCSNpp(nn.Module):
+    """NCSN++ / DDPM++ score network (Song et al. 2021, App. H) from an ml_collections config.
+
+    Reads ``config.model``: nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
+    resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type, progressive,
+    progressive_input, progressive_combine, embedding_type, fourier_scale, init_scale, conv_size,
+    scale_by_sigma, nonlinearity, sigma_min, sigma_max, num_scales and optionally num_classes;
+    ``config.data``: centered, image_size, num_channels.
+
+    Call: ``model(x, time_cond, class_labels=None)`` with x (B, C, H, W) and time_cond (B,) the
+    noise level sigma (Fourier embedding) or the time label 999 t (positional embedding);
+    returns (B, C, H, W).
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.act = act = get_act(config)
+        self.register_buffer("sigmas", get_sigmas(config))
+
+        self.nf = nf = m.nf
+        ch_mult = tuple(m.ch_mult)
+        self.num_res_blocks = num_res_blocks = m.num_res_blocks
+        self.attn_resolutions = attn_resolutions = tuple(m.attn_resolutions)
+        self.num_resolutions = num_resolutions = len(ch_mult)
+        self.all_resolutions = [config.data.image_size // 2**i for i in range(num_resolutions)]
+        self.conditional = conditional = m.conditional  # noise-conditional
+        fir, fir_kernel = m.fir, tuple(m.fir_kernel)
+        self.skip_rescale = skip_rescale = m.skip_rescale
+        self.resblock_type = resblock_type = _choice(config, "resblock_type")
+        self.progressive = progressive = _choice(config, "progressive")
+        self.progressive_input = progressive_input = _choice(config, "progressive_input")
+        self.embedding_type = embedding_type = _choice(config, "embedding_type")
+        combine_method = _choice(config, "progressive_combine")
+        init_scale = m.init_scale
+        self.centered = config.data.centered
+        self.scale_by_sigma = m.scale_by_sigma
+        if m.get("conv_size", 3) != 3:
+            raise ValueError(f"NCSN++ supports model.conv_size 3 only, got {m.conv_size!r}")
+        if config.data.image_size % 2 ** (num_resolutions - 1):
+            raise ValueError(
+                f"data.image_size {config.data.image_size} must be divisible by "
+                f"2**{num_resolutions - 1} (len(ch_mult) - 1 halvings)"
+            )
+
+        modules: list[nn.Module] = []
+        # Noise-level / time embedding, (B,) -> (B, embed_dim) -> MLP -> (B, 4 nf).
+        if embedding_type == "fourier":
+            training = config.get("training", None)
+            if training is not None and not training.get("continuous", True):
+                raise ValueError("embedding_type 'fourier' is for continuous training only")
+            modules.append(layerspp.GaussianFourierProjection(nf, scale=m.fourier_scale))
+            embed_dim = 2 * nf
+        else:
+            embed_dim = nf
+        if conditional:
+            modules.append(dense(embed_dim, nf * 4))
+            modules.append(dense(nf * 4, nf * 4))
+
+        AttnBlock = functools.partial(
+            layerspp.AttnBlockpp, init_scale=init_scale, skip_rescale=skip_rescale
+        )
+        Upsample = functools.partial(
+            layerspp.Upsample, with_conv=m.resamp_with_conv, fir=fir, fir_kernel=fir_kernel
+        )
+        Downsample = functools.partial(
+            layerspp.Downsample, with_conv=m.resamp_with_conv, fir=fir, fir_kernel=fir_kernel
+        )
+        # Pyramids. output_skip / input_skip resample the image itself with one parameter-free
+        # module kept outside all_modules; residual pyramids carry features and resample with a
+        # conv, one module per level inside all_modules.
+        if progressive == "output_skip":
+            self.pyramid_upsample = layerspp.Upsample(fir=fir, fir_kernel=fir_kernel)
+        if progressive_input == "input_skip":
+            self.pyramid_downsample = layerspp.Downsample(fir=fir, fir_kernel=fir_kernel)
+        residual_upsample = functools.partial(
+            layerspp.Upsample, fir=fir, fir_kernel=fir_kernel, with_conv=True
+        )
+        residual_downsample = functools.partial(
+            layerspp.Downsample, fir=fir, fir_kernel=fir_kernel, with_conv=True
+        )
+        ResnetBlock = layerspp.ResnetBlockDDPMpp
+        if resblock_type == "biggan":
+            ResnetBlock = functools.partial(
+                layerspp.ResnetBlockBigGANpp, fir=fir, fir_kernel=fir_kernel
+            )
+        ResnetBlock = functools.partial(
+            ResnetBlock,
+            act=act,
+            dropout=m.dropout,
+            init_scale=init_scale,
+            skip_rescale=skip_rescale,
+            temb_dim=nf * 4,
+        )
+
+        # Downsampling path; hs_c tracks the channels of each skip connection.
+        channels = config.data.num_channels
+        input_pyramid_ch = channels
+        modules.append(layerspp.ddpm_conv3x3(channels, nf))
+        hs_c = [nf]
+        in_ch = nf
+        for i_level in range(num_resolutions):
+            for _ in range(num_res_blocks):
+                out_ch = nf * ch_mult[i_level]
+                modules.append(ResnetBlock(in_ch=in_ch, out_ch=out_ch))
+                in_ch = out_ch
+                if self.all_resolutions[i_level] in attn_resolutions:
+                    modules.append(AttnBlock(channels=in_ch))
+                hs_c.append(in_ch)
+            if i_level != num_resolutions - 1:
+                if resblock_type == "ddpm":
+                    modules.append(Downsample(in_ch=in_ch))
+                else:
+                    modules.append(ResnetBlock(down=True, in_ch=in_ch))
+                if progressive_input == "input_skip":
+                    modules.append(
+                        layerspp.Combine(input_pyramid_ch, in_ch, method=combine_method)
+                    )
+                    if combine_method == "cat":
+                        in_ch *= 2
+                elif progressive_input == "residual":
+                    modules.append(residual_downsample(in_ch=input_pyramid_ch, out_ch=in_ch))
+                    input_pyramid_ch = in_ch
+                hs_c.append(in_ch)
+
+        # Bottleneck.
+        in_ch = hs_c[-1]
+        modules.append(ResnetBlock(in_ch=in_ch))
+        modules.append(AttnBlock(channels=in_ch))
+        modules.append(ResnetBlock(in_ch=in_ch))
+
+        # Upsampling path.
+        pyramid_ch = 0
+        for i_level in reversed(range(num_resolutions)):
+            for _ in range(num_res_blocks + 1):
+                out_ch = nf * ch_mult[i_level]
+                modules.append(ResnetBlock(in_ch=in_ch + hs_c.pop(), out_ch=out_ch))
+                in_ch = out_ch
+            if self.all_resolutions[i_level] in attn_resolutions:
+                modules.append(AttnBlock(channels=in_ch))
+            if progressive != "none":
+                if progressive == "residual" and i_level != num_resolutions - 1:
+                    modules.append(residual_upsample(in_ch=pyramid_ch, out_ch=in_ch))
+                if progressive == "output_skip":
+                    # Norm, act, conv to an image at this resolution, added to the pyramid.
+                    modules.append(group_norm(in_ch))
+                    modules.append(
+                        layerspp.ddpm_conv3x3(in_ch, channels, init_scale=init_scale)
+                    )
+                    pyramid_ch = channels
+                elif i_level == num_resolutions - 1:
+                    modules.append(group_norm(in_ch))
+                    modules.append(layerspp.ddpm_conv3x3(in_ch, in_ch))
+                    pyramid_ch = in_ch
+                else:
+                    pyramid_ch = in_ch
+            if i_level != 0:
+                if resblock_type == "ddpm":
+                    modules.append(Upsample(in_ch=in_ch))
+                else:
+                    modules.append(ResnetBlock(in_ch=in_ch, up=True))
+        if hs_c:
+            raise RuntimeError(f"NCSNpp: {len(hs_c)} skip connections left unused")
+
+        if progressive != "output_skip":
+            modules.append(group_norm(in_ch))
+            modules.append(layerspp.ddpm_conv3x3(in_ch, channels, init_scale=init_scale))
+
+        self.all_modules = nn.ModuleList(modules)
+
+        self.num_classes = num_classes = int(m.get("num_classes", 0) or 0)
+        if num_classes < 0:
+            raise ValueError(f"model.num_classes must be >= 0, got {num_classes}")
+        if num_classes:
+            if not conditional:
+                raise ValueError("model.num_classes > 0 needs model.conditional = True")
+            # Index num_classes is the null label (unconditional) for classifier-free guidance.
+            self.label_embedding = nn.Embedding(num_classes + 1, nf * 4)
+
+    @property
+    def null_label(self) -> int:
+        """The reserved class index meaning "no class" (``num_classes``)."""
+        return self.num_classes
+
+    def _embed(
+        self, modules: Iterator[nn.Module], time_cond: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Time embedding (B, 4 nf) (None if not noise-conditional) and sigma (B,) for scaling."""
+        used_sigmas = None
+        if self.embedding_type == "fourier":
+            used_sigmas = time_cond
+            temb = next(modules)(torch.log(used_sigmas))  # (B, 2 nf)
+        else:
+            if self.scale_by_sigma:
+                used_sigmas = self.sigmas[time_cond.long()]
+            temb = get_timestep_embedding(time_cond, self.nf)  # (B, nf)
+        if not self.conditional:
+            return None, used_sigmas
+        temb = next(modules)(temb)
+        temb = next(modules)(self.act(temb))  # (B, 4 nf)
+        return temb, used_sigmas
+
+    def _check_inputs(
+        self, x: torch.Tensor, time_cond: torch.Tensor, class_labels: torch.Tensor | None
+    ) -> None:
+        if x.dim() != 4 or x.shape[1] != self.config.data.num_channels:
+            raise ValueError(
+                f"x must be (B, {self.config.data.num_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if time_cond.shape != (x.shape[0],):
+            raise ValueError(
+                f"time_cond must be ({x.shape[0]},) to match x, got {tuple(time_cond.shape)}"
+            )
+        if class_labels is not None:
+            if not self.num_classes:
+                raise ValueError("class_labels given to an unconditional model (num_classes 0)")
+            if class_labels.shape != (x.shape[0],) or class_labels.is_floating_point():
+                raise ValueError(
+                    f"class_labels must be integer ({x.shape[0]},), got "
+                    f"{class_labels.dtype} {tuple(class_labels.shape)}"
+                )
+
+    def forward(
+        self, x: torch.Tensor, time_cond: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Score (NCSN++, sigma-scaled) or noise prediction (DDPM++) at x.
+
+        Args:
+            x: (B, C, H, W) noisy images, in [-1, 1] if ``data.centered`` else [0, 1] (shifted
+                and scaled inside).
+            time_cond: (B,) sigma for the Fourier embedding, the time label for positional.
+            class_labels: (B,) int64 in [0, num_classes]; ``num_classes`` (or None) is the null
+                label. Only for class-conditional models.
+        Returns:
+            (B, C, H, W); float64 if the output is divided by the float64 ``sigmas`` buffer.
+        """
+        self._check_inputs(x, time_cond, class_labels)
+        modules = iter(self.all_modules)
+        temb, used_sigmas = self._embed(modules, time_cond)
+        if self.num_classes:
+            if class_labels is None:
+                class_labels = torch.full_like(time_cond, self.null_label, dtype=torch.long)
+            temb = temb + self.label_embedding(class_labels)
+
+        if not self.centered:
+            x = 2 * x - 1.0  # [0, 1] -> [-1, 1]
+
+        # Downsampling path; hs holds every skip connection.
+        input_pyramid = x if self.progressive_input != "none" else None
+        hs = [next(modules)(x)]
+        for i_level in range(self.num_resolutions):
+            for _ in range(self.num_res_blocks):
+                h = next(modules)(hs[-1], temb)
+                if h.shape[-1] in self.attn_resolutions:
+                    h = next(modules)(h)
+                hs.append(h)
+            if i_level != self.num_resolutions - 1:
+                if self.resblock_type == "ddpm":
+                    h = next(modules)(hs[-1])
+                else:
+                    h = next(modules)(hs[-1], temb)
+                if self.progressive_input == "input_skip":
+                    input_pyramid = self.pyramid_downsample(input_pyramid)
+                    h = next(modules)(input_pyramid, h)  # Combine
+                elif self.progressive_input == "residual":
+                    input_pyramid = layerspp.rescaled_sum(
+                        next(modules)(input_pyramid), h, self.skip_rescale
+                    )
+                    h = input_pyramid
+                hs.append(h)
+
+        h = next(modules)(hs[-1], temb)
+        h = next(modules)(h)
+        h = next(modules)(h, temb)
+
+        # Upsampling path.
+        pyramid = None
+        for i_level in reversed(range(self.num_resolutions)):
+            for _ in range(self.num_res_blocks + 1):
+                h = next(modules)(torch.cat([h, hs.pop()], dim=1), temb)
+            if h.shape[-1] in self.attn_resolutions:
+                h = next(modules)(h)
+            h, pyramid = self._progressive_output(modules, h, pyramid, i_level)
+            if i_level != 0:
+                if self.resblock_type == "ddpm":
+                    h = next(modules)(h)
+                else:
+                    h = next(modules)(h, temb)
+
+        if self.progressive == "output_skip":
+            h = pyramid
+        else:
+            h = self.act(next(modules)(h))
+            h = next(modules)(h)
+        if next(modules, None) is not None:
+            raise RuntimeError("NCSNpp.forward left modules unused")
+
+        if self.scale_by_sigma:
+            h = h / used_sigmas.reshape(-1, *([1] * (h.dim() - 1)))
+        return h
+
+    def _progressive_output(
+        self, modules: Iterator[nn.Module], h: torch.Tensor, pyramid, i_level: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One level of the output pyramid: returns the (possibly replaced) h and the pyramid."""
+        if self.progressive == "none":
+            return h, pyramid
+        top = i_level == self.num_resolutions - 1
+        if self.progressive == "output_skip":
+            # An image-space pyramid: upsample it and add this level's norm-act-conv output.
+            if not top:
+                pyramid = self.pyramid_upsample(pyramid)
+            pyramid_h = self.act(next(modules)(h))
+            pyramid_h = next(modules)(pyramid_h)
+            return h, pyramid_h if top else pyramid + pyramid_h
+        # residual: a feature pyramid that replaces h at every level.
+        if top:
+            pyramid = self.act(next(modules)(h))
+            pyramid = next(modules)(pyramid)
+            return h, pyramid
+        pyramid = layerspp.rescaled_sum(next(modules)(pyramid), h, self.skip_rescale)
+        return pyramid, pyramid
