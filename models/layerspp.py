@@ -96,8 +96,13 @@ class AttnBlockpp(nn.Module):
 
 def _fir_conv(in_ch: int, out_ch: int, fir_kernel: FirKernel, **resample) -> updown.Conv2d:
     return updown.Conv2d(
-        in_ch, out_ch, kernel=3, resample_kernel=fir_kernel, use_bias=True,
-        kernel_init=default_init(), **resample,
+        in_ch,
+        out_ch,
+        kernel=3,
+        resample_kernel=fir_kernel,
+        use_bias=True,
+        kernel_init=default_init(),
+        **resample,
     )
 
 

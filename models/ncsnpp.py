@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models import layerspp
-from models.layers import dense, get_act, get_sigmas, get_timestep_embedding
+from models.layers import ddpm_conv3x3, dense, get_act, get_sigmas, get_timestep_embedding
 from models.layerspp import group_norm
 from models.utils import register_model
 
@@ -148,7 +148,7 @@ class NCSNpp(nn.Module):
         # Downsampling path; hs_c tracks the channels of each skip connection.
         channels = config.data.num_channels
         input_pyramid_ch = channels
-        modules.append(layerspp.ddpm_conv3x3(channels, nf))
+        modules.append(ddpm_conv3x3(channels, nf))
         hs_c = [nf]
         in_ch = nf
         for i_level in range(num_resolutions):
@@ -165,9 +165,7 @@ class NCSNpp(nn.Module):
                 else:
                     modules.append(ResnetBlock(down=True, in_ch=in_ch))
                 if progressive_input == "input_skip":
-                    modules.append(
-                        layerspp.Combine(input_pyramid_ch, in_ch, method=combine_method)
-                    )
+                    modules.append(layerspp.Combine(input_pyramid_ch, in_ch, method=combine_method))
                     if combine_method == "cat":
                         in_ch *= 2
                 elif progressive_input == "residual":
@@ -196,13 +194,11 @@ class NCSNpp(nn.Module):
                 if progressive == "output_skip":
                     # Norm, act, conv to an image at this resolution, added to the pyramid.
                     modules.append(group_norm(in_ch))
-                    modules.append(
-                        layerspp.ddpm_conv3x3(in_ch, channels, init_scale=init_scale)
-                    )
+                    modules.append(ddpm_conv3x3(in_ch, channels, init_scale=init_scale))
                     pyramid_ch = channels
                 elif i_level == num_resolutions - 1:
                     modules.append(group_norm(in_ch))
-                    modules.append(layerspp.ddpm_conv3x3(in_ch, in_ch))
+                    modules.append(ddpm_conv3x3(in_ch, in_ch))
                     pyramid_ch = in_ch
                 else:
                     pyramid_ch = in_ch
@@ -216,7 +212,7 @@ class NCSNpp(nn.Module):
 
         if progressive != "output_skip":
             modules.append(group_norm(in_ch))
-            modules.append(layerspp.ddpm_conv3x3(in_ch, channels, init_scale=init_scale))
+            modules.append(ddpm_conv3x3(in_ch, channels, init_scale=init_scale))
 
         self.all_modules = nn.ModuleList(modules)
 

@@ -171,8 +171,11 @@ def test_class_labels_on_an_unconditional_model_raise(reference_dir):
     "overrides",
     [
         {"progressive": "residual", "progressive_input": "residual"},
-        {"progressive": "output_skip", "progressive_input": "input_skip",
-         "progressive_combine": "cat"},
+        {
+            "progressive": "output_skip",
+            "progressive_input": "input_skip",
+            "progressive_combine": "cat",
+        },
         {"resblock_type": "ddpm", "fir": True},
         {"resblock_type": "ddpm", "fir": False, "conditional": False},
     ],
@@ -232,10 +235,14 @@ def test_fir_resampling_identities():
     torch.testing.assert_close(updown.downsample_2d(x, (1, 1)), F.avg_pool2d(x, 2))
     # A constant image stays constant away from the zero-padded border (gain 1).
     ones = torch.ones(1, 1, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(updown.upsample_2d(ones, (1, 3, 3, 1))[..., 2:-2, 2:-2],
-                               torch.ones(1, 1, 12, 12, dtype=torch.float64))
-    torch.testing.assert_close(updown.downsample_2d(ones, (1, 3, 3, 1))[..., 1:-1, 1:-1],
-                               torch.ones(1, 1, 2, 2, dtype=torch.float64))
+    torch.testing.assert_close(
+        updown.upsample_2d(ones, (1, 3, 3, 1))[..., 2:-2, 2:-2],
+        torch.ones(1, 1, 12, 12, dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        updown.downsample_2d(ones, (1, 3, 3, 1))[..., 1:-1, 1:-1],
+        torch.ones(1, 1, 2, 2, dtype=torch.float64),
+    )
 
 
 def test_fused_resampling_convs_equal_their_unfused_definitions():
