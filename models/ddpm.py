@@ -1,0 +1,206 @@
+"""The DDPM U-Net of Ho et al. 2020 ("Denoising diffusion probabilistic models"), as ported by the
+reference implementation (yang-song/score_sde_pytorch, ``models/ddpm.py``).
+
+A U-Net of ``ResnetBlockDDPM`` blocks (GroupNorm with 32 groups), self-attention at the
+resolutions in ``attn_resolutions`` and a sinusoidal embedding of the time label fed to every
+block through a two-layer MLP. For VP models the label is the discrete step t (N - 1) and the
+network predicts the noise epsilon; ``models.utils.get_score_fn`` turns that into a score.
+
+All layers live in one ``nn.ModuleList`` named ``all_modules``, in the order the forward pass uses
+them, exactly as in the reference, so its state dicts (``all_modules.<i>.<...>``) and the
+parameter order of its EMA lists carry over. As in the reference (and unlike the original DDPM),
+the upsampling path has one attention block per resolution, after all of that level's blocks.
+
+Built from ``config.model``: ``nf``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
+``dropout``, ``resamp_with_conv``, ``conditional`` (must be True: the reference builds the time
+embedding whatever it says), ``nonlinearity``, ``normalization`` (GroupNorm), ``scale_by_sigma``
+with ``sigma_min``, ``sigma_max``, ``num_scales`` (the ``sigmas`` buffer), the optional
+``num_classes``; and ``config.data``: ``centered``, ``image_size``, ``num_channels``.
+
+Class conditioning (ours, not the reference's): with ``config.model.num_classes = K > 0`` a label
+embedding ``label_emb`` with K + 1 rows is added to the time embedding; row K is the null label
+used for unconditional passes (classifier-free guidance, Ho & Salimans 2022). With K absent or 0
+nothing is added, so unconditional state dicts are the reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from models.layers import (
+    AttnBlock,
+    Downsample,
+    ResnetBlockDDPM,
+    Upsample,
+    ddpm_conv3x3,
+    dense,
+    get_act,
+    get_sigmas,
+    get_timestep_embedding,
+)
+from models.utils import register_model
+
+
+@register_model("ddpm")
+class DDPM(nn.Module):
+    """DDPM noise-prediction U-Net (Ho et al. 2020), optionally class-conditional.
+
+    Args:
+        config: ml_collections config (keys in the module docstring).
+
+    Forward:
+        x: (B, C, H, W) input, in [-1, 1] if ``config.data.centered`` else [0, 1].
+        labels: (B,) time labels (float t (N - 1) for discrete VP; integer indices into
+            ``sigmas`` when ``scale_by_sigma``).
+        class_labels: optional (B,) integer classes in [0, num_classes]; ``num_classes`` is the
+            null label, used for every sample when None. Only for ``num_classes > 0``.
+        Returns (B, C, H, W): the noise prediction (divided by sigma if ``scale_by_sigma``).
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        m = config.model
+        if not m.conditional:
+            raise ValueError(
+                "DDPM is always conditioned on the time label (the reference builds the time "
+                "embedding whatever config.model.conditional says); got conditional=False"
+            )
+        if m.get("normalization", "GroupNorm") != "GroupNorm":
+            raise ValueError(
+                f"DDPM uses GroupNorm; got config.model.normalization={m.normalization!r}"
+            )
+        self.act = act = get_act(config)
+        self.register_buffer("sigmas", get_sigmas(config))  # (num_scales,) float64
+
+        self.nf = nf = m.nf
+        ch_mult = tuple(m.ch_mult)
+        self.num_res_blocks = num_res_blocks = m.num_res_blocks
+        attn_resolutions = tuple(m.attn_resolutions)
+        self.num_resolutions = num_resolutions = len(ch_mult)
+        resolutions = [config.data.image_size // 2**i for i in range(num_resolutions)]
+        # Whether each level has attention, fixed at build time (the reference tests h.shape[-1]
+        # at run time, which agrees for the configured image size).
+        self.level_attn = [res in attn_resolutions for res in resolutions]
+        self.centered = bool(config.data.centered)
+        self.scale_by_sigma = bool(m.scale_by_sigma)
+        channels = config.data.num_channels
+        temb_dim = 4 * nf
+
+        resnet = functools.partial(ResnetBlockDDPM, act=act, temb_dim=temb_dim, dropout=m.dropout)
+        modules: list[nn.Module] = [dense(nf, temb_dim), dense(temb_dim, temb_dim)]
+
+        # Downsampling path; skip_channels records what each skip connection carries.
+        modules.append(ddpm_conv3x3(channels, nf))
+        skip_channels = [nf]
+        in_ch = nf
+        for level in range(num_resolutions):
+            for _ in range(num_res_blocks):
+                out_ch = nf * ch_mult[level]
+                modules.append(resnet(in_ch=in_ch, out_ch=out_ch))
+                in_ch = out_ch
+                if self.level_attn[level]:
+                    modules.append(AttnBlock(channels=in_ch))
+                skip_channels.append(in_ch)
+            if level != num_resolutions - 1:
+                modules.append(Downsample(channels=in_ch, with_conv=m.resamp_with_conv))
+                skip_channels.append(in_ch)
+
+        # Middle: resnet, attention, resnet at the lowest resolution.
+        modules += [resnet(in_ch=in_ch), AttnBlock(channels=in_ch), resnet(in_ch=in_ch)]
+
+        # Upsampling path: one more block per level than on the way down, each eating a skip.
+        for level in reversed(range(num_resolutions)):
+            for _ in range(num_res_blocks + 1):
+                out_ch = nf * ch_mult[level]
+                modules.append(resnet(in_ch=in_ch + skip_channels.pop(), out_ch=out_ch))
+                in_ch = out_ch
+            if self.level_attn[level]:
+                modules.append(AttnBlock(channels=in_ch))
+            if level != 0:
+                modules.append(Upsample(channels=in_ch, with_conv=m.resamp_with_conv))
+
+        modules.append(nn.GroupNorm(num_groups=32, num_channels=in_ch, eps=1e-6))
+        modules.append(ddpm_conv3x3(in_ch, channels, init_scale=0.0))
+        self.all_modules = nn.ModuleList(modules)
+
+        self.num_classes = int(m.get("num_classes", 0) or 0)
+        if self.num_classes < 0:
+            raise ValueError(f"config.model.num_classes must be >= 0, got {self.num_classes}")
+        if self.num_classes:
+            # Zero-initialised: an untrained class-conditional model equals the unconditional one.
+            self.label_emb = nn.Embedding(self.num_classes + 1, temb_dim)
+            nn.init.zeros_(self.label_emb.weight)
+
+    @property
+    def null_label(self) -> int:
+        """The reserved "no class" label (``num_classes``) for classifier-free guidance."""
+        if not self.num_classes:
+            raise AttributeError("this DDPM is not class-conditional (config.model.num_classes)")
+        return self.num_classes
+
+    def _class_embedding(self, class_labels: torch.Tensor | None, batch: int, like: torch.Tensor):
+        if not self.num_classes:
+            if class_labels is not None:
+                raise ValueError(
+                    "class_labels given to a DDPM built without config.model.num_classes"
+                )
+            return None
+        if class_labels is None:
+            class_labels = torch.full((batch,), self.num_classes, device=like.device)
+        elif class_labels.shape != (batch,) or class_labels.dtype.is_floating_point:
+            raise ValueError(
+                f"class_labels must be integer of shape ({batch},), got {class_labels.dtype} "
+                f"{tuple(class_labels.shape)}"
+            )
+        return self.label_emb(class_labels)  # (B, 4 nf)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        modules = iter(self.all_modules)
+        temb = get_timestep_embedding(labels, self.nf)  # (B, nf)
+        temb = next(modules)(temb)
+        temb = next(modules)(self.act(temb))  # (B, 4 nf)
+        class_emb = self._class_embedding(class_labels, x.shape[0], temb)
+        if class_emb is not None:
+            temb = temb + class_emb
+
+        h = x if self.centered else 2 * x - 1.0
+        hs = [next(modules)(h)]  # (B, nf, H, W)
+        for level in range(self.num_resolutions):
+            for _ in range(self.num_res_blocks):
+                h = next(modules)(hs[-1], temb)
+                if self.level_attn[level]:
+                    h = next(modules)(h)
+                hs.append(h)
+            if level != self.num_resolutions - 1:
+                hs.append(next(modules)(hs[-1]))  # (B, C, H / 2, W / 2)
+
+        h = next(modules)(hs[-1], temb)
+        h = next(modules)(h)
+        h = next(modules)(h, temb)
+
+        for level in reversed(range(self.num_resolutions)):
+            for _ in range(self.num_res_blocks + 1):
+                h = next(modules)(torch.cat([h, hs.pop()], dim=1), temb)
+            if self.level_attn[level]:
+                h = next(modules)(h)
+            if level != 0:
+                h = next(modules)(h)  # (B, C, 2 H, 2 W)
+
+        h = self.act(next(modules)(h))
+        h = next(modules)(h)  # (B, C, H, W)
+
+        if self.scale_by_sigma:
+            if labels.dtype.is_floating_point:
+                raise TypeError(
+                    f"scale_by_sigma needs integer labels indexing sigmas, got {labels.dtype}"
+                )
+            h = h / self.sigmas[labels].view(-1, 1, 1, 1)
+        return h

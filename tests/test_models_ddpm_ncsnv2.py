@@ -1,0 +1,149 @@
+"""DDPM (Ho et al. 2020) and NCSNv2 (Song & Ermon 2020) against the reference fixtures.
+
+Each fixture model is built from the config stored in its JSON, loads the reference state dict
+strictly (after removing DataParallel's ``module.`` prefix), and must reproduce the reference's
+labels exactly and its ``model_output`` and ``score`` within ``2e-5 * max|ref|`` (the fixture
+README's bound, about 5x the reference's own float32 round-off).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ml_collections import ConfigDict
+from safetensors.torch import load_file
+
+import models.ddpm  # noqa: F401  (registers 'ddpm')
+import models.ncsnv2  # noqa: F401  (registers 'ncsnv2_64', 'ncsnv2_128', 'ncsnv2_256')
+import sde_lib
+from models.utils import create_model, get_model, get_score_fn
+
+REL_TOL = 2e-5
+
+
+def _load_fixture(reference_dir, name):
+    meta = json.loads((reference_dir / f"{name}.json").read_text())
+    state = load_file(str(reference_dir / f"{name}.safetensors"))
+    state = {k.removeprefix(meta["state_dict_keys_prefix"]): v for k, v in state.items()}
+    io = load_file(str(reference_dir / f"{name}_io.safetensors"))
+    return meta, state, io
+
+
+def _reference_config(meta) -> ConfigDict:
+    """The full-size reference config: the fixture config with its overrides undone."""
+    config = json.loads(json.dumps(meta["config"]))
+    for key, values in meta["overrides"].items():
+        section, field = key.split(".")
+        if values["reference"] == "<unset>":
+            continue
+        config[section][field] = values["reference"]
+    return ConfigDict(config)
+
+
+def _sde(meta):
+    spec = dict(meta["sde"])
+    name = spec.pop("name")
+    for key in ("class", "T"):
+        spec.pop(key)
+    return sde_lib.get_sde(name, **spec)
+
+
+def _rel_err(ours, ref):
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("name, model_class", [("ddpm_vp", "DDPM"), ("ncsnv2_ve", "NCSNv2")])
+def test_matches_reference_fixture(reference_dir, name, model_class):
+    meta, state, io = _load_fixture(reference_dir, name)
+    config = ConfigDict(meta["config"])
+    torch.manual_seed(0)
+    model = create_model(config)
+    assert type(model).__name__ == meta["model_class"] == model_class
+    assert sum(p.numel() for p in model.parameters()) == meta["n_params"]
+    model.load_state_dict(state, strict=True)
+
+    sde = _sde(meta)
+    score_fn = get_score_fn(sde, model, train=False, continuous=meta["continuous"])
+    labels = score_fn.labels(io["t"])
+    assert labels.dtype == io["labels"].dtype
+    if labels.dtype.is_floating_point:
+        torch.testing.assert_close(labels, io["labels"], rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(labels, io["labels"])
+
+    with torch.no_grad():
+        output = model.eval()(io["x"], io["labels"])
+        score = score_fn(io["x"], io["t"])
+    assert output.dtype == io["model_output"].dtype
+    assert score.dtype == io["score"].dtype
+    assert _rel_err(output, io["model_output"]) <= REL_TOL
+    assert _rel_err(score, io["score"]) <= REL_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# NCSNv2
+
+
+def _ncsnv2_config(reference_dir, **model_overrides) -> ConfigDict:
+    meta = json.loads((reference_dir / "ncsnv2_ve.json").read_text())
+    config = ConfigDict(meta["config"])
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    return config
+
+
+def test_ncsnv2_sigmas_buffer_is_the_reference_grid(reference_dir):
+    _, state, _ = _load_fixture(reference_dir, "ncsnv2_ve")
+    model = create_model(_ncsnv2_config(reference_dir))
+    assert model.sigmas.dtype == torch.float64
+    torch.testing.assert_close(model.sigmas, state["sigmas"], rtol=1e-13, atol=0)
+
+
+def test_ncsnv2_divides_by_sigma(reference_dir):
+    """s(x, sigma_y) = net(x) / sigma_y: the only dependence on the label (Song & Ermon 2020)."""
+    config = _ncsnv2_config(reference_dir)
+    torch.manual_seed(1)
+    model = create_model(config).eval()
+    x = torch.rand(1, 3, 32, 32).expand(2, -1, -1, -1)
+    y = torch.tensor([0, 100])
+    with torch.no_grad():
+        out = model(x, y)
+    ratio = model.sigmas[100] / model.sigmas[0]
+    torch.testing.assert_close(out[1] * ratio, out[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="integer"):
+        model(x, y.float())
+
+
+@pytest.mark.parametrize("name, levels", [("ncsnv2_64", 4), ("ncsnv2_128", 5), ("ncsnv2_256", 6)])
+def test_ncsnv2_sizes_build_and_keep_shape(reference_dir, name, levels):
+    config = _ncsnv2_config(reference_dir, name=name, nf=4, num_scales=10)
+    model = create_model(config).eval()
+    assert type(model) is get_model(name)
+    assert len(model.stages) == levels
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_ncsnv2_full_size_cifar10_builds(reference_dir):
+    """The reference CIFAR-10 NCSNv2 (nf = 128) at 32 px; its parameter count is analytic."""
+    meta = json.loads((reference_dir / "ncsnv2_ve.json").read_text())
+    config = _reference_config(meta)
+    assert config.model.nf == 128
+    model = create_model(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    # The fixture's nf = 16 model has 466,451 parameters; conv weights scale with nf^2.
+    assert n_params == pytest.approx(meta["n_params"] * 64, rel=0.01)
+    with torch.no_grad():
+        out = model.eval()(torch.rand(1, 3, 32, 32), torch.tensor([0]))
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_ncsnv2_channels_must_agree(reference_dir):
+    config = _ncsnv2_config(reference_dir)
+    config.data.channels = 1
+    with pytest.raises(ValueError, match="disagree"):
+        create_model(config)
