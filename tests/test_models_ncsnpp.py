@@ -104,6 +104,28 @@ def test_only_the_fourier_weights_are_frozen(family):
     assert frozen == expected
 
 
+def test_parameter_order_matches_the_reference_ema_list(reference_dir):
+    # The reference's EMA stores a list in model.parameters() order (trainable ones only), so our
+    # registration order must be the reference's: applying that list must give score_ema.
+    numpy = pytest.importorskip("numpy")
+    meta = _meta(reference_dir, "ncsnpp_ve")
+    allow = [numpy._core.multiarray.scalar, numpy.dtype, numpy.dtypes.Float64DType]
+    with torch.serialization.safe_globals(allow):
+        ckpt = torch.load(reference_dir / "ncsnpp_ve_checkpoint.pth", weights_only=True)
+    model = create_model(_config(meta)).eval()
+    model.load_state_dict(strip_module_prefix(ckpt["model"]), strict=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    shadow = ckpt["ema"]["shadow_params"]
+    assert [p.shape for p in trainable] == [s.shape for s in shadow]
+    with torch.no_grad():
+        for p, s in zip(trainable, shadow):
+            p.copy_(s)
+    io = load_file(reference_dir / "ncsnpp_ve_checkpoint_io.safetensors")
+    with torch.no_grad():
+        score = get_score_fn(_sde(meta), model, train=False, continuous=True)(io["x"], io["t"])
+    assert _max_rel(score, io["score_ema"]) <= 2e-5
+
+
 @pytest.mark.parametrize("name", sorted(FULL_SIZE_PARAMS))
 def test_full_size_cifar10_parameter_count_and_forward(reference_dir, name):
     config = _config(_meta(reference_dir, name), full_size=True)
