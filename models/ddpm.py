@@ -18,9 +18,9 @@ with ``sigma_min``, ``sigma_max``, ``num_scales`` (the ``sigmas`` buffer), the o
 ``num_classes``; and ``config.data``: ``centered``, ``image_size``, ``num_channels``.
 
 Class conditioning (ours, not the reference's): with ``config.model.num_classes = K > 0`` a label
-embedding ``label_emb`` with K + 1 rows is added to the time embedding; row K is the null label
-used for unconditional passes (classifier-free guidance, Ho & Salimans 2022). With K absent or 0
-nothing is added, so unconditional state dicts are the reference's.
+embedding ``label_embedding`` with K + 1 rows is added to the time embedding; row K is the null
+label used for unconditional passes (classifier-free guidance, Ho & Salimans 2022). With K absent
+or 0 nothing is added, so unconditional state dicts are the reference's.
 """
 
 from __future__ import annotations
@@ -130,9 +130,8 @@ class DDPM(nn.Module):
         if self.num_classes < 0:
             raise ValueError(f"config.model.num_classes must be >= 0, got {self.num_classes}")
         if self.num_classes:
-            # Zero-initialised: an untrained class-conditional model equals the unconditional one.
-            self.label_emb = nn.Embedding(self.num_classes + 1, temb_dim)
-            nn.init.zeros_(self.label_emb.weight)
+            # Same name and (default N(0, 1)) initialisation as NCSN++'s class embedding.
+            self.label_embedding = nn.Embedding(self.num_classes + 1, temb_dim)
 
     @property
     def null_label(self) -> int:
@@ -155,7 +154,7 @@ class DDPM(nn.Module):
                 f"class_labels must be integer of shape ({batch},), got {class_labels.dtype} "
                 f"{tuple(class_labels.shape)}"
             )
-        return self.label_emb(class_labels)  # (B, 4 nf)
+        return self.label_embedding(class_labels)  # (B, 4 nf)
 
     def forward(
         self,

@@ -147,3 +147,149 @@ def test_ncsnv2_channels_must_agree(reference_dir):
     config.data.channels = 1
     with pytest.raises(ValueError, match="disagree"):
         create_model(config)
+
+
+# --------------------------------------------------------------------------------------------
+# DDPM
+
+
+def _ddpm_config(reference_dir, **model_overrides) -> ConfigDict:
+    meta = json.loads((reference_dir / "ddpm_vp.json").read_text())
+    config = ConfigDict(meta["config"])
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    return config
+
+
+def _attn_params(channels: int) -> int:
+    """Parameters of one AttnBlock: GroupNorm (2 C) and four NIN layers (C^2 + C each)."""
+    return 2 * channels + 4 * (channels * channels + channels)
+
+
+def test_ddpm_full_size_cifar10_parameter_count_and_forward(reference_dir):
+    """The reference ``vp/ddpm/cifar10`` U-Net: 35.2M parameters (issue 4), one forward pass.
+
+    Ho et al. 2020 report 35.7M for their CIFAR-10 model: their up path has an attention block
+    after each of the three blocks at 16 px, where the reference (and we) keep one per level.
+    """
+    meta = json.loads((reference_dir / "ddpm_vp.json").read_text())
+    config = _reference_config(meta)
+    assert (config.model.nf, tuple(config.model.ch_mult), config.data.image_size) == (
+        128,
+        (1, 2, 2, 2),
+        32,
+    )
+    torch.manual_seed(0)
+    model = create_model(config).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert round(n_params / 1e6, 1) == 35.2
+    # Two more AttnBlocks at 16 px (256 channels) give the original DDPM's count.
+    assert round((n_params + 2 * _attn_params(256)) / 1e6, 1) == 35.7
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, torch.tensor([500.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_ddpm_rejects_unconditional_and_other_norms(reference_dir):
+    with pytest.raises(ValueError, match="conditional=False"):
+        create_model(_ddpm_config(reference_dir, conditional=False))
+    with pytest.raises(ValueError, match="GroupNorm"):
+        create_model(_ddpm_config(reference_dir, normalization="InstanceNorm++"))
+
+
+def test_ddpm_scale_by_sigma_divides_by_the_indexed_sigma(reference_dir):
+    torch.manual_seed(2)
+    plain = create_model(_ddpm_config(reference_dir)).eval()
+    scaled = create_model(_ddpm_config(reference_dir, scale_by_sigma=True)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = plain(x, labels).double() / plain.sigmas[labels].view(-1, 1, 1, 1)
+        torch.testing.assert_close(scaled(x, labels), expected, rtol=1e-6, atol=0)
+        with pytest.raises(TypeError, match="integer"):
+            scaled(x, labels.float())
+
+
+def test_ddpm_num_classes_zero_leaves_the_state_dict_unchanged(reference_dir):
+    _, state, _ = _load_fixture(reference_dir, "ddpm_vp")
+    config = _ddpm_config(reference_dir, num_classes=0)
+    model = create_model(config)
+    model.load_state_dict(state, strict=True)
+    assert list(model.state_dict()) == list(create_model(_ddpm_config(reference_dir)).state_dict())
+    with pytest.raises(ValueError, match="num_classes"):
+        model(torch.zeros(1, 3, 16, 16), torch.zeros(1), class_labels=torch.zeros(1).long())
+    assert not hasattr(model, "null_label")
+
+
+def test_ddpm_class_conditional_with_null_label(reference_dir):
+    _, state, _ = _load_fixture(reference_dir, "ddpm_vp")
+    torch.manual_seed(3)
+    model = create_model(_ddpm_config(reference_dir, num_classes=10)).eval()
+    # Everything but the label embedding is the unconditional network's.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["label_embedding.weight"] and unexpected == []
+    assert model.label_embedding.weight.shape == (11, 4 * 32)
+    assert model.null_label == 10
+
+    x = torch.randn(3, 3, 16, 16)
+    t_labels = torch.tensor([10.0, 500.0, 900.0])
+    with torch.no_grad():
+        null = model(x, t_labels)
+        explicit_null = model(x, t_labels, class_labels=torch.full((3,), 10))
+        classes = model(x, t_labels, class_labels=torch.tensor([0, 1, 2]))
+        # A zero null row makes the conditional network the unconditional one exactly.
+        model.label_embedding.weight[10].zero_()
+        unconditional = create_model(_ddpm_config(reference_dir)).eval()
+        unconditional.load_state_dict(state)
+        torch.testing.assert_close(model(x, t_labels), unconditional(x, t_labels))
+    torch.testing.assert_close(null, explicit_null, rtol=0, atol=0)
+    assert (classes - null).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, t_labels, class_labels=torch.zeros(3))
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, t_labels, class_labels=torch.zeros(2).long())
+
+
+# --------------------------------------------------------------------------------------------
+# NCSN layers and normalisation
+
+
+def test_ncsn_conv3x3_fixes_of_the_reference():
+    """Bias-free 3x3 convs build, and dilated ones keep H and W (padding = dilation)."""
+    from models.ncsn_layers import ncsn_conv3x3
+
+    x = torch.randn(1, 2, 9, 9)
+    for dilation in (1, 2, 4):
+        conv = ncsn_conv3x3(2, 3, bias=False, dilation=dilation)
+        assert conv.bias is None and conv(x).shape == (1, 3, 9, 9)
+    tiny = ncsn_conv3x3(2, 3, init_scale=0.0)
+    assert tiny.weight.abs().max() < 1e-9 and tiny.bias.abs().max() < 1e-9
+
+
+def test_instance_norm_plus_closed_form():
+    """InstanceNorm++ (Song & Ermon 2019, App. A) against its formula, unbiased channel variance."""
+    from models.normalization import InstanceNorm2dPlus
+
+    torch.manual_seed(4)
+    norm = InstanceNorm2dPlus(5)
+    with torch.no_grad():
+        norm.beta.normal_()
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64) * 3 + torch.randn(3, 5, 1, 1) * 2
+    norm = norm.double()
+    mu = x.mean(dim=(2, 3))
+    var = x.var(dim=(2, 3), unbiased=False)
+    mu_hat = (mu - mu.mean(1, keepdim=True)) / (
+        mu.var(1, keepdim=True, unbiased=True) + 1e-5
+    ).sqrt()
+    h = (x - mu[..., None, None]) / (var[..., None, None] + 1e-5).sqrt()
+    h = h + (norm.alpha * mu_hat)[..., None, None]
+    expected = norm.gamma[:, None, None] * h + norm.beta[:, None, None]
+    torch.testing.assert_close(norm(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_unknown_normalization_names_the_choices(reference_dir):
+    config = _ncsnv2_config(reference_dir, normalization="BatchNorm")
+    with pytest.raises(ValueError, match="InstanceNorm\\+\\+"):
+        create_model(config)
