@@ -140,7 +140,10 @@ class DDPM(nn.Module):
             raise AttributeError("this DDPM is not class-conditional (config.model.num_classes)")
         return self.num_classes
 
-    def _class_embedding(self, class_labels: torch.Tensor | None, batch: int, like: torch.Tensor):
+    def _class_embedding(
+        self, class_labels: torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """(B, 4 nf) embedding of the classes (the null label where None); None if unconditional."""
         if not self.num_classes:
             if class_labels is not None:
                 raise ValueError(
@@ -148,7 +151,7 @@ class DDPM(nn.Module):
                 )
             return None
         if class_labels is None:
-            class_labels = torch.full((batch,), self.num_classes, device=like.device)
+            class_labels = torch.full((batch,), self.num_classes, device=device)
         elif class_labels.shape != (batch,) or class_labels.dtype.is_floating_point:
             raise ValueError(
                 f"class_labels must be integer of shape ({batch},), got {class_labels.dtype} "
@@ -166,7 +169,7 @@ class DDPM(nn.Module):
         temb = get_timestep_embedding(labels, self.nf)  # (B, nf)
         temb = next(modules)(temb)
         temb = next(modules)(self.act(temb))  # (B, 4 nf)
-        class_emb = self._class_embedding(class_labels, x.shape[0], temb)
+        class_emb = self._class_embedding(class_labels, x.shape[0], x.device)
         if class_emb is not None:
             temb = temb + class_emb
 
