@@ -7,7 +7,8 @@ convention, chosen by the data an SDE declares in ``SDE.model_conventions``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -23,9 +24,25 @@ SCORE_ADAPTERS = Registry("score adapter")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+#: Modules whose import registers the architectures (imported on first lookup, since they
+#: import this module themselves).
+ARCHITECTURE_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2", "models.mlp")
+
+
+def _register_architectures() -> None:
+    for module in ARCHITECTURE_MODULES:
+        importlib.import_module(module)
+
+
 def get_model(name: str) -> type[nn.Module]:
     """The model class registered as ``name`` (the reference's ``config.model.name``)."""
+    _register_architectures()
     return MODELS.get(name)
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that ``torch.nn.DataParallel`` adds to reference state dicts."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def create_model(config) -> nn.Module:
