@@ -1,0 +1,424 @@
+"""Checkpoints: reading the reference's training checkpoints safely, and our inference format.
+
+Reference checkpoints (yang-song/score_sde_pytorch ``utils.save_checkpoint``) are
+``torch.save({'optimizer', 'model', 'ema', 'step'})`` pickles; ``model`` carries the ``module.``
+prefix of ``DataParallel`` and ``ema`` is ``{'decay', 'num_updates', 'shadow_params'}`` with the
+shadow list in ``model.parameters()`` order, trainable parameters only. They are read with
+``torch.load(weights_only=True)``, allowing beyond tensors and containers only the numpy scalar
+the reference's optimiser stores as its learning rate; anything else (e.g. a pickle that would
+call ``os.system``) is refused before it can run.
+
+Our own format is a directory written atomically, file by file::
+
+    config.json          {"format", "config" (the model's config dict), "weights", "ema", "sha256"}
+    model.safetensors    model.state_dict() (raw weights)
+    ema.safetensors      model.state_dict() with each trainable parameter replaced by its EMA
+
+No pickle is involved in reading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from models.ema import ExponentialMovingAverage, trainable_parameter_names
+from models.utils import create_model
+
+FORMAT = "score-sde-toolkit/inference-v1"
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
+REFERENCE_KEYS = ("optimizer", "model", "ema", "step")
+#: Modules whose import registers architectures; imported on demand by :func:`load_inference`.
+ARCHITECTURE_MODULES = ("models.mlp", "models.ncsnpp", "models.ddpm", "models.ncsnv2")
+_MAX_LISTED = 10
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated, wrong layout or wrong architecture."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that asks for something other than tensors, containers and allowlisted scalars."""
+
+
+# -- safe reading ------------------------------------------------------------------------------
+
+
+def _numpy_allowlist() -> list:
+    """The numpy globals a reference checkpoint needs: its Adam ``lr`` is a ``numpy.float64``.
+
+    Pickles name the scalar constructor ``numpy._core.multiarray.scalar`` (numpy 2) or
+    ``numpy.core.multiarray.scalar`` (numpy 1); both names map to the installed function.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    allow: list = [
+        np.dtype,
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+    ]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    if dtypes is not None:
+        allow.append(dtypes.Float64DType)
+    return allow
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU with the minimal numpy allowlist.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the pickle references a global outside the allowlist (it is
+            never called).
+        CheckpointError: the file is truncated or not a torch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_numpy_allowlist()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        match = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"the global {match.group(1)!r}" if match else "an unsupported pickle instruction"
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: its pickle asks for {what}, which is not a tensor, a "
+            "container or an allowlisted numpy scalar. Weights-only loading never runs such "
+            "code; only load this file with full unpickling if you trust its source."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated or not a torch.save file): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
+        ) from e
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """``state_dict`` without the ``DataParallel`` ``prefix``, if every key carries it."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str = "") -> None:
+    """Strict key and shape check of ``state_dict`` against ``model.state_dict()``.
+
+    Raises:
+        CheckpointError: naming ``source`` and listing the missing, unexpected, non-tensor and
+            shape-mismatched keys.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    not_tensor = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {_listed(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("non-tensor values", not_tensor),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source or 'state dict'}: does not fit {type(model).__name__} "
+            f"(wrong architecture or config?): " + "; ".join(problems)
+        )
+
+
+def load_model_state(
+    model: nn.Module, state_dict: Mapping[str, Any], source: str | os.PathLike = ""
+) -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly, after stripping a ``module.`` prefix.
+
+    Args:
+        model: the built network.
+        state_dict: parameter and buffer tensors by name.
+        source: the file the state came from, for error messages.
+    Returns:
+        ``model``.
+    Raises:
+        CheckpointError: listing missing, unexpected and shape-mismatched keys.
+    """
+    state = strip_module_prefix(state_dict)
+    check_state_dict(model, state, str(source))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def name_ema_shadow_params(
+    model: nn.Module, ema_state: Mapping[str, Any], source: str | os.PathLike = ""
+) -> dict[str, torch.Tensor]:
+    """Map a reference ``ema['shadow_params']`` list to ``model``'s trainable parameter names.
+
+    The list follows ``model.parameters()`` and skips non-trainable parameters (e.g. the
+    Gaussian-Fourier ``W``); count and shapes are checked name by name.
+
+    Raises:
+        CheckpointError: naming ``source`` and the mismatching parameters.
+    """
+    shadows = ema_state.get("shadow_params") if isinstance(ema_state, Mapping) else None
+    if not isinstance(shadows, (list, tuple)):
+        raise CheckpointError(f"{source}: ema entry has no 'shadow_params' list")
+    names = trainable_parameter_names(model)
+    if len(shadows) != len(names):
+        raise CheckpointError(
+            f"{source}: ema has {len(shadows)} shadow parameters, {type(model).__name__} has "
+            f"{len(names)} trainable parameters (wrong architecture or config?)"
+        )
+    params = dict(model.named_parameters())
+    bad = [
+        f"{n} {tuple(getattr(s, 'shape', ()))} vs model {tuple(params[n].shape)}"
+        for n, s in zip(names, shadows)
+        if not isinstance(s, torch.Tensor) or s.shape != params[n].shape
+    ]
+    if bad:
+        raise CheckpointError(f"{source}: ema shadow parameters do not fit: {_listed(bad)}")
+    return dict(zip(names, shadows))
+
+
+def load_reference_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    ema: ExponentialMovingAverage | None = None,
+) -> dict[str, Any]:
+    """Read a reference training checkpoint ``{'optimizer', 'model', 'ema', 'step'}`` safely.
+
+    Args:
+        path: the ``.pth`` file (e.g. ``checkpoints/checkpoint_26.pth`` of a reference run).
+        model: if given, its weights are loaded strictly from the checkpoint's ``model``.
+        ema: if given (built on ``model``'s parameters), its state is loaded from the
+            checkpoint's ``ema``; ``ema.copy_to(model.parameters())`` then gives the weights
+            the reference samples and evaluates with.
+    Returns:
+        ``{'model': state dict without the module. prefix, 'ema': {'decay', 'num_updates',
+        'shadow_params'}, 'optimizer': dict or None, 'step': int or None}``.
+    Raises:
+        FileNotFoundError, UnsafeCheckpointError, CheckpointError (see :func:`safe_load`).
+    """
+    if ema is not None and model is None:
+        raise ValueError("loading the EMA needs the model (to check it against its parameters)")
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or not {"model", "ema"} <= set(ckpt):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path}: not a reference training checkpoint: expected a dict with keys "
+            f"{', '.join(REFERENCE_KEYS)}; found {found}"
+        )
+    if not isinstance(ckpt["model"], Mapping):
+        raise CheckpointError(f"{path}: 'model' is a {type(ckpt['model']).__name__}, not a dict")
+    out = {
+        "model": strip_module_prefix(ckpt["model"]),
+        "ema": ckpt["ema"],
+        "optimizer": ckpt.get("optimizer"),
+        "step": ckpt.get("step"),
+    }
+    if model is not None:
+        load_model_state(model, out["model"], source=path)
+    if ema is not None:
+        named = name_ema_shadow_params(model, out["ema"], source=path)
+        try:
+            ema.load_state_dict({**out["ema"], "shadow_params": list(named.values())})
+        except ValueError as e:
+            raise CheckpointError(f"{path}: ema entry: {e}") from e
+    return out
+
+
+# -- our inference format -------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename durable
+    finally:
+        os.close(dir_fd)
+
+
+def _config_to_dict(config) -> dict:
+    """A JSON-able dict of ``config``; ``device`` is dropped (chosen when loading)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    d.pop("device", None)
+    try:
+        json.dumps(d)
+    except TypeError as e:
+        raise TypeError(f"config is not JSON-serialisable ({e}); use plain values") from None
+    return d
+
+
+def ema_state_dict(model: nn.Module, ema: ExponentialMovingAverage) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each trainable parameter replaced by its EMA average."""
+    state = dict(model.state_dict())
+    state.update(ema.named_shadow_params(model))
+    return state
+
+
+def save_inference(
+    model: nn.Module,
+    config,
+    out_dir: str | os.PathLike,
+    ema: ExponentialMovingAverage | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` (and its EMA weights) as safetensors plus ``config.json`` in ``out_dir``.
+
+    Each file is written atomically; ``config.json`` is written last and records the sha256 of
+    the weight files, so a directory with a config is complete and consistent.
+
+    Args:
+        model: the network; its ``state_dict()`` is stored as ``model.safetensors``.
+        config: the ml_collections config the model was built from (``device`` is not stored).
+        out_dir: created if missing.
+        ema: if given, ``ema.safetensors`` holds the full state dict with the EMA weights.
+        metadata: extra JSON-able information (e.g. source checkpoint, step).
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    states = {"raw": dict(model.state_dict())}
+    if ema is not None:
+        states["ema"] = ema_state_dict(model, ema)
+    sha256 = {}
+    for kind, state in states.items():
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+        data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "weights": kind})
+        _atomic_write(out / WEIGHT_FILES[kind], data)
+        sha256[WEIGHT_FILES[kind]] = hashlib.sha256(data).hexdigest()
+    record = {
+        "format": FORMAT,
+        "config": _config_to_dict(config),
+        "weights": {kind: WEIGHT_FILES[kind] for kind in states},
+        "ema": ({"decay": ema.decay, "num_updates": ema.num_updates} if ema is not None else None),
+        "sha256": sha256,
+        "metadata": dict(metadata or {}),
+    }
+    _atomic_write(out / CONFIG_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    for kind, name in WEIGHT_FILES.items():
+        if kind not in states:  # a stale file of an earlier save, no longer described
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def read_inference_record(directory: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of an inference directory, checked for its format."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory} (not an inference directory)")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} record")
+    return record
+
+
+def _ensure_registered(name: str) -> None:
+    """Import the architecture modules so ``create_model`` finds ``name`` in the registry."""
+    from models.utils import MODELS
+
+    for module in ARCHITECTURE_MODULES:
+        if name in MODELS:
+            return
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def build_model(config) -> nn.Module:
+    """``create_model(config)`` after importing the architecture modules that register names."""
+    _ensure_registered(config.model.name)
+    return create_model(config)
+
+
+def load_inference(
+    directory: str | os.PathLike,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, ml_collections.ConfigDict]:
+    """Build the model saved by :func:`save_inference` and load its weights strictly.
+
+    Args:
+        directory: the inference directory.
+        weights: ``'ema'`` or ``'raw'``; default the EMA weights when saved, else the raw ones.
+        device: where the model is put (also stored as ``config.device``).
+    Returns:
+        ``(model in eval mode, config)``.
+    Raises:
+        FileNotFoundError, CheckpointError (corrupt file, hash or architecture mismatch).
+    """
+    directory = Path(directory)
+    record = read_inference_record(directory)
+    available = record.get("weights", {})
+    if weights is None:
+        weights = "ema" if "ema" in available else "raw"
+    if weights not in available:
+        raise ValueError(
+            f"{directory}: no {weights!r} weights; available: {', '.join(sorted(available))}"
+        )
+    path = directory / available[weights]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read weights: {e}") from e
+    expected = record.get("sha256", {}).get(available[weights])
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(
+            f"{path}: sha256 differs from the one recorded in {CONFIG_FILE} "
+            "(file changed, truncated or from another save)"
+        )
+    try:
+        state = safetensors.torch.load(data)
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from e
+    config = ml_collections.ConfigDict(record["config"])
+    config.device = str(device)
+    model = build_model(config)
+    load_model_state(model, state, source=path)
+    return model.eval(), config

@@ -1,0 +1,333 @@
+"""Reference checkpoints (weights-only loading, EMA by name, NCSN++ fixture), refusal of unsafe or
+broken files, and the safetensors + JSON inference format written by ``models.convert``."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import zipfile
+
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+import sde_lib
+from models.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    UnsafeCheckpointError,
+    build_model,
+    load_inference,
+    load_model_state,
+    load_reference_checkpoint,
+    name_ema_shadow_params,
+    safe_load,
+    save_inference,
+    strip_module_prefix,
+)
+from models.convert import main as convert_main
+from models.ema import ExponentialMovingAverage
+from models.utils import get_score_fn
+
+CKPT = "ncsnpp_ve_checkpoint.pth"
+VESDE = sde_lib.VESDE(0.01, 50, 1000)
+
+
+@pytest.fixture(scope="module")
+def ncsnpp_config(reference_dir) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        json.loads((reference_dir / "ncsnpp_ve.json").read_text())["config"]
+    )
+
+
+@pytest.fixture(scope="module")
+def ckpt_io(reference_dir) -> dict[str, torch.Tensor]:
+    return load_file(reference_dir / "ncsnpp_ve_checkpoint_io.safetensors")
+
+
+def _score(model, x, t, sde=VESDE):
+    with torch.no_grad():
+        return get_score_fn(sde, model, train=False, continuous=True)(x, t)
+
+
+# -- reading the reference checkpoint -------------------------------------------------------------
+
+
+def test_plain_weights_only_load_needs_the_numpy_allowlist(reference_dir):
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch.load(reference_dir / CKPT, weights_only=True)
+    ckpt = safe_load(reference_dir / CKPT)
+    assert set(ckpt) == {"optimizer", "model", "ema", "step"}
+    assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], np.float64)
+
+
+def test_numpy_1_scalar_name_is_allowed(tmp_path):
+    """Checkpoints pickled under numpy 1.x name the scalar ``numpy.core.multiarray.scalar``."""
+    torch.save({"lr": np.float64(0.5), "w": torch.ones(2)}, tmp_path / "np2.pth")
+    with (
+        zipfile.ZipFile(tmp_path / "np2.pth") as src,
+        zipfile.ZipFile(tmp_path / "np1.pth", "w") as dst,
+    ):
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+                assert b"numpy.core.multiarray" in data
+            dst.writestr(item, data)
+    loaded = safe_load(tmp_path / "np1.pth")
+    assert loaded["lr"] == 0.5 and isinstance(loaded["lr"], np.float64)
+
+
+def test_reference_checkpoint_layout_and_ema_skip_rule(reference_dir):
+    """Without a model: the EMA list is the state dict minus buffers and the frozen Fourier W."""
+    ckpt = load_reference_checkpoint(reference_dir / CKPT)
+    assert ckpt["step"] == 2
+    assert (ckpt["ema"]["decay"], ckpt["ema"]["num_updates"]) == (0.999, 2)
+    state = ckpt["model"]
+    assert not any(k.startswith("module.") for k in state)
+    trainable = [k for k in state if k not in ("sigmas", "all_modules.0.W")]
+    shadows = ckpt["ema"]["shadow_params"]
+    assert [tuple(s.shape) for s in shadows] == [tuple(state[k].shape) for k in trainable]
+
+
+def test_ncsnpp_checkpoint_ema_score_matches_reference(reference_dir, ncsnpp_config, ckpt_io):
+    model = build_model(ncsnpp_config)
+    ema = ExponentialMovingAverage(model.parameters(), decay=0.5)
+    ckpt = load_reference_checkpoint(reference_dir / CKPT, model, ema=ema)
+    assert (ema.decay, ema.num_updates) == (0.999, 2)
+    named = name_ema_shadow_params(model, ckpt["ema"], source=CKPT)
+    assert "all_modules.0.W" not in named and len(named) == 216
+    x, t, ref = ckpt_io["x"], ckpt_io["t"], ckpt_io["score_ema"]
+    raw = _score(model, x, t)
+    ema.copy_to(model.parameters())
+    for name, p in model.named_parameters():
+        expected = named[name] if p.requires_grad else ckpt["model"][name]
+        assert torch.equal(p, expected), name
+    score = _score(model, x, t)
+    err = (score - ref).abs().max() / ref.abs().max()
+    assert err <= 2e-5
+    # The fixture's two steps ran at warm-up lr 4e-8, so raw and EMA scores differ by only ~1.2e-5
+    # of max|ref|: also require the EMA score to be much closer to score_ema than the raw one.
+    err_raw = (raw - ref).abs().max() / ref.abs().max()
+    assert err < err_raw / 4
+
+
+# -- refusing unsafe and broken files ------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this calls os.system (creating a marker file)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def test_payload_pickle_is_live(tmp_path):
+    """Control: plain unpickling of the payload does run code, so the refusal test means it."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Payload(marker), protocol=2))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("container", ["torch_save", "raw_pickle"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"model": _Payload(marker), "ema": {}, "optimizer": {}, "step": 0}
+    if container == "torch_save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_reference_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "refused" in message and "system" in message
+    assert not marker.exists()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_mlp()[1].to_dict()))
+    assert convert_main([str(path), str(tmp_path / "out"), "--config", str(config)]) == 1
+    assert not (tmp_path / "out").exists()
+    assert not marker.exists()
+
+
+def test_truncated_and_empty_files(tmp_path, reference_dir):
+    data = (reference_dir / CKPT).read_bytes()
+    for name, content in [("truncated.pth", data[: len(data) // 2]), ("empty.pth", b"")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match="truncated") as info:
+            load_reference_checkpoint(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_reference_checkpoint(tmp_path / "missing.pth")
+
+
+def test_not_a_training_checkpoint(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a reference training checkpoint"):
+        load_reference_checkpoint(path)
+
+
+def _mlp(nf: int = 16, num_layers: int = 1, seed: int = 0):
+    config = ml_collections.ConfigDict(
+        {
+            "data": {"dim": 2},
+            "model": {
+                "name": "mlp",
+                "nf": nf,
+                "num_layers": num_layers,
+                "embedding_type": "fourier",
+                "scale_by_sigma": True,
+                "nonlinearity": "swish",
+                "ema_rate": 0.99,
+            },
+        }
+    )
+    torch.manual_seed(seed)
+    return build_model(config).eval(), config
+
+
+def test_wrong_architecture_lists_missing_unexpected_and_mismatched(reference_dir, tmp_path):
+    model, _ = _mlp()
+    with pytest.raises(CheckpointError) as info:
+        load_reference_checkpoint(reference_dir / CKPT, model)
+    message = str(info.value)
+    assert CKPT in message and "missing keys" in message and "unexpected keys" in message
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    del state["module.Dense_in.bias"]
+    state["module.Dense_out.weight"] = torch.zeros(3, 16)
+    state["module.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as info:
+        load_model_state(model, state, source="some.pth")
+    message = str(info.value)
+    assert message.startswith("some.pth")
+    assert "missing keys (1): Dense_in.bias" in message
+    assert "unexpected keys (1): extra" in message
+    assert "Dense_out.weight (3, 16) vs model (2, 16)" in message
+
+
+def test_strip_module_prefix():
+    assert strip_module_prefix({"module.a": 1, "module.b.c": 2}) == {"a": 1, "b.c": 2}
+    assert strip_module_prefix({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}
+
+
+# -- the converter and our inference format -------------------------------------------------------
+
+
+def _reference_style_checkpoint(path, model, ema, step):
+    """What the reference's save_checkpoint writes, including its numpy float64 learning rate."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer.param_groups[0]["lr"] = np.float64(1e-3) * np.minimum(1.0, step / 5000)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "model": state,
+            "ema": ema.state_dict(),
+            "step": step,
+        },
+        path,
+    )
+
+
+def test_converter_round_trip_mlp_is_bitwise(tmp_path):
+    model, config = _mlp(seed=3)
+    ema = ExponentialMovingAverage(model.parameters(), decay=0.99)
+    with torch.no_grad():
+        for _ in range(3):
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            ema.update(model.parameters())
+    path = tmp_path / "checkpoint_3.pth"
+    _reference_style_checkpoint(path, model, ema, step=3)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "converted"
+    assert convert_main([str(path), str(out), "--config", str(tmp_path / "config.json")]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "ema.safetensors", "model.safetensors"]
+
+    x, t = torch.randn(4, 2), torch.tensor([0.1, 0.3, 0.6, 0.9])
+    raw_ref = _score(model, x, t)
+    ema.copy_to(model.parameters())
+    ema_ref = _score(model, x, t)
+    loaded, loaded_config = load_inference(out)
+    assert torch.equal(_score(loaded, x, t), ema_ref)
+    raw, _ = load_inference(out, weights="raw")
+    assert torch.equal(_score(raw, x, t), raw_ref)
+    assert loaded_config.model.to_dict() == config.model.to_dict()
+    record = json.loads((out / CONFIG_FILE).read_text())
+    assert record["ema"] == {"decay": 0.99, "num_updates": 3}
+    assert record["metadata"]["step"] == 3
+
+
+def test_converter_cli_round_trip_ncsnpp_is_bitwise(
+    reference_dir, ncsnpp_config, ckpt_io, tmp_path
+):
+    """``python -m models.convert`` on the fixture checkpoint, with the fixture JSON as config."""
+    out = tmp_path / "ncsnpp_ve"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "models.convert",
+            str(reference_dir / CKPT),
+            str(out),
+            "--config",
+            str(reference_dir / "ncsnpp_ve.json"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "step 2" in result.stdout
+    model = build_model(ncsnpp_config)
+    ema = ExponentialMovingAverage(model.parameters(), decay=0.999)
+    load_reference_checkpoint(reference_dir / CKPT, model, ema=ema)
+    x, t = ckpt_io["x"], ckpt_io["t"]
+    raw_ref = _score(model, x, t)
+    ema.copy_to(model.parameters())
+    ema_ref = _score(model, x, t)
+    converted, _ = load_inference(out)
+    assert torch.equal(_score(converted, x, t), ema_ref)
+    converted_raw, _ = load_inference(out, weights="raw")
+    assert torch.equal(_score(converted_raw, x, t), raw_ref)
+
+
+def test_save_inference_is_atomic_and_checked(tmp_path):
+    model, config = _mlp()
+    ema = ExponentialMovingAverage(model.parameters(), decay=0.9)
+    out = save_inference(model, config, tmp_path / "inf", ema=ema)
+    assert sorted(os.listdir(out)) == ["config.json", "ema.safetensors", "model.safetensors"]
+    save_inference(model, config, out, ema=ema)  # overwriting leaves no temporary files
+    assert sorted(os.listdir(out)) == ["config.json", "ema.safetensors", "model.safetensors"]
+    data = (out / "ema.safetensors").read_bytes()
+    (out / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="ema.safetensors: sha256"):
+        load_inference(out)
+    with torch.no_grad():
+        model.Dense_in.weight.add_(1.0)  # raw weights != EMA weights
+    save_inference(model, config, out)  # without EMA: raw weights are the default
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_inference(out)[0].Dense_in.weight, model.Dense_in.weight)
+    with pytest.raises(ValueError, match="no 'ema' weights"):
+        load_inference(out, weights="ema")
+
+
+def test_converter_config_errors(tmp_path, reference_dir):
+    path = reference_dir / CKPT
+    assert convert_main([str(path), str(tmp_path), "--config", str(tmp_path / "nope.json")]) == 1
+    (tmp_path / "bad.json").write_text(json.dumps({"data": {}}))
+    assert convert_main([str(path), str(tmp_path), "--config", str(tmp_path / "bad.json")]) == 1
+    assert convert_main([str(path), str(tmp_path), "--config", "no_such_config_name"]) == 1
