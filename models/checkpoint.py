@@ -20,7 +20,6 @@ No pickle is involved in reading it.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -37,14 +36,12 @@ import torch
 from torch import nn
 
 from models.ema import ExponentialMovingAverage, trainable_parameter_names
-from models.utils import create_model
+from models.utils import create_model, strip_module_prefix
 
 FORMAT = "score-sde-toolkit/inference-v1"
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
 REFERENCE_KEYS = ("optimizer", "model", "ema", "step")
-#: Modules whose import registers architectures; imported on demand by :func:`load_inference`.
-ARCHITECTURE_MODULES = ("models.mlp", "models.ncsnpp", "models.ddpm", "models.ncsnv2")
 _MAX_LISTED = 10
 
 
@@ -110,13 +107,6 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"{path}: cannot read checkpoint (truncated or not a torch.save file): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
         ) from e
-
-
-def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
-    """``state_dict`` without the ``DataParallel`` ``prefix``, if every key carries it."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return dict(state_dict)
 
 
 def _listed(keys: list[str]) -> str:
@@ -357,26 +347,6 @@ def read_inference_record(directory: str | os.PathLike) -> dict:
     return record
 
 
-def _ensure_registered(name: str) -> None:
-    """Import the architecture modules so ``create_model`` finds ``name`` in the registry."""
-    from models.utils import MODELS
-
-    for module in ARCHITECTURE_MODULES:
-        if name in MODELS:
-            return
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-
-
-def build_model(config) -> nn.Module:
-    """``create_model(config)`` after importing the architecture modules that register names."""
-    _ensure_registered(config.model.name)
-    return create_model(config)
-
-
 def load_inference(
     directory: str | os.PathLike,
     weights: str | None = None,
@@ -419,6 +389,6 @@ def load_inference(
         raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from e
     config = ml_collections.ConfigDict(record["config"])
     config.device = str(device)
-    model = build_model(config)
+    model = create_model(config)
     load_model_state(model, state, source=path)
     return model.eval(), config

@@ -26,11 +26,11 @@ import ml_collections
 
 from models.checkpoint import (
     CheckpointError,
-    build_model,
     load_reference_checkpoint,
     save_inference,
 )
 from models.ema import ExponentialMovingAverage
+from models.utils import create_model
 
 
 def _from_json(path: Path) -> ml_collections.ConfigDict:
@@ -84,7 +84,7 @@ def convert(
     """
     config = ml_collections.ConfigDict(config.to_dict())
     config.device = "cpu"
-    model = build_model(config)
+    model = create_model(config)
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.get("ema_rate", 0.999))
     ckpt = load_reference_checkpoint(ckpt_path, model, ema=ema)
     step = ckpt["step"]

@@ -23,18 +23,16 @@ from models.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     UnsafeCheckpointError,
-    build_model,
     load_inference,
     load_model_state,
     load_reference_checkpoint,
     name_ema_shadow_params,
     safe_load,
     save_inference,
-    strip_module_prefix,
 )
 from models.convert import main as convert_main
 from models.ema import ExponentialMovingAverage
-from models.utils import get_score_fn
+from models.utils import create_model, get_score_fn
 
 CKPT = "ncsnpp_ve_checkpoint.pth"
 VESDE = sde_lib.VESDE(0.01, 50, 1000)
@@ -98,7 +96,7 @@ def test_reference_checkpoint_layout_and_ema_skip_rule(reference_dir):
 
 
 def test_ncsnpp_checkpoint_ema_score_matches_reference(reference_dir, ncsnpp_config, ckpt_io):
-    model = build_model(ncsnpp_config)
+    model = create_model(ncsnpp_config)
     ema = ExponentialMovingAverage(model.parameters(), decay=0.5)
     ckpt = load_reference_checkpoint(reference_dir / CKPT, model, ema=ema)
     assert (ema.decay, ema.num_updates) == (0.999, 2)
@@ -195,7 +193,7 @@ def _mlp(nf: int = 16, num_layers: int = 1, seed: int = 0):
         }
     )
     torch.manual_seed(seed)
-    return build_model(config).eval(), config
+    return create_model(config).eval(), config
 
 
 def test_wrong_architecture_lists_missing_unexpected_and_mismatched(reference_dir, tmp_path):
@@ -215,11 +213,6 @@ def test_wrong_architecture_lists_missing_unexpected_and_mismatched(reference_di
     assert "missing keys (1): Dense_in.bias" in message
     assert "unexpected keys (1): extra" in message
     assert "Dense_out.weight (3, 16) vs model (2, 16)" in message
-
-
-def test_strip_module_prefix():
-    assert strip_module_prefix({"module.a": 1, "module.b.c": 2}) == {"a": 1, "b.c": 2}
-    assert strip_module_prefix({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}
 
 
 # -- the converter and our inference format -------------------------------------------------------
@@ -292,7 +285,7 @@ def test_converter_cli_round_trip_ncsnpp_is_bitwise(
     )
     assert result.returncode == 0, result.stderr
     assert "step 2" in result.stdout
-    model = build_model(ncsnpp_config)
+    model = create_model(ncsnpp_config)
     ema = ExponentialMovingAverage(model.parameters(), decay=0.999)
     load_reference_checkpoint(reference_dir / CKPT, model, ema=ema)
     x, t = ckpt_io["x"], ckpt_io["t"]
