@@ -10,7 +10,7 @@ works unchanged:
   by ``sigma`` when ``scale_by_sigma`` (as NCSN++).
 
 Config keys (with defaults):
-    data.dim             data dimension D (falls back to ``data.num_channels``; no default)
+    data.dim             data dimension D (required; the key ``datasets`` uses for point data)
     data.centered        True; if False, inputs in [0, 1] are mapped to [-1, 1] (as the U-Nets)
     model.nf             128, hidden width
     model.num_layers     3, residual blocks
@@ -62,10 +62,10 @@ class MLP(nn.Module):
         super().__init__()
         data, model = config.data, config.model
         dim = data.get("dim", None)
-        if dim is None:
-            dim = data.get("num_channels", None)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"MLP needs data.dim (or data.num_channels) >= 1, got {dim!r}")
+            raise ValueError(
+                f"MLP needs data.dim (an integer >= 1, the point dimension), got {dim!r}"
+            )
         self.dim = dim
         self.centered = bool(data.get("centered", True))
         nf = int(model.get("nf", 128))
