@@ -309,7 +309,9 @@ class CosineVPSDE(VPSDE):
         SDE.__init__(self, N)
         self.beta_0, self.beta_1 = float(self._beta(torch.tensor(0.0))), self.beta_clip
         grid = torch.linspace(0, 1, N + 1, dtype=torch.float64)
-        alphas_bar = torch.exp(2 * self._log_mean_coeff(grid))
+        # The paper's table: min(1 - alpha_bar(t_{n+1}) / alpha_bar(t_n), 0.999) from the unclipped
+        # alpha_bar = f(t) / f(0) (its last step has alpha_bar(1) = 0, so beta = 1 -> 0.999).
+        alphas_bar = torch.cos(self._angle(grid)) ** 2
         betas = (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)
         self._build_tables(betas.to(torch.float32))
 
