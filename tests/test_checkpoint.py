@@ -3,6 +3,7 @@ broken files, and the safetensors + JSON inference format written by ``models.co
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -316,6 +317,24 @@ def test_save_inference_is_atomic_and_checked(tmp_path):
     assert torch.equal(load_inference(out)[0].Dense_in.weight, model.Dense_in.weight)
     with pytest.raises(ValueError, match="no 'ema' weights"):
         load_inference(out, weights="ema")
+
+
+def test_failed_write_keeps_the_previous_files(tmp_path, monkeypatch):
+    model, config = _mlp()
+    out = save_inference(model, config, tmp_path / "inf")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with torch.no_grad():
+        model.Dense_in.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        save_inference(model, config, out)
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    load_inference(out)
 
 
 def test_converter_config_errors(tmp_path, reference_dir):
