@@ -9,14 +9,14 @@ works unchanged:
   features of ``log sigma`` (non-trainable ``W``, as NCSN++); the output is the score, divided
   by ``sigma`` when ``scale_by_sigma`` (as NCSN++).
 
-Config keys (with defaults):
+Config keys (defaults after the key):
     data.dim             data dimension D (required; the key ``datasets`` uses for point data)
     data.centered        True; if False, inputs in [0, 1] are mapped to [-1, 1] (as the U-Nets)
     model.nf             128, hidden width
     model.num_layers     3, residual blocks
     model.embedding_type 'positional' or 'fourier' (required, as in the reference configs)
     model.fourier_scale  16.0, std of the Fourier frequencies
-    model.nonlinearity   'swish' (elu, relu, lrelu, swish)
+    model.nonlinearity   required: elu, relu, lrelu or swish
     model.scale_by_sigma False; needs 'fourier' (the label is sigma)
     model.num_classes    0 (unconditional); K > 0 adds a class embedding with K + 1 rows, the
                          last one (index K, ``model.null_label``) the reserved "no class" label
