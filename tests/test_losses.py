@@ -12,6 +12,7 @@ from torch import nn
 
 import losses
 import sde_lib
+from models.ema import ExponentialMovingAverage
 from models.utils import get_score_fn
 from oracle import GaussianMixture
 
@@ -245,6 +246,27 @@ def test_importance_density_is_likelihood_weight_over_variance(sde):
         float(torch.trapezoid(density, t)), rel=1e-5)
 
 
+@pytest.mark.parametrize("objective", ["dsm", "ssm"])
+def test_importance_weight_is_the_density_ratio(objective):
+    """On the same draws, importance-weighted / likelihood-weighted per-sample losses equal
+    p_uniform(t) / p_importance(t) = s^2 Z / ((T - eps) g^2)."""
+    sde, eps = sde_lib.subVPSDE(), 1e-3
+    x0, _, z = _gaussian_draws(64, 0.0, seed=41)
+    t = torch.linspace(eps, 1.0, 64, dtype=torch.float64)
+    v = torch.randn((1, *x0.shape), generator=torch.Generator().manual_seed(42),
+                    dtype=torch.float64)
+
+    def run(importance):
+        if objective == "dsm":
+            return losses.dsm_loss(_nonlinear_score, sde, x0, t, z, True, True, importance, eps)
+        return losses.ssm_loss(_nonlinear_score, sde, x0, t, z, v, True, True, importance, eps,
+                               create_graph=False)
+
+    g2 = sde.sde(x0, t)[1] ** 2
+    ratio = sde.marginal_std(t) ** 2 * losses.likelihood_normalizer(sde, eps) / ((1 - eps) * g2)
+    torch.testing.assert_close(run(True), run(False) * ratio, rtol=1e-9, atol=1e-12)
+
+
 # -- sliced score matching -----------------------------------------------------------------------
 
 def _nonlinear_score(x, t):
@@ -341,49 +363,31 @@ def test_optimize_fn_warms_up_and_clips():
     assert total == pytest.approx(1e-3, rel=1e-4)
 
 
-class _RecordingEMA:
-    """A stand-in with the reference EMA's interface; keeps a copy of the parameters."""
-
-    def __init__(self, params):
-        self.shadow = [p.detach().clone() for p in params]
-        self.updates = 0
-
-    def update(self, params):
-        self.updates += 1
-
-    def store(self, params):
-        self.backup = [p.detach().clone() for p in params]
-
-    def copy_to(self, params):
-        for p, s in zip(params, self.shadow):
-            p.data.copy_(s)
-
-    def restore(self, params):
-        for p, b in zip(params, self.backup):
-            p.data.copy_(b)
-
-
 def test_step_fn_trains_and_evaluates_with_ema():
     sde = sde_lib.VPSDE()
     model = _tiny_vector_model()
     config = _config(warmup=0, grad_clip=-1)
-    ema = _RecordingEMA(model.parameters())
+    ema = ExponentialMovingAverage(model.parameters(), decay=0.999)
     state = dict(model=model, optimizer=losses.get_optimizer(config, model.parameters()),
                  ema=ema, step=0)
     batch = torch.rand(8, 4, generator=torch.Generator().manual_seed(3))
     train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config))
     before = [p.detach().clone() for p in model.parameters()]
-    loss = train_step(state, batch, generator=torch.Generator().manual_seed(1))
-    assert state["step"] == 1 and ema.updates == 1 and not loss.requires_grad
+    for _ in range(2):
+        loss = train_step(state, batch, generator=torch.Generator().manual_seed(1))
+    assert state["step"] == 2 and ema.num_updates == 2 and not loss.requires_grad
     after = [p.detach().clone() for p in model.parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(after, before))
-    # Evaluation uses the EMA weights (here: the initial ones) and restores the trained ones.
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+    shadow = [p.clone() for p in ema.shadow_params]
+    assert all(not torch.equal(s, a) for s, a in zip(shadow, after))
+    # Evaluation uses the EMA weights and restores the trained ones.
     eval_step = losses.get_step_fn(sde, False, reduce_mean=False)
     value = eval_step(state, batch, generator=torch.Generator().manual_seed(2))
     for p, a in zip(model.parameters(), after):
         assert torch.equal(p, a)
-    for p, b in zip(model.parameters(), before):
-        p.data.copy_(b)
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), shadow):
+            p.copy_(s)
     direct = losses.get_sde_loss_fn(sde, False, reduce_mean=False)(
         model, batch, generator=torch.Generator().manual_seed(2))
     assert torch.equal(value, direct)
