@@ -56,7 +56,7 @@ def likelihood_normalizer(sde: sde_lib.SDE, eps: float) -> float:
 
     For every linear SDE whose variance obeys the moment ODE d s^2/dt = 2 f s^2 + g^2 (all of
     ``sde_lib``), d lambda/dt = 2 f - (2 f s^2 + g^2) / s^2 = -g^2 / s^2, so the likelihood weight
-    divided by the variance is minus the log-SNR's derivative (Kingma et al. 2021, eq. 14).
+    divided by the variance is minus the log-SNR's derivative (as in Kingma et al. 2021, VDM).
     """
     lam = sde.log_snr(torch.tensor([eps, sde.T], dtype=torch.float64))
     return float(lam[0] - lam[1])
@@ -66,7 +66,7 @@ def sample_importance_time(batch: torch.Tensor, sde: sde_lib.SDE, eps: float,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """t ~ p(t) = g(t)^2 / (s(t)^2 Z) on [eps, T] by the closed-form inverse CDF (B,).
 
-    The importance density of Song, Durkan, Murray & Ermon 2021 (Sec. 5) for the likelihood
+    The importance density of Song, Durkan, Murray & Ermon 2021 for the likelihood
     weighting lambda(t) = g(t)^2: since g^2 / s^2 = -d lambda / dt (see ``likelihood_normalizer``),
     the CDF is (lambda(eps) - lambda(t)) / Z and t = lambda^{-1}(lambda(eps) - u Z), u ~ U(0, 1).
     """
@@ -135,7 +135,7 @@ def ssm_loss(
     eps: float = 1e-5,
     create_graph: bool = True,
 ) -> torch.Tensor:
-    """Weighted sliced score matching per sample, variance-reduced form (Song et al. 2019, eq. 8).
+    """Weighted sliced score matching per sample, variance-reduced (SSM-VR, Song et al. 2019).
 
     ``lambda(t) [v^T grad_x(v^T score) + |score|^2 / 2]`` at x_t = m x_0 + s z, averaged over the
     probes v ~ N(0, I). Its expectation is the DSM objective minus a model-free constant
@@ -175,7 +175,7 @@ def ssm_loss(
 
 def smld_loss(model_fn: ModelFn, vesde: sde_lib.SDE, batch: torch.Tensor, labels: torch.Tensor,
               z: torch.Tensor, reduce_mean: bool = False) -> torch.Tensor:
-    """NCSN/SMLD denoising score matching per sample (Song & Ermon 2019, eq. 5).
+    """NCSN/SMLD denoising score matching per sample (Song & Ermon 2019, eqs. 5-6).
 
     sigma = sigmas[labels] in descending order (label 0 is sigma_max); the network sees
     x_0 + sigma z and its label and is regressed onto -z / sigma with weight sigma^2.

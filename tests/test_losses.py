@@ -17,7 +17,7 @@ from models.utils import get_score_fn
 from oracle import GaussianMixture
 
 REFERENCE_SDES = {"VPSDE": sde_lib.VPSDE, "subVPSDE": sde_lib.subVPSDE, "VESDE": sde_lib.VESDE}
-ALL_SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(), sde_lib.CosineVPSDE()]
+ALL_SDES = [sde_lib.get_sde(name) for name in sde_lib.SDES.names()]  # every registered SDE
 SDE_IDS = [type(s).__name__ for s in ALL_SDES]
 
 

@@ -126,8 +126,8 @@ def test_moments_match_euler_maruyama_simulation(name):
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_marginals_solve_the_moment_odes(name):
-    """dm/dt = f m and d s^2/dt = 2 f s^2 + g^2 with f = drift / x (linear SDEs, Sarkka & Solin
-    2019, eq. 6.2), by autograd in float64."""
+    """dm/dt = f m and d s^2/dt = 2 f s^2 + g^2 with f = drift / x (the moment ODEs of a linear
+    SDE; Song et al. 2021, eqs. 31-32 in App. B), by autograd in float64."""
     sde = _build(name)
     t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64).requires_grad_(True)
     m, s = sde.marginal_coeffs(t)
