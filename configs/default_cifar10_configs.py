@@ -1,0 +1,77 @@
+"""Base config for CIFAR-10 (32x32x3): the reference's ``get_default_configs`` values."""
+
+import ml_collections
+
+
+def get_default_configs():
+    """Defaults shared by every CIFAR-10 config (Song et al. 2021, appendix H)."""
+    config = ml_collections.ConfigDict()
+    # training
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128
+    training.n_iters = 1300001
+    training.snapshot_freq = 50000
+    training.log_freq = 50
+    training.eval_freq = 100
+    # frequent checkpoints for preemption (checkpoints-meta/checkpoint.pth)
+    training.snapshot_freq_for_preemption = 10000
+    # sample a grid with the EMA weights at each snapshot
+    training.snapshot_sampling = True
+    training.likelihood_weighting = False
+    training.continuous = True
+    training.reduce_mean = False
+
+    # sampling
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.n_steps_each = 1
+    sampling.noise_removal = True
+    sampling.probability_flow = False
+    sampling.snr = 0.16
+
+    # evaluation
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.begin_ckpt = 9
+    evaluate.end_ckpt = 26
+    evaluate.batch_size = 1024
+    evaluate.enable_sampling = False
+    evaluate.num_samples = 50000
+    evaluate.enable_loss = True
+    evaluate.enable_bpd = False
+    evaluate.bpd_dataset = 'test'
+
+    # data
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = 'CIFAR10'
+    # folder holding cifar-10-python.tar.gz (downloaded there when a network is available)
+    data.root = 'data'
+    data.image_size = 32
+    data.random_flip = True
+    data.centered = False
+    data.uniform_dequantization = False
+    data.num_channels = 3
+
+    # model
+    config.model = model = ml_collections.ConfigDict()
+    model.sigma_min = 0.01
+    model.sigma_max = 50
+    model.num_scales = 1000
+    model.beta_min = 0.1
+    model.beta_max = 20.
+    model.dropout = 0.1
+    model.embedding_type = 'fourier'
+
+    # optimization
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.weight_decay = 0
+    optim.optimizer = 'Adam'
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.warmup = 5000
+    optim.grad_clip = 1.
+
+    config.seed = 42
+    # 'auto' = CUDA when available, else CPU; resolved once by main.py
+    config.device = 'auto'
+
+    return config

@@ -1,0 +1,25 @@
+"""Short config names for the CLI: name -> module under ``configs/`` (pure data, no imports).
+
+``main.py --config vp_cifar`` and ``main.py --config configs/vp/cifar10_ddpmpp_continuous.py``
+load the same module. Each module defines ``get_config()``.
+"""
+
+CONFIGS = {
+    # Song et al. 2021, table 3 (CIFAR-10)
+    'vp_cifar': 'configs.vp.cifar10_ddpmpp_continuous',
+    'vp_cifar_deep': 'configs.vp.cifar10_ddpmpp_deep_continuous',
+    'subvp_cifar': 'configs.subvp.cifar10_ddpmpp_continuous',
+    'subvp_cifar_deep': 'configs.subvp.cifar10_ddpmpp_deep_continuous',
+    've_cifar': 'configs.ve.cifar10_ncsnpp_continuous',
+    've_cifar_deep': 'configs.ve.cifar10_ncsnpp_deep_continuous',
+    'ddpm_cifar': 'configs.vp.ddpm.cifar10',
+    'ncsn_cifar': 'configs.ve.ncsnv2.cifar10',
+    # embedded defaults: no download needed
+    'digits': 'configs.digits',
+    'toy_2d': 'configs.toy_2d',
+}
+
+
+def module_path(name):
+    """The file path of config ``name``, relative to the repository root (``configs/...py``)."""
+    return CONFIGS[name].replace('.', '/') + '.py'

@@ -1,0 +1,11 @@
+"""DDPM++ cont. (deep) on CIFAR-10 with the sub-VP SDE (``subvp_cifar_deep``)."""
+
+from configs.subvp import cifar10_ddpmpp_continuous
+
+
+def get_config():
+    """The reference's ``configs/subvp/cifar10_ddpmpp_deep_continuous.py``: 8 blocks per level."""
+    config = cifar10_ddpmpp_continuous.get_config()
+    config.training.n_iters = 950001
+    config.model.num_res_blocks = 8
+    return config

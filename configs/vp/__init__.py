@@ -1,0 +1,1 @@
+"""Configs of the reference's `configs/vp/` folder."""
