@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import secrets
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ class CheckpointError(ValueError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A pickle that asks for something other than tensors, containers and allowlisted scalars."""
+    """A file refused unread: its pickle asks for something other than tensors, containers and
+    allowlisted scalars, or its zip records are compressed (possible zip bomb)."""
 
 
 # -- safe reading ------------------------------------------------------------------------------
@@ -79,33 +81,72 @@ def _numpy_allowlist() -> list:
     return allow
 
 
+def _check_zip_entries(path: Path) -> None:
+    """Refuse a zip whose records are compressed: ``torch.save`` stores them uncompressed, and
+    inflating a crafted record (a zip bomb) would allocate memory before any size check."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            compressed = [i.filename for i in archive.infolist()
+                          if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated or damaged zip): {e}"
+        ) from e
+    if compressed:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: {len(compressed)} compressed zip record(s) "
+            f"({_listed(compressed)}); torch.save writes uncompressed records only"
+        )
+
+
+def _unpickling_reason(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, from its message: a global or an opcode."""
+    text = str(error)
+    match = re.search(r"GLOBAL (\S+)", text)
+    if match:
+        return (
+            f"the global {match.group(1)!r}, which is not a tensor, a container or an "
+            "allowlisted numpy scalar"
+        )
+    match = re.search(r"Unsupported operand (\d+)", text)
+    opcode = f" (opcode {int(match.group(1))})" if match else ""
+    return (
+        f"an unsupported pickle instruction{opcode}: not a torch.save file, or one that "
+        "needs full unpickling"
+    )
+
+
 def safe_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU with the minimal numpy allowlist.
 
+    Zip checkpoints (what ``torch.save`` writes) must have uncompressed records; a plain pickle
+    (the legacy format) goes through the same weights-only unpickler.
+
     Raises:
         FileNotFoundError: no such file.
-        UnsafeCheckpointError: the pickle references a global outside the allowlist (it is
-            never called).
-        CheckpointError: the file is truncated or not a torch checkpoint.
+        UnsafeCheckpointError: the pickle references a global outside the allowlist or an opcode
+            the weights-only unpickler does not run (nothing is called).
+        CheckpointError: the file is truncated, compressed or not a torch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if zipfile.is_zipfile(path):
+        _check_zip_entries(path)
     try:
         with torch.serialization.safe_globals(_numpy_allowlist()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        match = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"the global {match.group(1)!r}" if match else "an unsupported pickle instruction"
         raise UnsafeCheckpointError(
-            f"{path}: refused to load: its pickle asks for {what}, which is not a tensor, a "
-            "container or an allowlisted numpy scalar. Weights-only loading never runs such "
-            "code; only load this file with full unpickling if you trust its source."
+            f"{path}: refused to load: its pickle asks for {_unpickling_reason(e)}. "
+            "Weights-only loading never runs such code; only load this file with full "
+            "unpickling if you trust its source."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+    except Exception as e:  # anything the unpickler or the zip reader raises on a bad file
+        first_line = str(e).splitlines()[0] if str(e) else "unexpected end of file"
         raise CheckpointError(
             f"{path}: cannot read checkpoint (truncated or not a torch.save file): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
+            f"{type(e).__name__}: {first_line}"
         ) from e
 
 
@@ -373,6 +414,12 @@ def load_inference(
     if weights not in available:
         raise ValueError(
             f"{directory}: no {weights!r} weights; available: {', '.join(sorted(available))}"
+        )
+    if available[weights] != WEIGHT_FILES.get(weights):
+        # config.json names the file: never follow it out of the directory.
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: {weights!r} weights must be in "
+            f"{WEIGHT_FILES.get(weights)!r}, got {available[weights]!r}"
         )
     path = directory / available[weights]
     try:

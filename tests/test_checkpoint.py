@@ -159,6 +159,70 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, container):
     assert not marker.exists()
 
 
+def _torch_zip_with(path, pkl: bytes | None = None, compress: bool = False, record=None):
+    """A ``torch.save`` zip whose ``data.pkl`` (and first storage record) are replaced."""
+    torch.save({"w": torch.zeros(3)}, path)
+    with zipfile.ZipFile(path) as src:
+        items = [(item, src.read(item.filename)) for item in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for item, data in items:
+            if pkl is not None and item.filename.endswith("/data.pkl"):
+                data = pkl
+            if record is not None and item.filename.endswith("/data/0"):
+                data = record
+            if compress:
+                item.compress_type = zipfile.ZIP_DEFLATED
+            dst.writestr(item, data)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
+@pytest.mark.parametrize("container", ["zip", "raw"])
+def test_malicious_pickles_of_every_protocol_are_refused(tmp_path, protocol, container):
+    """GLOBAL (protocols 0-2), STACK_GLOBAL and FRAME (4, 5) and INST (0) routes to os.system."""
+    marker = tmp_path / "pwned"
+    pkl = pickle.dumps({"model": _Payload(marker), "ema": {}}, protocol=protocol)
+    path = tmp_path / "evil.pth"
+    if container == "zip":
+        _torch_zip_with(path, pkl)
+    else:
+        path.write_bytes(pkl)
+    with pytest.raises(UnsafeCheckpointError, match="refused") as info:
+        safe_load(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    inst = b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n."  # protocol-0 INST
+    path.write_bytes(inst)
+    with pytest.raises(UnsafeCheckpointError, match="unsupported pickle instruction"):
+        safe_load(path)
+    assert not marker.exists()
+
+
+def test_compressed_zip_records_are_refused_before_inflating(tmp_path):
+    """torch.save stores records uncompressed; a deflated record could be a zip bomb."""
+    path = tmp_path / "bomb.pth"
+    _torch_zip_with(path, record=bytes(8 * 2**20), compress=True)
+    assert path.stat().st_size < 2**16
+    with pytest.raises(UnsafeCheckpointError, match="compressed zip record"):
+        safe_load(path)
+
+
+def test_odd_but_allowlisted_pickles_give_checkpoint_errors(tmp_path):
+    """Allowed globals used strangely (an object-dtype numpy scalar, a storage record of the
+    wrong size) and non-checkpoint files fail as CheckpointError naming the file."""
+    obj_scalar = (b"\x80\x02cnumpy._core.multiarray\nscalar\ncnumpy\ndtype\n"
+                  b"X\x01\x00\x00\x00O\x89\x88\x87RX\x03\x00\x00\x00abc\x86R.")
+    cases = {"objscalar.pth": dict(pkl=obj_scalar), "record.pth": dict(record=b"\0" * 1000)}
+    for name, kwargs in cases.items():
+        _torch_zip_with(tmp_path / name, **kwargs)
+    (tmp_path / "text.pth").write_bytes(b"hello world\n" * 10)
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    for name in ("objscalar.pth", "record.pth", "text.pth", "random.pth"):
+        with pytest.raises(CheckpointError) as info:
+            safe_load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)
+
+
 def test_truncated_and_empty_files(tmp_path, reference_dir):
     data = (reference_dir / CKPT).read_bytes()
     for name, content in [("truncated.pth", data[: len(data) // 2]), ("empty.pth", b"")]:
@@ -317,6 +381,19 @@ def test_save_inference_is_atomic_and_checked(tmp_path):
     assert torch.equal(load_inference(out)[0].Dense_in.weight, model.Dense_in.weight)
     with pytest.raises(ValueError, match="no 'ema' weights"):
         load_inference(out, weights="ema")
+
+
+def test_inference_record_cannot_point_outside_its_directory(tmp_path):
+    model, config = _mlp()
+    out = save_inference(model, config, tmp_path / "inf")
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes((out / "model.safetensors").read_bytes())
+    record = json.loads((out / CONFIG_FILE).read_text())
+    record["weights"]["raw"] = "../secret.safetensors"
+    record["sha256"] = {}
+    (out / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="'raw' weights must be in 'model.safetensors'"):
+        load_inference(out)
 
 
 def test_failed_write_keeps_the_previous_files(tmp_path, monkeypatch):
