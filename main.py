@@ -1,0 +1,163 @@
+"""Command line of the toolkit (the reference's ``main.py``): flags -> config -> dispatch.
+
+    python main.py --config digits --mode train --workdir runs/digits
+    python main.py --config configs/vp/cifar10_ddpmpp_continuous.py --mode train \\
+        --workdir runs/vp_cifar --config.training.batch_size=64
+    python main.py --config digits --mode sample --workdir runs/digits
+    python main.py --config digits --mode likelihood --workdir runs/digits
+
+``--config`` takes a short name (see ``configs/registry.py``) or a config file path;
+``--config.<section>.<key>=value`` overrides any existing key (a misspelt key is an error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs.registry import CONFIGS, module_path
+from utils import Registry
+
+REPO = Path(__file__).resolve().parent
+CONFIG_NAMES = Registry("config")
+for _name, _module in CONFIGS.items():
+    CONFIG_NAMES.register(_name)(_module)
+MODES = ("train", "eval", "sample", "likelihood")
+
+
+class NamedConfigParser(flags.ArgumentParser):
+    """Parses ``--config``: resolves a short name or path, then loads it with ml_collections'
+    own config-file parser (``inner``)."""
+
+    def __init__(self, inner: flags.ArgumentParser) -> None:
+        self.inner = inner
+
+    def parse(self, argument):
+        """Load the config ``argument`` names (``name`` or ``file.py``, optionally ``:arg``)."""
+        file, sep, arg = argument.partition(":")
+        return self.inner.parse(str(resolve_config_path(file)) + sep + arg)
+
+    def flag_type(self):
+        """Shown in ``--help``."""
+        return "config name or file"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config file from a short name (``vp_cifar``) or a path, relative to the working
+    directory or the repository (``configs/vp/cifar10_ddpmpp_continuous.py``).
+
+    Raises:
+        ValueError: neither a known name nor an existing file (the message lists the names).
+    """
+    if name_or_path in CONFIG_NAMES:
+        return REPO / module_path(name_or_path)
+    path = Path(name_or_path)
+    for candidate in (path, REPO / path):
+        if candidate.suffix == ".py" and candidate.is_file():
+            return candidate
+    CONFIG_NAMES.get(name_or_path)  # raises "Unknown config ...; valid: ..."
+    raise AssertionError("unreachable")
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Experiment config: a short name (" + ", ".join(CONFIG_NAMES.names()) + ") or a config "
+    "file such as configs/vp/cifar10_ddpmpp_continuous.py. Override any key with "
+    "--config.<section>.<key>=value, e.g. --config.training.batch_size=64; unknown keys fail.",
+    lock_config=True,
+)
+flags.FLAGS["config"].parser = NamedConfigParser(flags.FLAGS["config"].parser)
+flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, TensorBoard logs, "
+                    "the resolved config.json and stdout.txt.")
+flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming from the latest checkpoint "
+                  "in --workdir); sample: write a PNG grid and .npz of samples; likelihood: "
+                  "bits/dim of a dataset split with per-image values; eval: FID/IS (issue 8).")
+flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outputs of the "
+                    "sample and likelihood modes.")
+flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
+                    "'meta' = the preemption checkpoint, n = checkpoints/checkpoint_n.pth, or a "
+                    "file path.")
+flags.DEFINE_integer("num_samples", 64, "sample: number of samples (drawn in batches of "
+                     "config.eval.batch_size).", lower_bound=1)
+flags.DEFINE_string("split", "", "likelihood: dataset split ('train' or 'test'); default "
+                    "config.eval.bpd_dataset.")
+flags.DEFINE_integer("max_images", 0, "likelihood: evaluate only the first n images of the "
+                     "split (0 = all).", lower_bound=0)
+flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelt ``--config.<key>`` override reported as a flag error
+    (ml_collections raises AttributeError/KeyError from deep inside) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError) as e:
+        overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
+        text = re.sub(r"(\\n|[\\'\"\s])+", " ", str(e)).strip()
+        hint = re.search(r"Did you mean (\S+) instead of (\S+) ?\?", text)
+        key = hint.group(2) if hint else text.split(" ")[0]
+        bad = " ".join(a for a in overrides if re.search(rf"\.{re.escape(key)}(\.|=|$)", a))
+        message = f"unknown config key '{key}' in {bad or ' '.join(overrides)}"
+        if hint:
+            message += f"; did you mean '{hint.group(1)}'?"
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+def resolve_device(config) -> None:
+    """Replace ``config.device = 'auto'`` by the device to use (CUDA when available)."""
+    if config.device == "auto":
+        config.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.device(config.device)  # an invalid name fails here, before any work
+
+
+def _log_to_file(workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "stdout.txt")
+    handler.setFormatter(logging.Formatter("%(levelname)s - %(filename)s - %(asctime)s - "
+                                           "%(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def main(argv):
+    """Dispatch ``--mode`` on the parsed config."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    resolve_device(config)
+    torch.manual_seed(config.seed)  # seeds applied once, here
+    workdir = Path(flags.FLAGS.workdir)
+    _log_to_file(workdir)
+    mode = flags.FLAGS.mode
+    if mode == "eval":
+        raise app.UsageError("--mode eval (FID/IS/KID over checkpoints) is not yet implemented: "
+                             "see issue 8. Use --mode sample or --mode likelihood.")
+    if mode == "train":
+        from training.loop import train
+        train(config, workdir, progress=flags.FLAGS.progress)
+    elif mode == "sample":
+        from training.inference import run_sample
+        run_sample(config, workdir, flags.FLAGS.eval_folder, checkpoint=flags.FLAGS.checkpoint,
+                   num_samples=flags.FLAGS.num_samples, progress=flags.FLAGS.progress)
+    elif mode == "likelihood":
+        from training.inference import run_likelihood
+        run_likelihood(config, workdir, flags.FLAGS.eval_folder,
+                       checkpoint=flags.FLAGS.checkpoint, split=flags.FLAGS.split,
+                       max_images=flags.FLAGS.max_images, progress=flags.FLAGS.progress)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorBoard's optional TensorFlow
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,169 @@
+"""What ``main.py --mode sample`` and ``--mode likelihood`` run on a trained workdir.
+
+Both load a training checkpoint (the latest by default) weights-only, swap the EMA weights in
+as the reference does for sampling and evaluation, and write their results into
+``workdir/<eval_folder>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import datasets
+import likelihood
+from models.checkpoint import CheckpointError, safe_load
+from models.ema import ExponentialMovingAverage
+from models.utils import create_model, get_score_fn
+from training import checkpoints
+from training.loop import write_samples
+from training.sampling import generate, get_sde
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
+    """The checkpoint file selected by ``checkpoint``.
+
+    Args:
+        workdir: the training workdir.
+        checkpoint: '' = the latest (preemption or snapshot, whichever is further), 'meta' = the
+            preemption checkpoint, an integer n = ``checkpoints/checkpoint_{n}.pth``, or a path.
+    """
+    workdir = Path(workdir)
+    if checkpoint == "":
+        path = checkpoints.latest_checkpoint(workdir)
+        if path is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {workdir} (looked in {checkpoints.META_DIR}/ and "
+                f"{checkpoints.SNAPSHOT_DIR}/); train first with --mode train"
+            )
+        return path
+    if checkpoint == "meta":
+        path = checkpoints.meta_path(workdir)
+    elif checkpoint.isdigit():
+        path = checkpoints.snapshot_path(workdir, int(checkpoint))
+    else:
+        path = Path(checkpoint)
+    if not path.is_file():
+        available = [str(n) for n, _ in checkpoints.list_snapshots(workdir)]
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r} not found at {path}; snapshots in {workdir}: "
+            f"{', '.join(available) or 'none'} (or 'meta', or '' for the latest)"
+        )
+    return path
+
+
+def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
+    """The model of ``config`` with the EMA weights of the checkpoint at ``path``, in eval mode.
+
+    Returns:
+        (model on ``config.device``, the checkpoint's step).
+    """
+    ckpt = safe_load(path)
+    model = create_model(config)
+    ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        ema.load_state_dict(ckpt["ema"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: does not match the model of this config: {e}") from e
+    ema.copy_to(model.parameters())
+    return model.eval(), int(ckpt["step"])
+
+
+def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkpoint: str = "",
+               num_samples: int = 64, progress: bool = True) -> Path:
+    """Draw ``num_samples`` with ``config.sampling`` into
+    ``workdir/eval_folder/samples_step_{step}/`` (``sample.png``, ``sample.npz``, ``info.json``).
+
+    Samples are drawn in batches of ``config.eval.batch_size`` from generator seed
+    ``config.seed``, so the same flags give the same samples.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    path = find_checkpoint(workdir, checkpoint)
+    model, step = load_ema_model(config, path)
+    sde = get_sde(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    batch = min(num_samples, config.eval.batch_size)
+    chunks, nfe = [], 0
+    for start in tqdm(range(0, num_samples, batch), disable=not progress, desc="sample"):
+        shape = (min(batch, num_samples - start), *datasets.data_shape(config))
+        x, info = generate(config, sde, model, shape, inverse_scaler=inverse_scaler,
+                           generator=generator, progress=progress)
+        chunks.append(x.cpu())
+        nfe += info["nfe"]
+    folder = Path(workdir) / eval_folder / f"samples_step_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_samples(torch.cat(chunks), folder)
+    record = {"checkpoint": str(path), "step": step, "num_samples": num_samples, "nfe": nfe,
+              "sampling": config.sampling.to_dict()}
+    (folder / "info.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("%d samples from %s (step %d, %d NFE) in %s", num_samples, path, step, nfe, folder)
+    return folder
+
+
+def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
+                   checkpoint: str = "", split: str = "", max_images: int = 0,
+                   progress: bool = True) -> Path:
+    """Bits/dim of a dataset split through the probability-flow ODE (Song et al. 2021, App. D).
+
+    Quantised data with L levels (256 for CIFAR-10, 17 for the 8x8 digits) is uniformly
+    dequantised, v = (k + u) / L, and bits/dim = -(log p_y(y) + D log a) / (D log 2) + log2 L
+    with y = a v + c in model space (the reference's formula for L = 256); point data gets
+    -log2 p(x) / D. Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
+    ``.json`` summary into ``workdir/eval_folder/``.
+
+    Args:
+        split: default ``config.eval.bpd_dataset``.
+        max_images: evaluate only the first ``max_images`` (0 = the whole split).
+    """
+    split = split or config.eval.bpd_dataset
+    path = find_checkpoint(workdir, checkpoint)
+    model, step = load_ema_model(config, path)
+    sde = get_sde(config)
+    score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+    dataset = datasets.get_dataset(config, split)
+    if max_images:
+        dataset = datasets.ArrayDataset(dataset.data[:max_images], dataset.labels[:max_images],
+                                        dataset.levels, dataset.classes)
+    iterator = datasets.DataIterator(
+        dataset, config.eval.batch_size, seed=config.seed, shuffle=False,
+        uniform_dequantization=dataset.levels is not None, device=config.device)
+    scaler = datasets.get_data_scaler(config)
+    a, _ = likelihood.affine_scaler(datasets.get_data_inverse_scaler(config))
+    offset = math.log2(dataset.levels) if dataset.levels is not None else 0.0
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
+    bpds, nfe = [], 0
+    for v in tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
+                  desc=f"bits/dim ({split})"):
+        logp, info = likelihood.log_likelihood(sde, score_fn, scaler(v), generator=generator,
+                                               **options)
+        D = v[0].numel()
+        bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
+        nfe += info["nfe"]
+    bpd = torch.cat(bpds).double().numpy()
+    folder = Path(workdir) / eval_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"likelihood_{split}_step_{step}"
+    np.savez(stem.with_suffix(".npz"), bpd=bpd, labels=dataset.labels.numpy())
+    summary = {
+        "checkpoint": str(path), "step": step, "split": split, "num_images": len(bpd),
+        "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
+        if len(bpd) > 1 else float("nan"),
+        "levels": dataset.levels, "nfe": nfe, **options,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%s bits/dim %.4f +- %.4f over %d images (step %d)", split, summary["bpd"],
+             summary["bpd_stderr"], len(bpd), step)
+    return stem.with_suffix(".json")

@@ -1,0 +1,198 @@
+"""The one training loop (Song et al. 2021, the reference's ``run_lib.train``): build, step,
+loop, side effects.
+
+``build`` turns a config into the live state (model, EMA, optimizer, generators, data
+iterators); ``train`` runs ``losses.get_step_fn`` steps and calls small side-effect functions at
+their frequencies: logging (tqdm, TensorBoard), evaluation loss, the preemption checkpoint,
+numbered snapshots and snapshot sample grids with the EMA weights. It resumes from the latest
+checkpoint of ``workdir`` automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import datasets
+import losses
+from models.ema import ExponentialMovingAverage
+from models.utils import create_model
+from training import checkpoints
+from training.images import save_image_grid, save_scatter
+from training.sampling import ema_weights, generate, get_sde
+
+log = logging.getLogger(__name__)
+
+#: ``hook(state)`` is called after every step's side effects (tests use it to interrupt a run).
+Hook = Callable[[dict[str, Any]], None]
+
+
+def write_config(config, workdir: str | Path) -> Path:
+    """Write the resolved config as ``workdir/config.json`` (beside the results it produced)."""
+    path = Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def build(config) -> tuple[dict[str, Any], Any]:
+    """The live training state and the SDE for ``config`` (on ``config.device``).
+
+    Returns:
+        ``state`` = {'model', 'ema', 'optimizer', 'step', 'generators', 'iterators'} and the SDE.
+        ``generators`` are the loss draws ('train', 'eval'); ``iterators`` the data ('train',
+        'eval' on the test split).
+    """
+    device = torch.device(config.device)
+    model = create_model(config)
+    ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
+    optimizer = losses.get_optimizer(config, model.parameters())
+    generators = {
+        name: torch.Generator(device=device).manual_seed(config.seed + k)
+        for k, name in enumerate(("train", "eval"))
+    }
+    iterators = {
+        "train": datasets.get_data_iterator(config, "train", device=device),
+        "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device),
+    }
+    state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
+                 iterators=iterators)
+    return state, get_sde(config)
+
+
+def get_step_fns(config, sde) -> tuple[Callable, Callable]:
+    """(train_step_fn, eval_step_fn) of ``losses.get_step_fn`` with the config's loss options."""
+    kwargs = dict(reduce_mean=config.training.reduce_mean,
+                  continuous=config.training.continuous,
+                  likelihood_weighting=config.training.likelihood_weighting)
+    train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config), **kwargs)
+    eval_step = losses.get_step_fn(sde, False, **kwargs)
+    return train_step, eval_step
+
+
+# -- side effects ---------------------------------------------------------------------------------
+
+
+def log_scalars(writer, step: int, **scalars: float) -> None:
+    """One TensorBoard scalar per keyword, at ``step``."""
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, step)
+
+
+def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
+    """Sample a batch with the EMA weights into ``workdir/samples/iter_{step}/``
+    (``sample.png`` grid or scatter plot, ``sample.npz``)."""
+    folder = workdir / "samples" / f"iter_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = state["model"]
+    shape = (config.training.batch_size, *datasets.data_shape(config))
+    generator = torch.Generator(device=config.device).manual_seed(config.seed + step)
+    with ema_weights(model, state["ema"]):
+        x, _ = generate(config, sde, model, shape, generator=generator,
+                        inverse_scaler=datasets.get_data_inverse_scaler(config))
+    write_samples(x, folder)
+    return folder
+
+
+def write_samples(x: torch.Tensor, folder: Path) -> None:
+    """``sample.png`` (image grid, or scatter for 2-D points) and ``sample.npz`` of ``x``.
+
+    Images are stored as uint8 (B, H, W, C) like the reference; points as float32 (B, D).
+    """
+    x = x.detach().cpu()
+    if x.dim() == 4:
+        save_image_grid(x, folder / "sample.png")
+        images = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.savez_compressed(folder / "sample.npz", samples=images)
+    else:
+        if x.shape[1] == 2:
+            save_scatter(x, folder / "sample.png")
+        np.savez_compressed(folder / "sample.npz", samples=x.float().numpy())
+
+
+def _check_finite(nonfinite: torch.Tensor, step: int) -> None:
+    if bool(nonfinite):
+        raise FloatingPointError(
+            f"non-finite training loss at or before step {step}; no checkpoint was written"
+        )
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
+          progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` until ``config.training.n_iters`` steps, resuming from the
+    latest checkpoint there (see :mod:`training.checkpoints`).
+
+    Args:
+        config: a resolved config (``config.device`` a real device).
+        workdir: receives ``config.json``, ``checkpoints*/``, ``samples/``, ``tensorboard/``.
+        hooks: called with the state after each step.
+        progress: show a tqdm bar with the loss and images/s.
+    Returns:
+        the final state.
+    """
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+
+    workdir = Path(workdir)
+    t = config.training
+    write_config(config, workdir)
+    state, sde = build(config)
+    resume = checkpoints.latest_checkpoint(workdir)
+    if resume is not None:
+        checkpoints.restore_checkpoint(resume, state)
+        log.info("resumed from %s at step %d", resume, state["step"])
+    train_step, eval_step = get_step_fns(config, sde)
+    scaler = datasets.get_data_scaler(config)
+    writer = SummaryWriter(str(workdir / "tensorboard"))
+    nonfinite = torch.zeros((), dtype=torch.bool, device=config.device)
+    bar = tqdm(total=t.n_iters, initial=state["step"], disable=not progress, desc="train")
+    window_start, window_images = time.perf_counter(), 0
+    try:
+        while state["step"] < t.n_iters:
+            batch = scaler(next(state["iterators"]["train"]))
+            loss = train_step(state, batch, generator=state["generators"]["train"])
+            nonfinite |= ~torch.isfinite(loss)
+            step = state["step"]  # steps completed
+            window_images += batch.shape[0]
+            bar.update(1)
+            if step % t.log_freq == 0 or step == t.n_iters:
+                _check_finite(nonfinite, step)
+                elapsed = time.perf_counter() - window_start
+                rate = window_images / max(elapsed, 1e-9)
+                lr = state["optimizer"].param_groups[0]["lr"]
+                log.info("step: %d, training_loss: %.5e, images/s: %.1f", step, float(loss), rate)
+                log_scalars(writer, step, training_loss=float(loss), lr=lr, images_per_sec=rate)
+                bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{rate:.1f}")
+                window_start, window_images = time.perf_counter(), 0
+            if step % t.eval_freq == 0:
+                eval_batch = scaler(next(state["iterators"]["eval"]))
+                eval_loss = eval_step(state, eval_batch, generator=state["generators"]["eval"])
+                log.info("step: %d, eval_loss: %.5e", step, float(eval_loss))
+                log_scalars(writer, step, eval_loss=float(eval_loss))
+            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+                _check_finite(nonfinite, step)
+                checkpoints.save_checkpoint(checkpoints.meta_path(workdir), state)
+            if step % t.snapshot_freq == 0 or step == t.n_iters:
+                _check_finite(nonfinite, step)
+                n = math.ceil(step / t.snapshot_freq)
+                checkpoints.save_checkpoint(checkpoints.snapshot_path(workdir, n), state)
+                if t.snapshot_sampling:
+                    folder = snapshot_samples(config, state, sde, workdir, step)
+                    log.info("step: %d, samples in %s", step, folder)
+            for hook in hooks:
+                hook(state)
+    finally:
+        bar.close()
+        writer.close()
+    return state
