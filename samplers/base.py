@@ -25,14 +25,19 @@ Callback = Callable[..., None]
 
 
 class CountingScore:
-    """Wraps ``score_fn`` and counts its calls: one call = one batched network evaluation (NFE)."""
+    """Wraps ``score_fn`` and counts its calls: one call = one batched network evaluation (NFE).
+
+    A score transform that calls a network more than once per call (classifier-free guidance)
+    declares it as ``nfe_per_call``.
+    """
 
     def __init__(self, score_fn: ScoreFn) -> None:
         self.score_fn = score_fn
         self.nfe = 0
+        self._per_call = getattr(score_fn, "nfe_per_call", 1)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
+        self.nfe += self._per_call
         return self.score_fn(x, t)
 
 
@@ -139,13 +144,30 @@ def _initial_state(sde, shape, noise: NoiseSource, device, dtype) -> torch.Tenso
     return sde.prior_sampling(shape, generator=noise.generator, device=device, dtype=dtype)
 
 
+def make_generators(
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    seeds: Sequence[int] | None,
+    batch: int,
+    device: torch.device | str | None,
+) -> torch.Generator | list[torch.Generator] | None:
+    """The random source of a sampler: ``generator`` as given, or one generator per sample
+    seeded from ``seeds`` (on ``device``)."""
+    if seeds is None:
+        return generator
+    if generator is not None:
+        raise ValueError("give either generator or seeds, not both")
+    if len(seeds) != batch:
+        raise ValueError(f"seeds has {len(seeds)} entries for a batch of {batch}")
+    return [torch.Generator(device=device or "cpu").manual_seed(int(s)) for s in seeds]
+
+
 def sample(
     sde: sde_lib.SDE,
     score_fn: ScoreFn,
     shape: tuple[int, ...] | torch.Tensor,
     method: str = "pc",
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seeds: Sequence[int] | None = None,
     progress: bool = False,
     callback: Callback | None = None,
@@ -160,7 +182,8 @@ def sample(
         score_fn: ``score_fn(x, t) -> score``, any callable (a network adapter or an exact score).
         shape: (B, *D) of the samples, or an initial tensor x_T (B, *D).
         method: a registered sampler name (``'pc'``, ``'ode'``, fast samplers ...).
-        generator: the random source of x_T and every later draw.
+        generator: the random source of x_T and every later draw (or a sequence of one
+            generator per sample).
         seeds: one integer seed per sample instead of ``generator``: sample k then depends only
             on ``seeds[k]``, whatever the batch size.
         progress: show a tqdm bar.
@@ -176,18 +199,17 @@ def sample(
         raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
     sampler_cls = SAMPLERS.get(method)
     if seeds is not None:
-        if generator is not None:
-            raise ValueError("give either generator or seeds, not both")
         batch = shape.shape[0] if isinstance(shape, torch.Tensor) else int(shape[0])
-        if len(seeds) != batch:
-            raise ValueError(f"seeds has {len(seeds)} entries for a batch of {batch}")
-        gen_device = shape.device if isinstance(shape, torch.Tensor) else (device or "cpu")
-        generator = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
+        gen_device = shape.device if isinstance(shape, torch.Tensor) else device
+        generator = make_generators(generator, seeds, batch, gen_device)
     noise = NoiseSource(generator)
     x = _initial_state(sde, shape, noise, device, dtype)
     counter = CountingScore(score_fn)
     sampler = sampler_cls(**options)  # options are validated here, before any work
     sampler.check_sde(sde)
-    samples, extra = sampler.run(sde, counter, x, noise=noise, progress=progress, callback=callback)
+    with torch.no_grad():  # sampling never backpropagates; guidance enables grad where it needs it
+        samples, extra = sampler.run(
+            sde, counter, x, noise=noise, progress=progress, callback=callback
+        )
     info = {"method": method, "nfe": counter.nfe, **extra}
     return samples, info
