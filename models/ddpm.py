@@ -30,6 +30,7 @@ import functools
 import torch
 from torch import nn
 
+from models.conditioning import ClassConditional
 from models.layers import (
     AttnBlock,
     Downsample,
@@ -41,11 +42,11 @@ from models.layers import (
     get_sigmas,
     get_timestep_embedding,
 )
-from models.utils import register_model
+from models.utils import check_image_inputs, register_model
 
 
 @register_model("ddpm")
-class DDPM(nn.Module):
+class DDPM(ClassConditional, nn.Module):
     """DDPM noise-prediction U-Net (Ho et al. 2020), optionally class-conditional.
 
     Args:
@@ -57,7 +58,8 @@ class DDPM(nn.Module):
             ``sigmas`` when ``scale_by_sigma``).
         class_labels: optional (B,) integer classes in [0, num_classes]; ``num_classes`` is the
             null label, used for every sample when None. Only for ``num_classes > 0``.
-        Returns (B, C, H, W): the noise prediction (divided by sigma if ``scale_by_sigma``).
+        Returns (B, C, H, W) in x's dtype: the noise prediction (divided by sigma if
+        ``scale_by_sigma``).
     """
 
     def __init__(self, config) -> None:
@@ -86,7 +88,7 @@ class DDPM(nn.Module):
         self.level_attn = [res in attn_resolutions for res in resolutions]
         self.centered = bool(config.data.centered)
         self.scale_by_sigma = bool(m.scale_by_sigma)
-        channels = config.data.num_channels
+        self.channels = channels = config.data.num_channels
         temb_dim = 4 * nf
 
         resnet = functools.partial(ResnetBlockDDPM, act=act, temb_dim=temb_dim, dropout=m.dropout)
@@ -126,38 +128,9 @@ class DDPM(nn.Module):
         modules.append(ddpm_conv3x3(in_ch, channels, init_scale=0.0))
         self.all_modules = nn.ModuleList(modules)
 
-        self.num_classes = int(m.get("num_classes", 0) or 0)
-        if self.num_classes < 0:
-            raise ValueError(f"config.model.num_classes must be >= 0, got {self.num_classes}")
-        if self.num_classes:
-            # Same name and (default N(0, 1)) initialisation as NCSN++'s class embedding.
-            self.label_embedding = nn.Embedding(self.num_classes + 1, temb_dim)
-
-    @property
-    def null_label(self) -> int:
-        """The reserved "no class" label (``num_classes``) for classifier-free guidance."""
-        if not self.num_classes:
-            raise AttributeError("this DDPM is not class-conditional (config.model.num_classes)")
-        return self.num_classes
-
-    def _class_embedding(
-        self, class_labels: torch.Tensor | None, batch: int, device: torch.device
-    ) -> torch.Tensor | None:
-        """(B, 4 nf) embedding of the classes (the null label where None); None if unconditional."""
-        if not self.num_classes:
-            if class_labels is not None:
-                raise ValueError(
-                    "class_labels given to a DDPM built without config.model.num_classes"
-                )
-            return None
-        if class_labels is None:
-            class_labels = torch.full((batch,), self.num_classes, device=device)
-        elif class_labels.shape != (batch,) or class_labels.dtype.is_floating_point:
-            raise ValueError(
-                f"class_labels must be integer of shape ({batch},), got {class_labels.dtype} "
-                f"{tuple(class_labels.shape)}"
-            )
-        return self.label_embedding(class_labels)  # (B, 4 nf)
+        # Class conditioning (ours): label_embedding (num_classes + 1, 4 nf), null label last;
+        # same name and initialisation as NCSN++'s.
+        self._init_classes(config, temb_dim)
 
     def forward(
         self,
@@ -165,11 +138,14 @@ class DDPM(nn.Module):
         labels: torch.Tensor,
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Noise prediction (B, C, H, W) at x for time labels (B,); see the class docstring."""
+        check_image_inputs(self, x, labels, self.channels)
         modules = iter(self.all_modules)
-        temb = get_timestep_embedding(labels, self.nf)  # (B, nf)
+        # Computed in float32 as the reference, then in the network's dtype.
+        temb = get_timestep_embedding(labels, self.nf).to(x.dtype)  # (B, nf)
         temb = next(modules)(temb)
         temb = next(modules)(self.act(temb))  # (B, 4 nf)
-        class_emb = self._class_embedding(class_labels, x.shape[0], x.device)
+        class_emb = self.class_embedding(class_labels, x.shape[0], x.device)
         if class_emb is not None:
             temb = temb + class_emb
 
@@ -204,5 +180,6 @@ class DDPM(nn.Module):
                 raise TypeError(
                     f"scale_by_sigma needs integer labels indexing sigmas, got {labels.dtype}"
                 )
-            h = h / self.sigmas[labels].view(-1, 1, 1, 1)
+            # The float64 sigmas buffer divides in h's dtype: the output keeps x's dtype.
+            h = h / self.sigmas[labels].to(h.dtype).view(-1, 1, 1, 1)
         return h

@@ -19,8 +19,9 @@ Config keys (defaults after the key):
     model.nonlinearity   required: elu, relu, lrelu or swish
     model.scale_by_sigma False; needs 'fourier' (the label is sigma)
     model.num_classes    0 (unconditional); K > 0 adds a class embedding with K + 1 rows, the
-                         last one (index K, ``model.null_label``) the reserved "no class" label
-                         used when ``class_labels`` is None (classifier-free guidance)
+                         last one (index K, ``model.null_label``; None when K = 0) the reserved
+                         "no class" label used when ``class_labels`` is None (classifier-free
+                         guidance)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.conditioning import ClassConditional
 from models.layers import dense, get_act, get_timestep_embedding
 from models.layerspp import GaussianFourierProjection
 from models.utils import register_model
@@ -51,7 +53,7 @@ class ResidualBlock(nn.Module):
 
 
 @register_model("mlp")
-class MLP(nn.Module):
+class MLP(ClassConditional, nn.Module):
     """Time-conditioned residual MLP on vectors (B, D); config keys in the module docstring.
 
     Args:
@@ -84,11 +86,6 @@ class MLP(nn.Module):
                 "model.scale_by_sigma needs embedding_type='fourier' (labels are sigma); "
                 f"got embedding_type={self.embedding_type!r}"
             )
-        num_classes = int(model.get("num_classes", 0))
-        if num_classes < 0:
-            raise ValueError(f"model.num_classes must be >= 0, got {num_classes}")
-        self.num_classes = num_classes
-
         act = get_act(config)
         if self.embedding_type == "fourier":
             self.embed = GaussianFourierProjection(nf // 2, float(model.get("fourier_scale", 16.0)))
@@ -97,19 +94,12 @@ class MLP(nn.Module):
             self.embed = None
             emb_in = nf
         self.emb_mlp = nn.Sequential(dense(emb_in, nf), act, dense(nf, nf))
-        # Row num_classes is the reserved null ("unconditional") label.
-        self.label_embedding = nn.Embedding(num_classes + 1, nf) if num_classes > 0 else None
+        # Row num_classes is the reserved null ("unconditional") label (models.conditioning).
+        self._init_classes(config, nf)
         self.Dense_in = dense(dim, nf)
         self.blocks = nn.ModuleList(ResidualBlock(nf, act) for _ in range(num_layers))
         self.act = act
         self.Dense_out = dense(nf, dim)
-
-    @property
-    def null_label(self) -> int:
-        """The class index meaning "no class" (``num_classes``); only with ``num_classes > 0``."""
-        if self.num_classes == 0:
-            raise AttributeError("an unconditional MLP (model.num_classes = 0) has no null label")
-        return self.num_classes
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor | None = None
@@ -136,12 +126,9 @@ class MLP(nn.Module):
         else:
             emb = get_timestep_embedding(labels, self.nf).to(x.dtype)
         emb = self.emb_mlp(emb)  # (B, nf)
-        if self.label_embedding is not None:
-            if class_labels is None:
-                class_labels = torch.full_like(labels, self.num_classes, dtype=torch.long)
-            emb = emb + self.label_embedding(class_labels)
-        elif class_labels is not None:
-            raise ValueError("class_labels given to an unconditional MLP (model.num_classes = 0)")
+        class_emb = self.class_embedding(class_labels, x.shape[0], x.device)  # (B, nf) or None
+        if class_emb is not None:
+            emb = emb + class_emb
         h = self.Dense_in(h)
         for block in self.blocks:
             h = block(h, emb)

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from models import layerspp
+from models.conditioning import ClassConditional
 from models.layers import ddpm_conv3x3, dense, get_act, get_sigmas, get_timestep_embedding
 from models.layerspp import group_norm
-from models.utils import register_model
+from models.utils import check_image_inputs, register_model
 
 _CHOICES = {
     "progressive": ("none", "output_skip", "residual"),
@@ -49,7 +50,7 @@ def _choice(config, key: str) -> str:
 
 
 @register_model("ncsnpp")
-class NCSNpp(nn.Module):
+class NCSNpp(ClassConditional, nn.Module):
     """NCSN++ / DDPM++ score network (Song et al. 2021, App. H) from an ml_collections config.
 
     Reads ``config.model``: nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
@@ -216,22 +217,16 @@ class NCSNpp(nn.Module):
 
         self.all_modules = nn.ModuleList(modules)
 
-        self.num_classes = num_classes = int(m.get("num_classes", 0) or 0)
-        if num_classes < 0:
-            raise ValueError(f"model.num_classes must be >= 0, got {num_classes}")
-        if num_classes:
-            if not conditional:
-                raise ValueError("model.num_classes > 0 needs model.conditional = True")
-            # Index num_classes is the null label (unconditional) for classifier-free guidance.
-            self.label_embedding = nn.Embedding(num_classes + 1, nf * 4)
-
-    @property
-    def null_label(self) -> int:
-        """The reserved class index meaning "no class" (``num_classes``)."""
-        return self.num_classes
+        # Class conditioning (ours): label_embedding (num_classes + 1, 4 nf), null label last.
+        self._init_classes(config, nf * 4)
+        if self.num_classes and not conditional:
+            raise ValueError(
+                f"model.num_classes = {self.num_classes} needs model.conditional = True "
+                "(the class embedding is added to the time embedding)"
+            )
 
     def _embed(
-        self, modules: Iterator[nn.Module], time_cond: torch.Tensor
+        self, modules: Iterator[nn.Module], time_cond: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Time embedding (B, 4 nf) (None if not noise-conditional) and sigma (B,) for scaling."""
         used_sigmas = None
@@ -241,32 +236,13 @@ class NCSNpp(nn.Module):
         else:
             if self.scale_by_sigma:
                 used_sigmas = self.sigmas[time_cond.long()]
-            temb = get_timestep_embedding(time_cond, self.nf)  # (B, nf)
+            # Computed in float32 as the reference, then in the network's dtype.
+            temb = get_timestep_embedding(time_cond, self.nf).to(dtype)  # (B, nf)
         if not self.conditional:
             return None, used_sigmas
         temb = next(modules)(temb)
         temb = next(modules)(self.act(temb))  # (B, 4 nf)
         return temb, used_sigmas
-
-    def _check_inputs(
-        self, x: torch.Tensor, time_cond: torch.Tensor, class_labels: torch.Tensor | None
-    ) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.data.num_channels:
-            raise ValueError(
-                f"x must be (B, {self.config.data.num_channels}, H, W), got {tuple(x.shape)}"
-            )
-        if time_cond.shape != (x.shape[0],):
-            raise ValueError(
-                f"time_cond must be ({x.shape[0]},) to match x, got {tuple(time_cond.shape)}"
-            )
-        if class_labels is not None:
-            if not self.num_classes:
-                raise ValueError("class_labels given to an unconditional model (num_classes 0)")
-            if class_labels.shape != (x.shape[0],) or class_labels.is_floating_point():
-                raise ValueError(
-                    f"class_labels must be integer ({x.shape[0]},), got "
-                    f"{class_labels.dtype} {tuple(class_labels.shape)}"
-                )
 
     def forward(
         self, x: torch.Tensor, time_cond: torch.Tensor, class_labels: torch.Tensor | None = None
@@ -280,15 +256,14 @@ class NCSNpp(nn.Module):
             class_labels: (B,) int64 in [0, num_classes]; ``num_classes`` (or None) is the null
                 label. Only for class-conditional models.
         Returns:
-            (B, C, H, W); float64 if the output is divided by the float64 ``sigmas`` buffer.
+            (B, C, H, W) in x's dtype.
         """
-        self._check_inputs(x, time_cond, class_labels)
+        check_image_inputs(self, x, time_cond, self.config.data.num_channels)
         modules = iter(self.all_modules)
-        temb, used_sigmas = self._embed(modules, time_cond)
-        if self.num_classes:
-            if class_labels is None:
-                class_labels = torch.full_like(time_cond, self.null_label, dtype=torch.long)
-            temb = temb + self.label_embedding(class_labels)
+        temb, used_sigmas = self._embed(modules, time_cond, x.dtype)
+        class_emb = self.class_embedding(class_labels, x.shape[0], x.device)  # (B, 4 nf) or None
+        if class_emb is not None:
+            temb = temb + class_emb
 
         if not self.centered:
             x = 2 * x - 1.0  # [0, 1] -> [-1, 1]
@@ -344,7 +319,9 @@ class NCSNpp(nn.Module):
             raise RuntimeError("NCSNpp.forward left modules unused")
 
         if self.scale_by_sigma:
-            h = h / used_sigmas.reshape(-1, *([1] * (h.dim() - 1)))
+            # sigmas is float64 (the reference's buffer): divide in h's dtype, so the output
+            # keeps the input's dtype instead of silently becoming float64.
+            h = h / used_sigmas.to(h.dtype).reshape(-1, *([1] * (h.dim() - 1)))
         return h
 
     def _progressive_output(

@@ -22,10 +22,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from models.conditioning import ClassConditional, read_num_classes
 from models.layers import get_act, get_sigmas
 from models.ncsn_layers import RefineBlock, ResidualBlock
 from models.normalization import get_normalization
-from models.utils import register_model
+from models.utils import check_image_inputs, register_model
 
 
 class _Stage(NamedTuple):
@@ -79,7 +80,7 @@ def _data_channels(config) -> int:
 
 
 @register_model("ncsnv2_64")
-class NCSNv2(nn.Module):
+class NCSNv2(ClassConditional, nn.Module):
     """NCSNv2 (Song & Ermon 2020) score network: ``s(x, sigma_y) = net(x) / sigma_y``.
 
     This class is the reference's ``ncsnv2_64`` (images below 96 px: 4 encoder levels, two
@@ -92,7 +93,8 @@ class NCSNv2(nn.Module):
         x: (B, C, H, W) images, in [0, 1] unless ``config.data.centered`` (then [-1, 1]).
         y: (B,) integer indices into ``sigmas`` (the discrete VE label
             round((1 - t)(N - 1)), 0 = sigma_max).
-        Returns the score (B, C, H, W), float64 when dividing by the float64 ``sigmas`` buffer.
+        class_labels: must be None (NCSNv2 has no class conditioning; ``null_label`` is None).
+        Returns the score (B, C, H, W) in x's dtype.
     """
 
     stages: tuple[_Stage, ...] = _STAGES["ncsnv2_64"]
@@ -100,12 +102,17 @@ class NCSNv2(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         stages = self.stages
+        if read_num_classes(config):
+            raise ValueError(
+                f"{type(self).__name__} has no class conditioning; got config.model.num_classes="
+                f"{config.model.num_classes!r} (use ncsnpp, ddpm or mlp)"
+            )
         self.centered = bool(config.data.centered)
         self.scale_by_sigma = bool(config.model.get("scale_by_sigma", True))
         interpolation = config.model.get("interpolation", "bilinear")
         norm = get_normalization(config)
         self.nf = nf = config.model.nf
-        channels = _data_channels(config)
+        self.channels = channels = _data_channels(config)
         self.act = act = get_act(config)
         self.register_buffer("sigmas", get_sigmas(config))  # (num_scales,) float64
 
@@ -150,7 +157,12 @@ class NCSNv2(nn.Module):
         for name in sorted(refines):  # the reference declares them in name order
             setattr(self, name, refines[name])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Score ``net(x) / sigma_y`` (B, C, H, W); arguments in the class docstring."""
+        check_image_inputs(self, x, y, self.channels)
+        self.class_embedding(class_labels, x.shape[0], x.device)  # refuses class labels
         if y.dtype.is_floating_point:
             raise TypeError(f"NCSNv2 takes integer noise-level indices y, got dtype {y.dtype}")
         h = x if self.centered else 2 * x - 1.0
@@ -166,7 +178,8 @@ class NCSNv2(nn.Module):
             h = getattr(self, stage.refine)(xs, level.shape[2:])
         h = self.end_conv(self.act(self.normalizer(h)))  # (B, C, H, W)
         if self.scale_by_sigma:
-            h = h / self.sigmas[y].view(-1, *([1] * (h.dim() - 1)))
+            # The float64 sigmas buffer divides in h's dtype: the output keeps x's dtype.
+            h = h / self.sigmas[y].to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
         return h
 
 

@@ -52,6 +52,22 @@ def create_model(config) -> nn.Module:
     return model.to(device) if device is not None else model
 
 
+def check_image_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                       channels: int) -> None:
+    """The boundary check of the image networks: x (B, channels, H, W) and labels (B,).
+
+    Raises:
+        ValueError: naming the model and the shapes expected and received.
+    """
+    name = type(model).__name__
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name}: x must be (B, {channels}, H, W), got {tuple(x.shape)}")
+    if labels.shape != (x.shape[0],):
+        raise ValueError(
+            f"{name}: labels must be ({x.shape[0]},) to match x, got {tuple(labels.shape)}"
+        )
+
+
 def get_model_fn(model: nn.Module, train: bool = False) -> ModelFn:
     """``model_fn(x, labels)`` that puts ``model`` in train or eval mode before each call."""
 
