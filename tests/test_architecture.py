@@ -14,6 +14,7 @@ LAYERS = {
     "sde_lib": 1,
     "oracle": 2,
     "models": 2,
+    "divergence": 2,
     "losses": 3,
     "samplers": 3,
     "likelihood": 3,
