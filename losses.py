@@ -186,7 +186,9 @@ def smld_loss(model_fn: ModelFn, vesde: sde_lib.SDE, batch: torch.Tensor, labels
     Returns:
         losses (B,).
     """
-    sigmas = torch.flip(vesde.discrete_sigmas, dims=(0,)).to(batch.device)[labels].to(batch.dtype)
+    # Label n is the reference's flip(discrete_sigmas)[n], i.e. discrete_sigmas[N - 1 - n].
+    table = vesde.discrete_table("discrete_sigmas", batch.device)
+    sigmas = table[vesde.N - 1 - labels].to(batch.dtype)  # (B,)
     noise = batch_mul(sigmas, z)
     score = model_fn(batch + noise, labels)
     target = -batch_mul(1.0 / sigmas**2, noise)
@@ -205,8 +207,8 @@ def ddpm_loss(model_fn: ModelFn, vpsde: sde_lib.SDE, batch: torch.Tensor, labels
     Returns:
         losses (B,).
     """
-    mean_coeff = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels].to(batch.dtype)
-    std = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels].to(batch.dtype)
+    mean_coeff = vpsde.discrete_table("sqrt_alphas_cumprod", batch.device)[labels].to(batch.dtype)
+    std = vpsde.discrete_table("sqrt_1m_alphas_cumprod", batch.device)[labels].to(batch.dtype)
     x_n = batch_mul(mean_coeff, batch) + batch_mul(std, z)
     return _reduce(torch.square(model_fn(x_n, labels) - z), reduce_mean)
 
@@ -270,20 +272,26 @@ def _check_discrete(sde: sde_lib.SDE, convention: str, what: str) -> None:
                          f"(got {type(sde).__name__})")
 
 
+def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, train: bool,
+                      reduce_mean: bool) -> LossFn:
+    """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I)."""
+
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+        labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
+                               device=batch.device)
+        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        return objective(get_model_fn(model, train=train), sde, batch, labels, z,
+                         reduce_mean).mean()
+
+    return loss_fn
+
+
 @DISCRETE_LOSSES.register("ve_discrete")
 def get_smld_loss_fn(vesde: sde_lib.SDE, train: bool, reduce_mean: bool = False) -> LossFn:
     """``loss_fn(model, batch, *, generator=None)``: batch mean of ``smld_loss``; draws labels
     ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy SMLD/NCSN training)."""
     _check_discrete(vesde, "ve_discrete", "SMLD")
-
-    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
-        labels = torch.randint(0, vesde.N, (batch.shape[0],), generator=generator,
-                               device=batch.device)
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
-        return smld_loss(get_model_fn(model, train=train), vesde, batch, labels, z,
-                         reduce_mean).mean()
-
-    return loss_fn
+    return _discrete_loss_fn(smld_loss, vesde, train, reduce_mean)
 
 
 @DISCRETE_LOSSES.register("vp_discrete")
@@ -291,15 +299,7 @@ def get_ddpm_loss_fn(vpsde: sde_lib.SDE, train: bool, reduce_mean: bool = True) 
     """``loss_fn(model, batch, *, generator=None)``: batch mean of ``ddpm_loss``; draws labels
     ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy DDPM training)."""
     _check_discrete(vpsde, "vp_discrete", "DDPM")
-
-    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
-        labels = torch.randint(0, vpsde.N, (batch.shape[0],), generator=generator,
-                               device=batch.device)
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
-        return ddpm_loss(get_model_fn(model, train=train), vpsde, batch, labels, z,
-                         reduce_mean).mean()
-
-    return loss_fn
+    return _discrete_loss_fn(ddpm_loss, vpsde, train, reduce_mean)
 
 
 # -- optimisation and the step function ----------------------------------------------------------

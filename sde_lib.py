@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 
 import torch
 
@@ -32,7 +33,8 @@ def _check_n(N: int) -> int:
 
 
 def _check_positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -119,6 +121,23 @@ class SDE(abc.ABC):
             lo = torch.where(later, mid, lo)
             hi = torch.where(later, hi, mid)
         return (0.5 * (lo + hi)).to(lam.dtype)
+
+    def discrete_table(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """The discrete table ``name`` (e.g. ``sqrt_1m_alphas_cumprod``) on ``device``.
+
+        Tables are built on the CPU, as the reference's; the copy on another device is made once
+        and cached (until the table is replaced), so a step loop indexes a table on its own
+        device without a host-to-device copy per call.
+        """
+        table = getattr(self, name)
+        device = torch.device(device)
+        if table.device == device:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        hit = cache.get((name, device))
+        if hit is None or hit[0] is not table:
+            hit = cache[(name, device)] = (table, table.to(device))
+        return hit[1]
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Euler-Maruyama step ``x_{i+1} = x_i + f_i + G_i z_i`` with dt = T/N (eq. 5 discretised).
@@ -217,8 +236,30 @@ class _VarianceBounded(SDE):
         return _standard_normal_logp(z, 1.0)
 
 
+class _LinearBeta(_VarianceBounded):
+    """VP-type SDE with the linear schedule beta(t) = beta_min + t (beta_max - beta_min)
+    (Song et al. 2021, eqs. 11-12): log m(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2."""
+
+    def __init__(self, beta_min: float, beta_max: float, N: int) -> None:
+        super().__init__(N)
+        self.beta_0 = _check_positive("beta_min", beta_min)
+        self.beta_1 = _check_positive("beta_max", beta_max)
+        if self.beta_0 >= self.beta_1:
+            raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min!r}, "
+                             f"beta_max={beta_max!r}")
+
+    def _beta(self, t):
+        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+    def _log_mean_coeff(self, t):
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(beta_min={self.beta_0}, beta_max={self.beta_1}, N={self.N})"
+
+
 @register_sde("vpsde")
-class VPSDE(_VarianceBounded):
+class VPSDE(_LinearBeta):
     """Variance-preserving SDE ``dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`` with
     beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, eq. 11; the continuous DDPM).
 
@@ -228,12 +269,7 @@ class VPSDE(_VarianceBounded):
     model_conventions = {"continuous": "vp_continuous", "discrete": "vp_discrete"}
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000) -> None:
-        super().__init__(N)
-        self.beta_0 = _check_positive("beta_min", beta_min)
-        self.beta_1 = _check_positive("beta_max", beta_max)
-        if self.beta_0 >= self.beta_1:
-            raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min!r}, "
-                             f"beta_max={beta_max!r}")
+        super().__init__(beta_min, beta_max, N)
         self._build_tables(torch.linspace(self.beta_0 / N, self.beta_1 / N, N))
 
     def _build_tables(self, discrete_betas: torch.Tensor) -> None:
@@ -243,12 +279,6 @@ class VPSDE(_VarianceBounded):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
-
-    def _beta(self, t):
-        return self.beta_0 + t * (self.beta_1 - self.beta_0)
-
-    def _log_mean_coeff(self, t):
-        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
     def sde(self, x, t):
         """f = -beta(t) x / 2, g = sqrt(beta(t)) (eq. 11)."""
@@ -276,13 +306,10 @@ class VPSDE(_VarianceBounded):
         with n = floor(t (N - 1) / T), as the reference."""
         t = as_batch_time(t, x)
         n = (t * (self.N - 1) / self.T).long()
-        beta = self.discrete_betas.to(x.device)[n]
-        alpha = self.alphas.to(x.device)[n]
+        beta = self.discrete_table("discrete_betas", x.device)[n]
+        alpha = self.discrete_table("alphas", x.device)[n]
         f = batch_mul(torch.sqrt(alpha).to(x.dtype), x) - x
         return f, torch.sqrt(beta).to(x.dtype)
-
-    def __repr__(self):
-        return f"VPSDE(beta_min={self.beta_0}, beta_max={self.beta_1}, N={self.N})"
 
 
 @register_sde("cosine_vpsde")
@@ -341,25 +368,14 @@ class CosineVPSDE(VPSDE):
 
 
 @register_sde("subvpsde")
-class subVPSDE(_VarianceBounded):
+class subVPSDE(_LinearBeta):
     """Sub-VP SDE ``dx = -beta(t) x / 2 dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw``
     (Song et al. 2021, eq. 12). Its marginal std is s(t) = 1 - m(t)^2 (eq. 29)."""
 
     model_conventions = {"continuous": "vp_continuous"}
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000) -> None:
-        super().__init__(N)
-        self.beta_0 = _check_positive("beta_min", beta_min)
-        self.beta_1 = _check_positive("beta_max", beta_max)
-        if self.beta_0 >= self.beta_1:
-            raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min!r}, "
-                             f"beta_max={beta_max!r}")
-
-    def _beta(self, t):
-        return self.beta_0 + t * (self.beta_1 - self.beta_0)
-
-    def _log_mean_coeff(self, t):
-        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        super().__init__(beta_min, beta_max, N)
 
     def sde(self, x, t):
         """f = -beta x / 2, g = sqrt(beta (1 - exp(-2 int beta))) (eq. 12)."""
@@ -377,9 +393,6 @@ class subVPSDE(_VarianceBounded):
         """lambda = 2 log m - 2 log(1 - m^2)."""
         log_m = self._log_mean_coeff(t)
         return 2.0 * log_m - 2.0 * torch.log(-torch.expm1(2.0 * log_m))
-
-    def __repr__(self):
-        return f"subVPSDE(beta_min={self.beta_0}, beta_max={self.beta_1}, N={self.N})"
 
 
 @register_sde("vesde")
@@ -438,7 +451,7 @@ class VESDE(SDE):
         with n = floor(t (N - 1) / T) and sigma_{-1} = 0, as the reference."""
         t = as_batch_time(t, x)
         n = (t * (self.N - 1) / self.T).long()
-        sigmas = self.discrete_sigmas.to(x.device)
+        sigmas = self.discrete_table("discrete_sigmas", x.device)
         sigma = sigmas[n]
         adjacent = torch.where(n == 0, torch.zeros_like(sigma), sigmas[(n - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigma**2 - adjacent**2).to(x.dtype)

@@ -116,7 +116,7 @@ class VPDiscreteAdapter(_ScoreAdapter):
     def __call__(self, x, t):
         t = as_batch_time(t, x)
         labels = self.labels(t)
-        table = self.sde.sqrt_1m_alphas_cumprod.to(device=x.device)
+        table = self.sde.discrete_table("sqrt_1m_alphas_cumprod", x.device)
         std = table[labels.long()].to(x.dtype)
         return batch_mul(-1.0 / std, self.model_fn(x, labels))
 

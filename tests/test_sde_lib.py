@@ -282,3 +282,28 @@ def test_unknown_sde_name_lists_the_valid_ones():
     for name in ("vpsde", "subvpsde", "vesde"):
         assert name in REGISTERED
     assert isinstance(sde_lib.get_sde("vesde", sigma_max=10.0), sde_lib.VESDE)
+
+
+@pytest.mark.parametrize("name, table", [("vpsde", "sqrt_1m_alphas_cumprod"),
+                                         ("vesde", "discrete_sigmas")])
+def test_discrete_tables_are_copied_to_a_device_once(name, table):
+    """Step loops index the tables on the input's device: one copy per device, not per call
+    (the meta device stands in for an accelerator)."""
+    sde = _build(name)
+    assert sde.discrete_table(table, "cpu") is getattr(sde, table)
+    on_meta = sde.discrete_table(table, "meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (sde.N,)
+    assert sde.discrete_table(table, torch.device("meta")) is on_meta
+    x = torch.empty(3, 2, device="meta")
+    f, G = sde.discretize(x, torch.empty(3, device="meta"))
+    assert f.device.type == G.device.type == "meta" and G.shape == (3,)
+    setattr(sde, table, getattr(sde, table) * 2)  # a replaced table is copied again
+    assert sde.discrete_table(table, "meta") is not on_meta
+
+
+def test_constructor_accepts_any_real_number_but_not_bool():
+    """numpy scalars (e.g. from a config computed with numpy) are numbers; True is not."""
+    sde = sde_lib.VPSDE(beta_min=np.float32(0.5), beta_max=np.float64(10.0), N=10)
+    assert (sde.beta_0, sde.beta_1) == (0.5, 10.0)
+    with pytest.raises(ValueError, match="sigma_min.*True"):
+        sde_lib.VESDE(sigma_min=True)
