@@ -50,6 +50,16 @@ class GaussianMixture:
         self.weights = weights / weights.sum()
         self.means = means
         self.stds = stds.contiguous()
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def _params_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(means (K, D), variances (K, D), log weights (K,)) on x's device and dtype, cast once
+        per device and dtype (the score is called in every sampler step)."""
+        key = (x.device, x.dtype)
+        if key not in self._cast:
+            variances = self.stds**2
+            self._cast[key] = (self.means.to(x), variances.to(x), torch.log(self.weights).to(x))
+        return self._cast[key]
 
     # -- constructors -----------------------------------------------------------------------
 
@@ -139,8 +149,7 @@ class GaussianMixture:
 
     def _marginal(self, x, t, sde):
         """Time-t means (B, K, D) and variances (B, K, D) on x's device and dtype."""
-        means = self.means.to(x)
-        var0 = self.stds.to(x) ** 2
+        means, var0, _ = self._params_like(x)
         if sde is None:
             if t is not None:
                 raise ValueError("a time t needs the sde to define p_t")
@@ -157,7 +166,7 @@ class GaussianMixture:
         means, var = self._marginal(xf, t, sde)
         diff = xf[:, None, :] - means
         log_norm = -0.5 * (diff**2 / var + torch.log(2 * math.pi * var)).sum(dim=-1)
-        return log_norm + torch.log(self.weights.to(xf))[None]
+        return log_norm + self._params_like(xf)[2][None]
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor | float | None = None, sde=None):
         """Exact log p_t(x) (B,) in nats; p_0 (the data) when ``t`` and ``sde`` are None."""
