@@ -282,3 +282,28 @@ def test_fused_resampling_convs_equal_their_unfused_definitions():
     down_ref = updown.downsample_2d(F.conv2d(x, w, padding=1), k)
     assert down.shape == (2, 5, 8, 8)
     torch.testing.assert_close(down[..., 1:-1, 1:-1], down_ref[..., 1:-1, 1:-1])
+
+
+def test_fused_leaky_relu_closed_form():
+    """StyleGAN2's fused bias + leaky ReLU: scale * (x + b) where positive, else slope * scale."""
+    from models.fused_act import FusedLeakyReLU, fused_leaky_relu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g)
+    b = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    pre = x + b[None, :, None, None]
+    expected = torch.where(pre > 0, pre, 0.2 * pre) * 2**0.5
+    torch.testing.assert_close(fused_leaky_relu(x, b), expected, rtol=1e-12, atol=0)
+    layer = FusedLeakyReLU(3).double()
+    assert list(dict(layer.named_parameters())) == ["bias"]
+    with torch.no_grad():
+        layer.bias.copy_(b)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=0)
+    # Vectors (B, C): the bias runs over the channel axis.
+    torch.testing.assert_close(fused_leaky_relu(x[:, :, 0, 0], b), expected[:, :, 0, 0])
+    # The gain keeps the second moment of a standard normal input with slope 0 (ReLU).
+    z = torch.randn(200_000, 1, dtype=torch.float64, generator=g)
+    second = fused_leaky_relu(z, torch.zeros(1, dtype=torch.float64), 0.0).square().mean()
+    assert abs(second.item() - 1.0) < 4 * (5 / 200_000) ** 0.5  # Var(2 relu(z)^2) = 5
+    with pytest.raises(ValueError, match=r"bias must be \(C,\)"):
+        fused_leaky_relu(x, b[:2])
