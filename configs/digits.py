@@ -18,7 +18,7 @@ def get_config():
     training.reduce_mean = True
     training.likelihood_weighting = False
     training.batch_size = 64
-    training.n_iters = 2500
+    training.n_iters = 2000
     training.snapshot_freq = 1000
     training.snapshot_freq_for_preemption = 250
     training.snapshot_sampling = True
