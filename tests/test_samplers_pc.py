@@ -1,0 +1,346 @@
+"""Predictor-corrector samplers against the exact Gaussian-mixture oracle, and the contract every
+registered predictor, corrector and sampler obeys (parametrised over the registries).
+
+Error model of the distribution checks: the mean exact log-density of n sampler draws and of
+n_e exact draws differ by less than 4 standard errors sqrt(var/n + var_e/n_e); mode weights
+(each draw assigned to its most likely component) pass a chi-square test at level 1e-4 against
+the exact weights. A wrong sign, a missing factor 2 or swapped m(t), s(t) moves the mean
+log-density by many nats (tens in 100-D), far beyond either bound. Step counts are chosen so the
+first-order discretisation bias (about 1/N) stays below 2 standard errors: N = 500 with n = 1000
+on the 2-D ring, N = 1000 (2000 for probability-flow steps) with n = 100 in 100-D (the bias
+grows with D; fewer draws keep the cost N n down while the bias / error ratio falls as
+sqrt(n) / N).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+import sde_lib
+from oracle import GaussianMixture
+from samplers import SAMPLERS, sample
+from samplers.pc import CORRECTORS, PREDICTORS, PCSampler, pc_time_grid
+from samplers.reference import get_pc_sampler, get_sampling_fn
+
+F64 = torch.float64
+SDE_NAMES = ["vp", "subvp", "ve"]
+PREDICTOR_NAMES = [n for n in PREDICTORS if PREDICTORS.get(n).nfe_per_step > 0]
+CORRECTOR_NAMES = list(CORRECTORS)
+
+
+def make_sde(name: str, N: int = 1000) -> sde_lib.SDE:
+    return {"vp": sde_lib.VPSDE, "subvp": sde_lib.subVPSDE, "ve": sde_lib.VESDE}[name](N=N)
+
+
+RING = GaussianMixture.ring()
+MIX100 = GaussianMixture.random(100, 4, seed=0)
+_EXACT: dict[int, torch.Tensor] = {}
+
+
+def exact_draws(gm: GaussianMixture, n: int = 20000) -> torch.Tensor:
+    """Exact data draws (cached per mixture)."""
+    if id(gm) not in _EXACT:
+        _EXACT[id(gm)] = gm.sample(n, generator=torch.Generator().manual_seed(123), dtype=F64)
+    return _EXACT[id(gm)]
+
+
+def assert_matches_exact(gm: GaussianMixture, x: torch.Tensor, n_se: float = 4.0) -> None:
+    """Mean exact log p_0 and mode weights of x agree with exact draws (see module docstring)."""
+    assert torch.isfinite(x).all(), "non-finite samples"
+    exact = exact_draws(gm)
+    lp, lp_e = gm.log_prob(x), gm.log_prob(exact)
+    se = math.sqrt(lp.var().item() / len(lp) + lp_e.var().item() / len(lp_e))
+    diff = lp.mean().item() - lp_e.mean().item()
+    assert abs(diff) < n_se * se, f"mean log p off by {diff:+.3f} nats = {diff / se:+.1f} SE"
+    K = gm.n_modes
+    if K == 1:
+        return
+    counts = torch.bincount(gm.component_log_prob(x).argmax(1), minlength=K).to(F64)
+    p = torch.bincount(gm.component_log_prob(exact).argmax(1), minlength=K).to(F64) / len(exact)
+    stat = ((counts - len(x) * p) ** 2 / (len(x) * p)).sum().item()
+    assert stat < chi2.ppf(1 - 1e-4, K - 1), f"mode weights {counts.tolist()} vs {p.tolist()}"
+
+
+def run_pc(gm, sde, n, seed=0, **options):
+    return sample(sde, gm.score_fn(sde), (n, gm.dim), "pc", dtype=F64,
+                  generator=torch.Generator().manual_seed(seed), **options)
+
+
+# -- distribution checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("corrector", CORRECTOR_NAMES)
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_ring_every_combination(predictor, corrector, sde_name):
+    sde = make_sde(sde_name)
+    x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector=corrector, N=500, snr=0.05)
+    assert_matches_exact(RING, x)
+
+
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_ring_probability_flow(predictor, sde_name):
+    sde = make_sde(sde_name)
+    x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector="none", N=500,
+                  probability_flow=True)
+    assert_matches_exact(RING, x)
+
+
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_mixture_100d_predictors(predictor, sde_name):
+    sde = make_sde(sde_name)
+    x, _ = run_pc(MIX100, sde, 100, predictor=predictor, corrector="none", N=1000)
+    assert_matches_exact(MIX100, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_mixture_100d_probability_flow(predictor, sde_name):
+    """First-order ODE steps need N = 2000 in 100-D (about -2.4 nats at N = 1000 for
+    reverse diffusion)."""
+    sde = make_sde(sde_name)
+    x, _ = run_pc(MIX100, sde, 100, predictor=predictor, corrector="none", N=2000,
+                  probability_flow=True)
+    assert_matches_exact(MIX100, x)
+
+
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("corrector", [c for c in CORRECTOR_NAMES if c != "none"])
+def test_mixture_100d_correctors(corrector, sde_name):
+    sde = make_sde(sde_name)
+    x, _ = run_pc(MIX100, sde, 100, predictor="reverse_diffusion", corrector=corrector, N=1000,
+                  snr=0.03)
+    assert_matches_exact(MIX100, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("probability_flow", [False, True])
+@pytest.mark.parametrize("corrector", [c for c in CORRECTOR_NAMES if c != "none"])
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_mixture_100d_every_combination(predictor, corrector, probability_flow, sde_name):
+    sde = make_sde(sde_name)
+    x, _ = run_pc(MIX100, sde, 200, predictor=predictor, corrector=corrector, N=2000, snr=0.03,
+                  probability_flow=probability_flow)
+    assert_matches_exact(MIX100, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("corrector", [c for c in CORRECTOR_NAMES if c != "none"])
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_ring_probability_flow_with_corrector(predictor, corrector, sde_name):
+    sde = make_sde(sde_name)
+    x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector=corrector, N=500, snr=0.05,
+                  probability_flow=True)
+    assert_matches_exact(RING, x)
+
+
+def test_wrong_factor_fails_the_check():
+    """The check has power: doubling the score (a missing 1/2) breaks it."""
+    sde = make_sde("vp")
+    base = RING.score_fn(sde)
+    x, _ = sample(sde, lambda x, t: 2 * base(x, t), (1000, 2), "pc", dtype=F64,
+                  generator=torch.Generator().manual_seed(0), corrector="none", N=500)
+    with pytest.raises(AssertionError):
+        assert_matches_exact(RING, x)
+
+
+# -- closed-form coefficients --------------------------------------------------------------------
+
+
+def test_ancestral_matches_smld_and_ddpm_posteriors():
+    """VE: x + (s_t^2 - s_s^2) score + sqrt(s_s^2 (s_t^2 - s_s^2) / s_t^2) z (Song et al. 2021,
+    eq. 47); VP: (x + beta score) / sqrt(1 - beta) with the DDPM posterior variance
+    beta (1 - abar_s) / (1 - abar_t) (Ho et al. 2020, eq. 7)."""
+    t = torch.tensor([0.9, 0.5, 0.1], dtype=F64)
+    t_next = t - 0.05
+    ve = make_sde("ve")
+    a, b, c = PREDICTORS.get("ancestral_sampling")(ve).coefficients(t, t_next)
+    s_t, s_s = ve.marginal_std(t), ve.marginal_std(t_next)
+    torch.testing.assert_close(a, torch.ones_like(t))
+    torch.testing.assert_close(b, s_t**2 - s_s**2)
+    torch.testing.assert_close(c, torch.sqrt(s_s**2 * (s_t**2 - s_s**2) / s_t**2))
+    vp = make_sde("vp")
+    a, b, c = PREDICTORS.get("ancestral_sampling")(vp).coefficients(t, t_next)
+    abar_t, abar_s = vp.marginal_mean_coeff(t) ** 2, vp.marginal_mean_coeff(t_next) ** 2
+    beta = 1 - abar_t / abar_s
+    torch.testing.assert_close(a, 1 / torch.sqrt(1 - beta))
+    torch.testing.assert_close(b, beta / torch.sqrt(1 - beta))
+    torch.testing.assert_close(c**2, beta * (1 - abar_s) / (1 - abar_t))
+
+
+def test_euler_maruyama_and_reverse_diffusion_agree_to_first_order():
+    """Both discretise eq. 6: away from t = 0 their coefficients differ by O(dt / t)."""
+    for name in SDE_NAMES:
+        sde = make_sde(name)
+        grid = pc_time_grid(sde, 4000, 1e-3)[:-1]
+        t, t_next = grid[:-1], grid[1:]
+        t, t_next = t[t > 0.01], t_next[t > 0.01]
+        em = PREDICTORS.get("euler_maruyama")(sde).coefficients(t, t_next)
+        rd = PREDICTORS.get("reverse_diffusion")(sde).coefficients(t, t_next)
+        for u, v in zip(em, rd):
+            assert torch.allclose(u, v, rtol=0.02, atol=1e-6), name
+
+
+# -- contract ------------------------------------------------------------------------------------
+
+
+class Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        assert t.shape == (x.shape[0],)
+        return self.fn(x, t)
+
+
+COMBOS = [
+    (p, c) for p in PREDICTORS for c in CORRECTORS
+    if PREDICTORS.get(p).nfe_per_step + CORRECTORS.get(c).nfe_per_step > 0
+]
+
+
+@pytest.mark.parametrize("denoise", [True, False])
+@pytest.mark.parametrize("predictor,corrector", COMBOS)
+def test_nfe_is_exact(predictor, corrector, denoise):
+    sde = make_sde("subvp", N=7)
+    score = Counter(RING.score_fn(sde))
+    _, info = sample(sde, score, (3, 2), predictor=predictor, corrector=corrector, n_steps=2,
+                     denoise=denoise, generator=torch.Generator().manual_seed(0))
+    assert info["nfe"] == score.calls
+    pred, corr = PREDICTORS.get(predictor), CORRECTORS.get(corrector)
+    tweedie = int(denoise and pred.nfe_per_step == 0)
+    assert score.calls == 7 * (pred.nfe_per_step + 2 * corr.nfe_per_step) + tweedie
+
+
+@pytest.mark.parametrize("predictor,corrector", COMBOS)
+def test_same_seed_same_bits_and_per_sample_seeds(predictor, corrector):
+    sde = make_sde("ve", N=6)
+    kw = dict(predictor=predictor, corrector=corrector, dtype=F64)
+    x1, _ = sample(sde, RING.score_fn(sde), (5, 2), generator=torch.Generator().manual_seed(3),
+                   **kw)
+    x2, _ = sample(sde, RING.score_fn(sde), (5, 2), generator=torch.Generator().manual_seed(3),
+                   **kw)
+    assert torch.equal(x1, x2)
+    seeds = list(range(100, 164))
+    big, _ = sample(sde, RING.score_fn(sde), (64, 2), seeds=seeds, **kw)
+    for k in (0, 17, 63):
+        one, _ = sample(sde, RING.score_fn(sde), (1, 2), seeds=[seeds[k]], **kw)
+        torch.testing.assert_close(one[0], big[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("predictor", list(PREDICTORS))
+def test_probability_flow_without_corrector_is_deterministic(predictor):
+    """No noise after x_T: two generators give the same samples from the same x_T."""
+    if predictor == "none":
+        pytest.skip("predictor 'none' needs a corrector")
+    sde = make_sde("vp", N=5)
+    x_T = torch.randn(4, 2, dtype=F64)
+    xs = [sample(sde, RING.score_fn(sde), x_T, predictor=predictor, corrector="none",
+                 probability_flow=True, generator=torch.Generator().manual_seed(s))[0]
+          for s in (0, 1)]
+    assert torch.equal(*xs)
+
+
+@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+def test_denoise_draws_no_noise_on_the_last_step(predictor):
+    """With N = 1 the only step is the last: with denoise it is deterministic given x_T."""
+    sde = make_sde("vp", N=1)
+    x_T = torch.randn(4, 2, dtype=F64)
+    xs = [sample(sde, RING.score_fn(sde), x_T, predictor=predictor, corrector="none",
+                 generator=torch.Generator().manual_seed(s))[0] for s in (0, 1)]
+    assert torch.equal(*xs)
+
+
+def test_unknown_names_list_the_valid_ones():
+    sde = make_sde("vp", N=3)
+    with pytest.raises(ValueError, match="Unknown predictor 'foo'; valid: " +
+                       ", ".join(PREDICTORS.names())):
+        sample(sde, RING.score_fn(sde), (2, 2), predictor="foo")
+    with pytest.raises(ValueError, match="Unknown corrector 'bar'; valid: " +
+                       ", ".join(CORRECTORS.names())):
+        sample(sde, RING.score_fn(sde), (2, 2), corrector="bar")
+    with pytest.raises(ValueError, match="Unknown sampler 'baz'; valid: .*pc"):
+        sample(sde, RING.score_fn(sde), (2, 2), "baz")
+    with pytest.raises(TypeError, match="unknown options: n_step"):
+        sample(sde, RING.score_fn(sde), (2, 2), n_step=3)
+
+
+def test_impossible_combinations_explain_why():
+    with pytest.raises(ValueError, match="never calls the score"):
+        PCSampler(predictor="none", corrector="none")
+    for bad in (dict(snr=0.0), dict(n_steps=0), dict(N=0), dict(eps=-1.0), dict(snr=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PCSampler(**bad)
+    sde = make_sde("vp", N=3)
+    with pytest.raises(ValueError, match="eps must lie in"):
+        sample(sde, RING.score_fn(sde), (2, 2), eps=1.5)
+
+
+# -- every registered sampler --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_every_sampler_counts_nfe_and_is_reproducible(method):
+    """The contract of samplers.base for every registered sampler with its default options."""
+    sde = make_sde("vp", N=10)
+    score = Counter(RING.score_fn(sde))
+    x1, info = sample(sde, score, (6, 2), method, generator=torch.Generator().manual_seed(0),
+                      dtype=F64)
+    assert info["nfe"] == score.calls > 0
+    x2, _ = sample(sde, RING.score_fn(sde), (6, 2), method,
+                   generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert torch.equal(x1, x2) and torch.isfinite(x1).all()
+    seeds = list(range(64))
+    big, _ = sample(sde, RING.score_fn(sde), (64, 2), method, seeds=seeds, dtype=F64)
+    one, _ = sample(sde, RING.score_fn(sde), (1, 2), method, seeds=[seeds[5]], dtype=F64)
+    # Adaptive solvers pick steps from a batch-wide error norm: equal up to their tolerance.
+    torch.testing.assert_close(one[0], big[5], rtol=1e-3, atol=1e-3)
+
+
+# -- the reference's entry points ----------------------------------------------------------------
+
+
+def test_get_pc_sampler_with_reference_arguments():
+    sde = make_sde("vp", N=20)
+    built = []
+
+    def to_score_fn(model, continuous):
+        built.append(continuous)
+        return model
+
+    sampling_fn = get_pc_sampler(sde, (8, 2), PREDICTORS.get("reverse_diffusion"),
+                                 CORRECTORS.get("none"), lambda x: x + 1, snr=0.16,
+                                 continuous=True, to_score_fn=to_score_fn)
+    score = Counter(RING.score_fn(sde))
+    x, nfe = sampling_fn(score, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (8, 2) and nfe == score.calls == 20 and built == [True]
+
+
+def test_get_sampling_fn_reads_the_config():
+    ml_collections = pytest.importorskip("ml_collections")
+    config = ml_collections.ConfigDict()
+    config.device = "cpu"
+    config.training = ml_collections.ConfigDict({"continuous": True})
+    config.sampling = ml_collections.ConfigDict(dict(
+        method="pc", predictor="euler_maruyama", corrector="langevin", snr=0.16,
+        n_steps_each=2, probability_flow=False, noise_removal=True))
+    sde = make_sde("subvp", N=10)
+    sampling_fn = get_sampling_fn(config, sde, (4, 2), lambda x: x, eps=1e-3)
+    x, nfe = sampling_fn(RING.score_fn(sde), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 2) and nfe == 10 * 3  # the reference's count, exact here
+    config.sampling.method = "ode"
+    x, nfe = get_sampling_fn(config, sde, (4, 2), lambda x: x, eps=1e-3)(RING.score_fn(sde))
+    assert x.shape == (4, 2) and nfe > 0
+    config.sampling.method = "foo"
+    with pytest.raises(ValueError, match="valid: ode, pc"):
+        get_sampling_fn(config, sde, (4, 2), lambda x: x, eps=1e-3)
