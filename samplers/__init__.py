@@ -7,3 +7,32 @@ Every sampler is reached through :func:`samplers.sample` by its registered name;
 from samplers.base import SAMPLERS, CountingScore, NoiseSource, Sampler, register_sampler, sample
 
 __all__ = ["SAMPLERS", "CountingScore", "NoiseSource", "Sampler", "register_sampler", "sample"]
+
+# Predictor-corrector, probability-flow ODE, controllable generation, the reference's entry points
+# (issue 5, part 1): importing them registers 'pc' and 'ode'.
+from samplers.controllable import (  # noqa: E402
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    colorize,
+    inpaint,
+)
+from samplers.ode import decode, encode, ode_flow  # noqa: E402
+from samplers.pc import CORRECTORS, PREDICTORS, Corrector, Predictor  # noqa: E402
+from samplers.reference import get_ode_sampler, get_pc_sampler, get_sampling_fn  # noqa: E402
+
+__all__ += [
+    "CORRECTORS",
+    "PREDICTORS",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "Corrector",
+    "Predictor",
+    "colorize",
+    "decode",
+    "encode",
+    "get_ode_sampler",
+    "get_pc_sampler",
+    "get_sampling_fn",
+    "inpaint",
+    "ode_flow",
+]
