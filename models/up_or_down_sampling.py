@@ -13,6 +13,7 @@ keep the signal magnitude).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,20 +25,35 @@ from models.layers import Initializer
 Kernel = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor
 
 
-def setup_kernel(k: Kernel, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A square 2-D FIR kernel normalised to sum 1: taps (K,) -> outer product (K, K).
-
-    Args:
-        k: 1-D taps (made separable) or a 2-D kernel.
-        like: put the kernel on this tensor's device and dtype (default float32 on CPU).
-    """
+def _normalised_kernel(k: Kernel) -> torch.Tensor:
     k = torch.as_tensor(k, dtype=torch.float32)
     if k.dim() == 1:
         k = torch.outer(k, k)
     if k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"FIR kernel must be 1-D or square 2-D, got shape {tuple(k.shape)}")
-    k = k / k.sum()
-    return k if like is None else k.to(device=like.device, dtype=like.dtype)
+    return k / k.sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_on(taps: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _normalised_kernel(taps).to(device=device, dtype=dtype)
+
+
+def setup_kernel(k: Kernel, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A square 2-D FIR kernel normalised to sum 1: taps (K,) -> outer product (K, K).
+
+    Args:
+        k: 1-D taps (made separable) or a 2-D kernel.
+        like: put the kernel on this tensor's device and dtype (default float32 on CPU). Kernels
+            given as taps are then built once per device and dtype and shared (every resampling
+            layer calls this in its forward): do not modify the result in place.
+    """
+    if like is None:
+        return _normalised_kernel(k)
+    if isinstance(k, torch.Tensor):
+        return _normalised_kernel(k).to(device=like.device, dtype=like.dtype)
+    taps = tuple(tuple(row) if isinstance(row, (list, tuple)) else row for row in k)
+    return _kernel_on(taps, like.device, like.dtype)
 
 
 def upfirdn2d(

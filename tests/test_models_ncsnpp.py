@@ -307,3 +307,17 @@ def test_fused_leaky_relu_closed_form():
     assert abs(second.item() - 1.0) < 4 * (5 / 200_000) ** 0.5  # Var(2 relu(z)^2) = 5
     with pytest.raises(ValueError, match=r"bias must be \(C,\)"):
         fused_leaky_relu(x, b[:2])
+
+
+def test_fir_kernels_are_built_once_per_device_and_dtype():
+    """Resampling layers set up their kernel in every forward: taps are cached per device and
+    dtype, so no host-to-device copy happens per call (meta stands in for an accelerator)."""
+    x = torch.zeros(1, 1, 4, 4)
+    k = updown.setup_kernel((1, 3, 3, 1), like=x)
+    assert k is updown.setup_kernel([1, 3, 3, 1], like=x)
+    torch.testing.assert_close(k, torch.outer(*[torch.tensor([1.0, 3, 3, 1]) / 8] * 2))
+    on_meta = updown.setup_kernel((1, 3, 3, 1), like=x.to("meta"))
+    assert on_meta.device.type == "meta" and on_meta is not k
+    assert updown.setup_kernel((1, 3, 3, 1), like=x.double()).dtype == torch.float64
+    assert updown.upsample_2d(torch.zeros(1, 2, 4, 4, device="meta"), (1, 3, 3, 1)).shape == (
+        1, 2, 8, 8)
