@@ -136,3 +136,43 @@ def test_every_config_key_is_read_somewhere():
 def test_configs_do_not_import_torch():
     for path in (REPO / "configs").rglob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+torch\b", path.read_text(), re.M), path
+
+
+def _config_modules():
+    return sorted(
+        ".".join(p.relative_to(REPO).with_suffix("").parts)
+        for p in (REPO / "configs").rglob("*.py")
+        if p.name not in ("__init__.py", "registry.py") and not p.name.startswith("default_")
+    )
+
+
+@pytest.mark.parametrize("module", _config_modules())
+def test_every_config_builds_and_takes_a_training_step(module):
+    """Each config file, shrunk (as the reference fixtures), builds its SDE and model and takes
+    one finite training step with its own loss options."""
+    import torch
+
+    import losses
+    from datasets import data_shape, get_data_scaler
+    from models.utils import create_model
+    from training.loop import get_step_fns
+    from training.sampling import get_sde, sampling_options
+
+    config = importlib.import_module(module).get_config()
+    config.device = "cpu"
+    if config.data.get("dataset") == "CIFAR10":
+        config.model.nf = 16 if config.model.name.startswith("ncsnv2") else 32
+        if "ch_mult" in config.model:
+            config.model.ch_mult, config.model.num_res_blocks = (1, 2), 1
+            config.model.attn_resolutions, config.data.image_size = (8,), 16
+    torch.manual_seed(0)
+    model = create_model(config)
+    sde = get_sde(config)
+    method, options = sampling_options(config)
+    assert method == config.sampling.method and "method" not in options
+    state = dict(model=model, step=0, ema=None,
+                 optimizer=losses.get_optimizer(config, model.parameters()))
+    train_step, _ = get_step_fns(config, sde)
+    x = get_data_scaler(config)(torch.rand(2, *data_shape(config)))
+    loss = train_step(state, x, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and state["step"] == 1
