@@ -10,12 +10,12 @@ backward pass, and returns per-probe estimates (B, K_out) whose mean is the dive
 * ``rademacher`` / ``gaussian``: Hutchinson (1989) ``v^T J v`` with E[v v^T] = I, the FFJORD
   estimator (Grathwohl et al. 2019). Rademacher's variance comes only from off-diagonal entries,
   ``2 sum_{i<j} (J_ij + J_ji)^2 / 2``; Gaussian adds ``2 sum_i J_ii^2``;
-* ``hutchpp``: Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with an off-diagonal sketch, the
-  variance-reduced mode: a third of the budget sketches the dominant off-diagonal range Q of J,
-  whose trace ``tr(Q^T J Q)`` is taken exactly, and the rest are Rademacher probes of the deflated
-  ``(I - QQ^T) J (I - QQ^T)``. Unbiased for any Q. It pays when the off-diagonal part of J is
-  nearly low-rank: score Jacobians are ``(m^2 Cov[x_0 | x_t] / s^2 - I) / s^2`` (Tweedie), and
-  the posterior covariance carries the off-diagonal energy.
+* ``hutchpp``: a soft Hutch++ (Meyer, Musco, Musco & Woodruff 2021) on the off-diagonal part,
+  the variance-reduced mode: a third of the budget sketches the dominant off-diagonal range of J,
+  whose trace is taken exactly, and the rest are Rademacher probes of the deflated remainder.
+  Unbiased. It pays when the off-diagonal part of J is nearly low-rank: score Jacobians are
+  ``(m^2 Cov[x_0 | x_t] / s^2 - I) / s^2`` (Tweedie), and the posterior covariance carries the
+  off-diagonal energy.
 
 Probes stay fixed over the solve, as the estimator requires (the integral of ``v^T J(t) v`` over
 one path is then an unbiased estimate of the integrated trace).
@@ -145,16 +145,21 @@ class Exact(Divergence):
 
 @register_divergence("hutchpp")
 class HutchPlusPlus(Divergence):
-    """Hutch++ with an off-diagonal sketch: the variance-reduced mode (Meyer et al. 2021).
+    """Soft Hutch++ on the off-diagonal part: the variance-reduced mode (Meyer et al. 2021).
 
-    With K products: k = K // 3 Rademacher sketch probes S, giving S^T J; the diagonal estimate
-    d = mean_k s_k * (J^T s_k) (Bekas et al. 2007) is removed from the sketch so that Q spans the
-    dominant OFF-diagonal range (Rademacher probes are exact on the diagonal; plain Hutch++ would
-    spend its sketch on a large, varying diagonal). Then tr(Q^T J Q) is taken exactly (k products)
-    and m = K - 2k Rademacher probes g, deflated to g' = (I - QQ^T) g, estimate the rest.
-    Unbiased for any Q (Q is independent of the g). Per-probe estimates
-    ``tr(Q^T J Q) + g'^T J g'`` (B, m): their mean is the estimate, their spread its error.
-    One forward pass, two batched backward passes.
+    Rademacher probes are exact on the diagonal, so only the off-diagonal part L of J costs
+    variance. With K products: k = K // 3 sketch probes S give S^T J; removing the diagonal
+    estimate d = mean_k s_k * (J^T s_k) (Bekas et al. 2007) leaves ~ L S, whose SVD gives
+    directions U and singular values sigma. A soft projector P = U diag(w) U^T with
+    w = sigma^2 / (sigma^2 + |d - mean d|^2) keeps strong off-diagonal directions and fades out
+    where projecting would only smear a varying diagonal into new off-diagonal terms (and stays
+    continuous in t, which plain QR-based Hutch++ is not when L vanishes). Then, exactly,
+
+        tr J = sum_i (2 w_i - w_i^2) u_i^T J u_i + E_g[g'^T J g'],   g' = (I - P) g,
+
+    with k products for the first term and m = K - 2k Rademacher probes g for the second.
+    Unbiased for any P (P is independent of the g). Per-probe estimates (B, m): their mean is the
+    estimate, their spread its error. One forward pass, two batched backward passes.
     """
 
     def __init__(self, num_probes=6, antithetic=False):
@@ -177,10 +182,18 @@ class HutchPlusPlus(Divergence):
         flat = probes.flatten(2)  # (k + m, B, D)
         sketch = torch.func.vmap(vjp_fn)(probes[:k])[0].flatten(2)  # (k, B, D): S^T J
         diag = (sketch * flat[:k]).mean(dim=0)  # (B, D)
-        Q = torch.linalg.qr((sketch - diag * flat[:k]).permute(1, 2, 0)).Q  # (B, D, k)
+        off = (sketch - diag * flat[:k]).permute(1, 2, 0)  # (B, D, k): ~ L S, L = J - diag J
+        U, sigma, _ = torch.linalg.svd(off, full_matrices=False)  # (B, D, k), (B, k)
+        # Soft projector P = U diag(w) U^T: w -> 1 on strong off-diagonal directions, -> 0 where
+        # projecting would only spread the (varying) diagonal into off-diagonal noise. Continuous
+        # in t, so the adaptive solver sees a smooth right-hand side.
+        lam2 = (diag - diag.mean(dim=1, keepdim=True)).pow(2).sum(dim=1, keepdim=True)  # (B, 1)
+        w = sigma**2 / (sigma**2 + lam2 + torch.finfo(sigma.dtype).tiny)  # (B, k)
         g = flat[k:].permute(1, 2, 0)  # (B, D, m)
-        g = g - Q @ (Q.transpose(1, 2) @ g)
-        cot = torch.cat([Q, g], dim=2).permute(2, 0, 1)  # (k + m, B, D)
+        g = g - U @ (w[:, :, None] * (U.transpose(1, 2) @ g))  # (I - P) g
+        cot = torch.cat([U, g], dim=2).permute(2, 0, 1)  # (k + m, B, D)
         out = torch.func.vmap(vjp_fn)(cot.reshape(probes.shape))[0]
         quad = (out.flatten(2) * cot).sum(2)  # (k + m, B)
-        return quad[:k].sum(0)[:, None] + quad[k:].T  # (B, m)
+        # tr J = tr(P J P) + tr(J (P - P^2)) * 2 + tr((I - P) J (I - P)), P symmetric.
+        exact_part = ((2 * w - w**2) * quad[:k].T).sum(1, keepdim=True)  # (B, 1)
+        return exact_part + quad[k:].T  # (B, m)
