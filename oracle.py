@@ -44,7 +44,10 @@ class GaussianMixture:
         elif stds.dim() == 1:
             stds = stds[:, None].expand(K, D)
         if stds.shape != (K, D) or not torch.all(stds > 0):
-            raise ValueError(f"stds must be positive with shape (K, D)=({K}, {D}), (K,) or scalar")
+            raise ValueError(
+                f"stds must be positive with shape (K, D)=({K}, {D}), (K,) or scalar; got shape "
+                f"{tuple(stds.shape)}, min {stds.min().item() if stds.numel() else None}"
+            )
         if not torch.isfinite(means).all() or not torch.isfinite(stds).all():
             raise ValueError("means and stds must be finite")
         self.weights = weights / weights.sum()

@@ -142,7 +142,11 @@ class ExponentialMovingAverage:
         if not isinstance(shadows, (list, tuple)) or not all(
             isinstance(s, torch.Tensor) for s in shadows
         ):
-            raise ValueError("EMA shadow_params must be a list of tensors")
+            found = type(shadows).__name__ if not isinstance(shadows, (list, tuple)) else (
+                f"a {type(shadows).__name__} holding "
+                f"{sorted({type(s).__name__ for s in shadows} - {'Tensor', 'Parameter'})}"
+            )
+            raise ValueError(f"EMA shadow_params must be a list of tensors, got {found}")
         if len(shadows) != len(self.shadow_params):
             raise ValueError(
                 f"EMA state has {len(shadows)} shadow parameters, the model has "

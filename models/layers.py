@@ -165,6 +165,8 @@ def get_timestep_embedding(
     """
     if timesteps.dim() != 1:
         raise ValueError(f"timesteps must be 1-D (B,), got shape {tuple(timesteps.shape)}")
+    if embedding_dim < 4:
+        raise ValueError(f"embedding_dim must be >= 4 (two frequencies), got {embedding_dim}")
     half = embedding_dim // 2
     log_step = math.log(max_positions) / (half - 1)
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device) * -log_step)

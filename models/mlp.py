@@ -72,8 +72,11 @@ class MLP(ClassConditional, nn.Module):
         self.centered = bool(data.get("centered", True))
         nf = int(model.get("nf", 128))
         num_layers = int(model.get("num_layers", 3))
-        if nf < 2 or num_layers < 0:
-            raise ValueError(f"MLP needs model.nf >= 2 and num_layers >= 0, got {nf}, {num_layers}")
+        if nf < 4 or num_layers < 0:
+            raise ValueError(
+                f"MLP needs model.nf >= 4 and model.num_layers >= 0, got nf={nf}, "
+                f"num_layers={num_layers}"
+            )
         self.nf = nf
         self.embedding_type = str(model.embedding_type).lower()
         if self.embedding_type not in _EMBEDDINGS:

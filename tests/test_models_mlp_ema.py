@@ -114,6 +114,7 @@ def test_mlp_class_conditioning_with_null_label():
         ({"embedding_type": "sinusoid"}, "Unknown embedding_type"),
         ({"scale_by_sigma": True}, "scale_by_sigma needs embedding_type='fourier'"),
         ({"nonlinearity": "tanhh"}, "Unknown nonlinearity"),
+        ({"nf": 3}, "nf >= 4 .*got nf=3"),
     ],
 )
 def test_mlp_config_errors(change, message):
@@ -220,3 +221,7 @@ def test_ema_errors():
         ema.load_state_dict({"decay": 0.9, "num_updates": 0, "shadow_params": [torch.zeros(3)]})
     with pytest.raises(ValueError, match="trainable parameters"):
         ema.update(build().parameters())
+    with pytest.raises(ValueError, match="list of tensors, got dict"):
+        ema.load_state_dict({"decay": 0.9, "num_updates": 0, "shadow_params": {}})
+    with pytest.raises(ValueError, match=r"list holding \['float'\]"):
+        ema.load_state_dict({"decay": 0.9, "num_updates": 0, "shadow_params": [0.5]})
