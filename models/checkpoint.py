@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import re
-import secrets
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 
 from models.ema import ExponentialMovingAverage, trainable_parameter_names
 from models.utils import create_model, strip_module_prefix
+from utils import atomic_write_bytes
 
 FORMAT = "score-sde-toolkit/inference-v1"
 CONFIG_FILE = "config.json"
@@ -290,27 +290,6 @@ def load_reference_checkpoint(
 # -- our inference format -------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with mode 0o666 honours the umask (mkstemp would make the file private).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename durable
-    finally:
-        os.close(dir_fd)
-
-
 def _config_to_dict(config) -> dict:
     """A JSON-able dict of ``config``; ``device`` is dropped (chosen when loading)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -359,7 +338,7 @@ def save_inference(
     for kind, state in states.items():
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "weights": kind})
-        _atomic_write(out / WEIGHT_FILES[kind], data)
+        atomic_write_bytes(out / WEIGHT_FILES[kind], data)
         sha256[WEIGHT_FILES[kind]] = hashlib.sha256(data).hexdigest()
     record = {
         "format": FORMAT,
@@ -369,7 +348,7 @@ def save_inference(
         "sha256": sha256,
         "metadata": dict(metadata or {}),
     }
-    _atomic_write(out / CONFIG_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    atomic_write_bytes(out / CONFIG_FILE, (json.dumps(record, indent=1) + "\n").encode())
     for kind, name in WEIGHT_FILES.items():
         if kind not in states:  # a stale file of an earlier save, no longer described
             (out / name).unlink(missing_ok=True)

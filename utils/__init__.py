@@ -1,5 +1,6 @@
 """Registry, type aliases and tensor helpers: the bottom layer, importing nothing of ours."""
 
+from utils.io import atomic_write_bytes
 from utils.registry import Registry
 from utils.tensor import append_dims, as_batch_time, batch_mul, sum_except_batch
 from utils.types import InverseScaler, ScoreFn
@@ -10,6 +11,7 @@ __all__ = [
     "ScoreFn",
     "InverseScaler",
     "append_dims",
+    "atomic_write_bytes",
     "as_batch_time",
     "batch_mul",
     "sum_except_batch",
