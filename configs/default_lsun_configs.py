@@ -1,0 +1,82 @@
+"""Base config for 256x256 image folders: the reference's LSUN defaults (also used by its
+CelebA-HQ and FFHQ 256 configs).
+
+The reference reads LSUN from TFDS and CelebA-HQ/FFHQ from TFRecords; here every one of them
+is an image folder (``data.dataset = 'folder'``, ``data.root``): PNG/JPEG files, resized so the
+shorter side is ``data.image_size`` and centre-cropped, as the reference's LSUN pipeline.
+"""
+
+import ml_collections
+
+
+def get_default_configs():
+    """Defaults shared by the 256x256 configs (Song et al. 2021, appendix H)."""
+    config = ml_collections.ConfigDict()
+    # training
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 64
+    training.n_iters = 2400001
+    training.snapshot_freq = 50000
+    training.log_freq = 50
+    training.eval_freq = 100
+    # frequent checkpoints for preemption (checkpoints-meta/checkpoint.pth)
+    training.snapshot_freq_for_preemption = 5000
+    # sample a grid with the EMA weights at each snapshot
+    training.snapshot_sampling = True
+    training.likelihood_weighting = False
+    training.continuous = True
+    training.reduce_mean = False
+
+    # sampling
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.n_steps_each = 1
+    sampling.noise_removal = True
+    sampling.probability_flow = False
+    sampling.snr = 0.075
+
+    # evaluation
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.begin_ckpt = 50
+    evaluate.end_ckpt = 96
+    evaluate.batch_size = 512
+    evaluate.enable_sampling = True
+    evaluate.num_samples = 50000
+    evaluate.enable_loss = True
+    evaluate.enable_bpd = False
+    evaluate.bpd_dataset = 'test'
+
+    # data (the reference: dataset 'LSUN' from TFDS)
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = 'folder'
+    data.root = 'data/lsun'
+    data.image_size = 256
+    data.random_flip = True
+    data.uniform_dequantization = False
+    data.centered = False
+    data.num_channels = 3
+
+    # model
+    config.model = model = ml_collections.ConfigDict()
+    model.sigma_max = 378
+    model.sigma_min = 0.01
+    model.num_scales = 2000
+    model.beta_min = 0.1
+    model.beta_max = 20.
+    model.dropout = 0.
+    model.embedding_type = 'fourier'
+
+    # optimization
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.weight_decay = 0
+    optim.optimizer = 'Adam'
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.warmup = 5000
+    optim.grad_clip = 1.
+
+    config.seed = 42
+    # 'auto' = CUDA when available, else CPU; resolved once by main.py
+    config.device = 'auto'
+
+    return config
