@@ -102,3 +102,17 @@ def inception_score(probs, *, num_splits: int = 10) -> tuple[float, float]:
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def quantize_images(images: torch.Tensor) -> torch.Tensor:
+    """Samples as the reference evaluates them: ``floor(255 clip(x, 0, 1)) / 255``.
+
+    The reference's ``evaluate`` writes ``np.clip(x * 255., 0, 255).astype(np.uint8)`` (the cast
+    truncates) and computes FID / IS on those bytes; the feature networks here take [0, 1] floats,
+    so this is that step without leaving float. Shape (N, C, H, W) kept.
+    """
+    if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images):
+        raise TypeError("images must be a floating-point tensor")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain non-finite values")
+    return torch.floor(images.clamp(0, 1) * 255) / 255
