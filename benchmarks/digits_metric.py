@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/digits_metric.py [--n 297]
 
-Rows: the training digits (the reference set, FDD ~ 0), held-out digits, held-out digits with
-strong Gaussian noise or blur (a half-trained model's typical failure modes) and uniform noise.
+Rows: the training digits (the reference set, FDD ~ 0), 297 of them (the small-N bias), held-out
+digits, held-out digits with Gaussian noise or blur and samples of the digits' Gaussian fit (a
+half-trained model's typical failure modes), and uniform noise.
 FDD is biased upwards for small N, so compare rows with the same N.
 """
 
@@ -30,6 +31,14 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.view(1, 1, 5, 5))
 
 
+def gaussian_fit(n: int, g: torch.Generator) -> torch.Tensor:
+    """Samples of N(mean, covariance) of the train digits: a model of the first two moments."""
+    x = dm.digits_split("train")[0].reshape(-1, 64).double()
+    chol = torch.linalg.cholesky(torch.cov(x.T) + 1e-6 * torch.eye(64, dtype=torch.float64))
+    z = torch.randn(n, 64, generator=g, dtype=torch.float64)
+    return (x.mean(0) + z @ chol.T).float().reshape(n, 1, 8, 8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=297, help="images per row (<= 297)")
@@ -49,6 +58,7 @@ def main() -> None:
         "held-out + noise sd 0.3": noisy(0.3),
         "held-out, blur sd 0.7": blur(test, 0.7),
         "held-out, blur sd 1.0": blur(test, 1.0),
+        "Gaussian fit of the digits": quantize_images(gaussian_fit(len(test), g)),
         "uniform noise": torch.rand(test.shape, generator=g),
     }
     print(f"{'images':28s} {'N':>5s} {'FDD':>9s} {'cls score':>9s} {'ms':>6s}")

@@ -10,7 +10,7 @@ here, once, on the digits' train split (the first 1500 images, as in ``datasets.
 * classifier score: exp(E_x KL(p(y|x) || p(y))) over the 10 classes, between 1 and 10.
 
 The trained weights and the training digits' feature statistics ship in
-``digits_classifier.safetensors`` (about 160 KB) beside this file; :func:`build_digits_classifier`
+``digits_classifier.safetensors`` (about 200 KB) beside this file; :func:`build_digits_classifier`
 retrains them deterministically (fixed seed, one thread, deterministic algorithms) in a few
 seconds, and ``python -m evaluation.digits_metric --rebuild`` rewrites the file. Numbers are only
 comparable between runs that use the same file (its sha256 is in :func:`classifier_info`).

@@ -1,5 +1,5 @@
 """The digits metric: stored classifier vs a deterministic rebuild, reference statistics, and
-separation of held-out real digits from noise, noisy and blurred digits."""
+separation of held-out real digits from noise, noisy and blurred digits and a Gaussian model."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * sigma**2))
     k = (k[:, None] * k[None]) / k.sum() ** 2
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.view(1, 1, 5, 5))
+
+
+def _gaussian_fit_samples(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Samples of N(mean, covariance) of the train digits: an under-trained model that has
+    learned the first two moments only (the exact score of that Gaussian gives these)."""
+    x = dm.digits_split("train")[0].reshape(-1, 64).double()
+    chol = torch.linalg.cholesky(torch.cov(x.T) + 1e-6 * torch.eye(64, dtype=torch.float64))
+    z = torch.randn(n, 64, generator=generator, dtype=torch.float64)
+    return (x.mean(0) + z @ chol.T).float().reshape(n, 1, 8, 8)
 
 
 def test_stored_file_is_small_and_accurate():
@@ -67,6 +76,7 @@ def test_metric_separates_real_digits_from_noise_and_degraded_samples(test_digit
         "strong noise": quantize_images(test_digits + 0.3 * torch.randn(test_digits.shape,
                                                                          generator=g)),
         "blurred": _blur(test_digits, 1.0),
+        "gaussian model": quantize_images(_gaussian_fit_samples(len(test_digits), g)),
     }
     for name, images in degraded.items():
         scores = dm.evaluate_digits(images)
