@@ -56,14 +56,17 @@ class NoiseSource:
         """True when each sample has its own generator."""
         return isinstance(self.generator, (list, tuple))
 
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like ``x`` (B, *D) on its device and dtype."""
+    def randn_like(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard normal noise shaped like ``x`` (B, *D) on its device and dtype, written into
+        ``out`` (a buffer shaped like x, reused across steps) when given."""
         if self.per_sample:
-            rows = [
-                torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
-                for g in self.generator
-            ]
-            return torch.stack(rows)
+            if out is None:
+                out = torch.empty_like(x)
+            for row, g in zip(out, self.generator):
+                row.normal_(generator=g)
+            return out
+        if out is not None:
+            return out.normal_(generator=self.generator)
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
 
     def rand_like(self, x: torch.Tensor) -> torch.Tensor:

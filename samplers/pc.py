@@ -200,13 +200,20 @@ class Corrector:
         self._step, self._noise = step.tolist(), torch.sqrt(2.0 * step).tolist()
 
     def correct(
-        self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, i: int, noise: NoiseSource
+        self,
+        score_fn: ScoreFn,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        i: int,
+        noise: NoiseSource,
+        buffer: torch.Tensor,
     ) -> torch.Tensor:
-        """Apply ``n_steps`` updates at the i-th grid time t (B,) to x (B, *D)."""
+        """Apply ``n_steps`` updates at the i-th grid time t (B,) to x (B, *D) in place
+        (``buffer`` shaped like x receives the noise)."""
         step, noise_scale = self._step[i], self._noise[i]
         for _ in range(self.n_steps):
-            x = torch.add(x, score_fn(x, t), alpha=step)
-            x.add_(noise.randn_like(x), alpha=noise_scale)
+            x.add_(_detached(score_fn(x, t), x), alpha=step)
+            x.add_(noise.randn_like(x, out=buffer), alpha=noise_scale)
         return x
 
 
@@ -248,11 +255,16 @@ class NoneCorrector(Corrector):
     def prepare(self, grid):
         pass
 
-    def correct(self, score_fn, x, t, i, noise):
+    def correct(self, score_fn, x, t, i, noise, buffer):
         return x
 
 
 # -- the sampler ---------------------------------------------------------------------------------
+
+
+def _detached(score: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``score``, copied if it shares memory with ``x`` (which the loop updates in place)."""
+    return score.clone() if score.data_ptr() == x.data_ptr() else score
 
 
 def _lookup(registry: Registry, value, base: type) -> type:
@@ -347,16 +359,20 @@ class PCSampler(Sampler):
         predicts = predictor.nfe_per_step > 0
         times = grid.to(device=x.device, dtype=x.dtype)  # one copy, no sync inside the loop
         B = x.shape[0]
+        x = x.clone()  # the loop updates its own copy in place; x_T stays untouched
+        buffer = torch.empty_like(x)  # noise, drawn in place: no allocation per step
         for i in progress_bar(range(N), progress, "PC sampling"):
             t = times[i].expand(B)
-            x = corrector.correct(score_fn, x, t, i, noise)
+            x = corrector.correct(score_fn, x, t, i, noise, buffer)
             if predicts:
-                score = score_fn(x, t)
-                x = torch.add(x if a[i] == 1.0 else x * a[i], score, alpha=b[i])
+                score = _detached(score_fn(x, t), x)
+                if a[i] != 1.0:
+                    x.mul_(a[i])
+                x.add_(score, alpha=b[i])
                 if c[i] != 0.0:
-                    x.add_(noise.randn_like(x), alpha=c[i])
+                    x.add_(noise.randn_like(x, out=buffer), alpha=c[i])
             if callback is not None:
-                callback(i, times[i + 1] if predicts else t, x, None)
+                callback(i, times[i + 1] if predicts else t, x.clone(), None)
         if self.denoise and not predicts:
             t = times[N - 1].expand(B)
             m, s = sde.marginal_coeffs(times[N - 1])
