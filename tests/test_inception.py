@@ -325,3 +325,24 @@ def test_reference_statistics_are_cached_and_fid_of_the_same_set_is_zero(model, 
     np.savez(tmp_path / "bad.npz", mu=mu[:10], sigma=sigma)
     with pytest.raises(ValueError, match="pool3"):
         fid.load_statistics(tmp_path / "bad.npz")
+
+
+def test_equals_torch_fidelity_implementation(model, tmp_path):
+    """torch-fidelity's InceptionV3 is an independent port of the same graph with the same
+    state-dict keys; with the same (random) weights and input tensor the outputs must agree.
+    (Checked bit-exact against torch-fidelity 0.4.0 when this was written.)"""
+    tf_inception = pytest.importorskip(
+        "torch_fidelity.feature_extractor_inceptionv3",
+        reason="torch-fidelity (and torchvision, which it needs) is not installed")
+    torch.save(model.state_dict(), tmp_path / "random.pth")
+    theirs = tf_inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased", "logits"],
+        feature_extractor_weights_path=str(tmp_path / "random.pth")).eval()
+    x = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.uint8)
+    with torch.no_grad():
+        pool3, unbiased, logits = theirs(x)
+        our_pool3, our_logits = model((x.float() - 128) / 128)  # their input scaling
+    torch.testing.assert_close(our_pool3, pool3, rtol=1e-5, atol=1e-5 * pool3.abs().max())
+    torch.testing.assert_close(our_pool3 @ model.fc.weight.T, unbiased, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-4)
