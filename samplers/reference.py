@@ -18,6 +18,7 @@ import torch
 
 import sde_lib
 from samplers.base import sample
+from samplers.controllable import colorize, inpaint
 from samplers.ode import ODESampler  # noqa: F401  (registers 'ode')
 from samplers.pc import CORRECTORS, PREDICTORS, Corrector, Predictor
 from utils import InverseScaler, ScoreFn
@@ -139,4 +140,69 @@ def get_sampling_fn(
     raise ValueError(f"Unknown sampling method {config.sampling.method!r}; valid: ode, pc")
 
 
-__all__ = ["get_ode_sampler", "get_pc_sampler", "get_sampling_fn"]
+def _pc_options(predictor, corrector, snr, n_steps, probability_flow, denoise, eps):
+    return dict(predictor=predictor, corrector=corrector, snr=snr, n_steps=n_steps,
+                probability_flow=probability_flow, denoise=denoise, eps=eps)
+
+
+def get_pc_inpainter(
+    sde: sde_lib.SDE,
+    predictor: str | type[Predictor],
+    corrector: str | type[Corrector],
+    inverse_scaler: InverseScaler,
+    snr: float,
+    n_steps: int = 1,
+    probability_flow: bool = False,
+    continuous: bool = False,
+    denoise: bool = True,
+    eps: float = 1e-5,
+    *,
+    to_score_fn: ToScoreFn | None = None,
+) -> Callable[..., torch.Tensor]:
+    """The reference's PC inpainter (controllable_generation.py) on :func:`inpaint`:
+    ``pc_inpainter(model, data, mask) -> inverse_scaler(samples)``; unlike the reference it
+    applies the same denoising as unconditional sampling (Song et al. 2021, App. I.2)."""
+    options = _pc_options(predictor, corrector, snr, n_steps, probability_flow, denoise, eps)
+
+    def pc_inpainter(model, data, mask, *, generator: torch.Generator | None = None):
+        score_fn = model if to_score_fn is None else to_score_fn(model, continuous=continuous)
+        x, _ = inpaint(sde, score_fn, data, mask, "pc", generator=generator, **options)
+        return inverse_scaler(x)
+
+    return pc_inpainter
+
+
+def get_pc_colorizer(
+    sde: sde_lib.SDE,
+    predictor: str | type[Predictor],
+    corrector: str | type[Corrector],
+    inverse_scaler: InverseScaler,
+    snr: float,
+    n_steps: int = 1,
+    probability_flow: bool = False,
+    continuous: bool = False,
+    denoise: bool = True,
+    eps: float = 1e-5,
+    *,
+    to_score_fn: ToScoreFn | None = None,
+) -> Callable[..., torch.Tensor]:
+    """The reference's PC colorizer on :func:`colorize`:
+    ``pc_colorizer(model, gray_scale_img) -> inverse_scaler(samples)`` (Song et al. 2021,
+    App. I.3)."""
+    options = _pc_options(predictor, corrector, snr, n_steps, probability_flow, denoise, eps)
+
+    def pc_colorizer(model, gray_scale_img, *, generator: torch.Generator | None = None):
+        score_fn = model if to_score_fn is None else to_score_fn(model, continuous=continuous)
+        x, _ = colorize(sde, score_fn, gray_scale_img, "pc", generator=generator, **options)
+        return inverse_scaler(x)
+
+    return pc_colorizer
+
+
+__all__ = [
+    "get_ode_sampler",
+    "get_pc_colorizer",
+    "get_pc_inpainter",
+    "get_pc_sampler",
+    "get_sampling_fn",
+]

@@ -20,6 +20,7 @@ from samplers.controllable import (
     decouple,
     inpaint,
 )
+from samplers.reference import get_pc_colorizer, get_pc_inpainter
 
 F64 = torch.float64
 #: Independent coordinates: a one-component mixture with distinct means and stds.
@@ -148,6 +149,22 @@ def test_classifier_free_guidance_is_classifier_guidance_with_exact_scores():
         cfg = ClassifierFreeGuidance(RING.score_fn(sde, label=2), RING.score_fn(sde), w=w)
         cg = ClassifierGuidance(RING.score_fn(sde), ring_classifier(sde), y=2, scale=1 + w)
         torch.testing.assert_close(cfg(x, t), cg(x, t), rtol=1e-9, atol=1e-9)
+
+
+def test_reference_inpainter_and_colorizer():
+    sde = make_sde("vp", N=20)
+    data = torch.randn(4, 3, 2, 2, dtype=F64)
+    mask = torch.zeros_like(data, dtype=torch.bool)
+    mask[..., 0] = True
+    score_fn = GaussianMixture(torch.ones(1), torch.zeros(1, 12), 0.5).score_fn(sde)
+    inpainter = get_pc_inpainter(sde, "reverse_diffusion", "langevin", lambda x: x, snr=0.16,
+                                 to_score_fn=lambda model, continuous: model)
+    x = inpainter(score_fn, data, mask)
+    assert torch.equal(x[mask], data[mask])
+    gray = data.mean(1, keepdim=True).expand(4, 3, 2, 2)
+    colorizer = get_pc_colorizer(sde, "euler_maruyama", "none", lambda x: x, snr=0.16)
+    x = colorizer(score_fn, gray)
+    torch.testing.assert_close(x.mean(1), gray.mean(1))
 
 
 def test_classifier_free_guidance_counts_two_evaluations():
