@@ -29,7 +29,7 @@ import math
 import os
 import secrets
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +224,10 @@ def sample_for_eval(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
+    keep_samples: bool = True,
     **options: Any,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor | None, dict]:
     """Draw ``num_samples`` samples for evaluation in batches, sample k with seed
     ``base_seed + k`` (``samplers.sample(..., seeds=...)``), resuming from ``sample_dir``.
 
@@ -240,11 +242,15 @@ def sample_for_eval(
             sampler configuration match this call).
         device, dtype: where x_T is drawn (see :func:`samplers.sample`).
         progress: a progress bar per batch.
+        on_batch: called with each batch (B, *D) on the CPU, in order, drawn or loaded; with
+            ``keep_samples=False`` this streams 50 000 samples into a feature extractor without
+            holding them all.
+        keep_samples: return the samples (else ``None``).
     Returns:
-        samples (N, *D) on the CPU, and an info dict with ``num_samples``, ``seeds`` (the seed
-        range), ``sampler`` (method, every option, shape, batch size, dtype, device), ``nfe`` (score
-        evaluations per batch: an int when all batches agree, else their mean),
-        ``nfe_per_batch``, ``nfe_total``, ``reports`` and ``resumed_batches``.
+        samples (N, *D) on the CPU (or ``None``), and an info dict with ``num_samples``,
+        ``seeds`` (the seed range), ``sampler`` (method, every option, shape, batch size, dtype,
+        device), ``nfe`` (score evaluations per batch: an int when all batches agree, else their
+        mean), ``nfe_per_batch``, ``nfe_total``, ``reports`` and ``resumed_batches``.
     """
     shape = tuple(int(s) for s in shape_per_sample)
     if not shape or min(shape) < 1:
@@ -278,7 +284,10 @@ def sample_for_eval(
             x = x.detach().cpu()
             if path is not None:
                 _save_batch(path, x, seeds, report, config_json)
-        batches.append(x)
+        if on_batch is not None:
+            on_batch(x)
+        if keep_samples:
+            batches.append(x)
         nfe_per_batch.append(int(report["nfe"]))
         reports.append(to_jsonable(report))
     nfe = nfe_per_batch[0] if len(set(nfe_per_batch)) == 1 else float(np.mean(nfe_per_batch))
@@ -287,4 +296,4 @@ def sample_for_eval(
         "sampler": to_jsonable(sampler), "nfe": nfe, "nfe_per_batch": nfe_per_batch,
         "nfe_total": int(sum(nfe_per_batch)), "reports": reports, "resumed_batches": resumed,
     }
-    return torch.cat(batches), info
+    return (torch.cat(batches) if keep_samples else None), info

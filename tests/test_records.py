@@ -83,6 +83,14 @@ def test_sample_k_depends_only_on_seed_base_plus_k():
     assert info["nfe"] == 4 and info["nfe_per_batch"] == [4, 4, 4] and info["nfe_total"] == 12
 
 
+def test_batches_stream_through_on_batch():
+    full, _ = _draw()
+    seen = []
+    none, info = _draw(on_batch=seen.append, keep_samples=False)
+    assert none is None and [len(x) for x in seen] == [3, 3, 1]
+    assert torch.equal(torch.cat(seen), full) and info["nfe_total"] == 12
+
+
 def test_resume_after_interruption_draws_only_missing_batches(tmp_path):
     full, _ = _draw()
     # crash during the second batch: batch 0 (4 score calls) is on disk, batch 1 is not
