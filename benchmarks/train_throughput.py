@@ -4,6 +4,8 @@ backward, clipping, Adam, EMA) for the CLI's configs, on random data.
     OMP_NUM_THREADS=2 python benchmarks/train_throughput.py            # vp_cifar, ve_cifar, digits
     python benchmarks/train_throughput.py --configs vp_cifar --batch_size 8 --steps 5
 
+Wall time is what a user waits; on a shared machine it inflates, so the CPU time of the process
+per step is printed too (with one thread it is the wall time the step would take alone).
 CIFAR-10 configs run at ``--batch_size`` (default 8, the size at which the reference's DDPM++
 takes 2.83 s/step on the 2-core development machine); other configs at their own batch size.
 """
@@ -49,17 +51,19 @@ def measure(name: str, batch_size: int | None, steps: int, warmup: int) -> dict:
     train_step, _ = get_step_fns(config, sde)
     g = torch.Generator().manual_seed(0)
     batch = get_data_scaler(config)(torch.rand(bs, *data_shape(config), generator=g))
-    times = []
+    times, cpu_times = [], []
     for k in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_step(state, batch, generator=g)
         if k >= warmup:
             times.append(time.perf_counter() - t0)
-    times.sort()
-    s = times[len(times) // 2]
+            cpu_times.append(time.process_time() - c0)
+    s = sorted(times)[len(times) // 2]
+    cpu = sorted(cpu_times)[len(cpu_times) // 2]
     return {"config": name, "model": config.model.name, "batch_size": bs,
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "s_per_step": round(s, 4), "images_per_s": round(bs / s, 2),
+            "cpu_s_per_step": round(cpu, 4),
             "threads": torch.get_num_threads(),
             "reference_s_per_step": REFERENCE_S_PER_STEP.get(name)}
 
@@ -80,7 +84,8 @@ def main() -> None:
         ref = r["reference_s_per_step"]
         vs = f"  (reference {ref:.2f} s/step: {ref / r['s_per_step']:.2f}x)" if ref else ""
         print(f"{name:12s} {r['model']:8s} {r['params_M']:7.2f}M  batch {r['batch_size']:4d}  "
-              f"{r['s_per_step']:8.3f} s/step  {r['images_per_s']:9.1f} images/s{vs}",
+              f"{r['s_per_step']:8.3f} s/step  {r['images_per_s']:9.1f} images/s  "
+              f"(CPU time {r['cpu_s_per_step']:.3f} s/step, {r['threads']} threads){vs}",
               flush=True)
         results.append(r)
     out = Path(args.out)

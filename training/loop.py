@@ -36,11 +36,26 @@ log = logging.getLogger(__name__)
 Hook = Callable[[dict[str, Any]], None]
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def write_config(config, workdir: str | Path) -> Path:
-    """Write the resolved config as ``workdir/config.json`` (beside the results it produced)."""
+    """Write the resolved config as ``workdir/config.json`` (beside the results it produced);
+    a resumed run whose config differs from the saved one logs the changed keys."""
     path = Path(workdir) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    if path.is_file():
+        old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(text))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            log.warning("config differs from the saved %s in: %s", path, ", ".join(
+                f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed))
+    path.write_text(text)
     return path
 
 
