@@ -148,18 +148,21 @@ def _config_modules():
 
 @pytest.mark.parametrize("module", _config_modules())
 def test_every_config_builds_and_takes_a_training_step(module):
-    """Each config file, shrunk (as the reference fixtures), builds its SDE and model and takes
-    one finite training step with its own loss options."""
+    """Each config file, shrunk (as the reference fixtures) and with few noise scales, builds its
+    SDE and model, takes one finite training step with its own loss options and samples with
+    its own sampler."""
     import torch
 
     import losses
     from datasets import data_shape, get_data_scaler
     from models.utils import create_model
     from training.loop import get_step_fns
-    from training.sampling import get_sde, sampling_options
+    from training.sampling import generate, get_sde, sampling_options
 
     config = importlib.import_module(module).get_config()
     config.device = "cpu"
+    # N, the PC samplers' step count; discrete VP needs beta_max / N < 1 (DDPM's beta table)
+    config.model.num_scales = 4 if config.training.continuous else 25
     if config.data.get("dataset") != "digits" and "dim" not in config.data:
         config.model.nf = 16 if config.model.name.startswith("ncsnv2") else 32
         if "ch_mult" in config.model:
@@ -176,3 +179,6 @@ def test_every_config_builds_and_takes_a_training_step(module):
     x = get_data_scaler(config)(torch.rand(2, *data_shape(config)))
     loss = train_step(state, x, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and state["step"] == 1
+    samples, info = generate(config, sde, model, tuple(x.shape), inverse_scaler=lambda y: y,
+                             generator=torch.Generator().manual_seed(0))
+    assert samples.shape == x.shape and torch.isfinite(samples).all() and info["nfe"] > 0
