@@ -171,3 +171,12 @@ def test_checkpoints_are_weights_only_and_atomic(tmp_path, monkeypatch):
         checkpoints.save_checkpoint(path, state)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_a_resumed_run_reports_config_changes(tmp_path, caplog):
+    train(_tiny_config(2), tmp_path, progress=False)
+    with caplog.at_level("WARNING"):
+        state = train(_tiny_config(3), tmp_path, progress=False)
+    assert state["step"] == 3
+    assert "training.n_iters (2 -> 3)" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["n_iters"] == 3
