@@ -1,10 +1,11 @@
 """Divergence estimators for the instantaneous change of variables (Song et al. 2021, eq. 39-40).
 
 The log-density ODE needs ``div f(x, t) = tr(df/dx)`` of the probability-flow drift f at every
-solver evaluation. Each estimator here works from ONE forward pass: it receives ``vjp_fn`` (the
-vector-Jacobian product of f at x, from ``torch.func.vjp``) and a block of cotangent probes drawn
-once before the solve, maps the whole block through ``torch.func.vmap(vjp_fn)`` in one batched
-backward pass, and returns per-probe estimates (B, K_out) whose mean is the divergence:
+solver evaluation. Each estimator here works from ONE forward pass: it receives ``vjp`` (the
+batched vector-Jacobian product of f at x, :func:`batched_vjp`) and a block of cotangent probes
+drawn once before the solve, maps the whole block through ``vjp`` in one batched backward pass
+(``autograd.grad(..., is_grads_batched=True)``), and returns per-probe estimates (B, K_out) whose
+mean is the divergence:
 
 * ``exact``: the D basis vectors as probes, ``sum_i (e_i^T J)_i = tr J`` (low-dimensional data);
 * ``rademacher`` / ``gaussian``: Hutchinson (1989) ``v^T J v`` with E[v v^T] = I, the FFJORD
@@ -23,6 +24,8 @@ one path is then an unbiased estimate of the integrated trace).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from utils import Registry
@@ -31,13 +34,33 @@ DIVERGENCES = Registry("divergence estimator")
 register_divergence = DIVERGENCES.register
 
 
+#: ``vjp(cotangents (K, B, *D)) -> (K, B, *D)``: K vector-Jacobian products at one point.
+BatchedVJP = Callable[[torch.Tensor], torch.Tensor]
+
+
+def batched_vjp(output: torch.Tensor, inputs: torch.Tensor) -> BatchedVJP:
+    """VJPs of ``output`` (B, *D) w.r.t. ``inputs`` for a block of K cotangents, one backward pass.
+
+    Plain autograd (the graph is recorded once, kept for repeated calls): no per-op wrapper cost
+    beyond what one forward + one VJP costs anyway.
+    """
+
+    def vjp(cotangents: torch.Tensor) -> torch.Tensor:
+        if cotangents.shape[0] == 1:
+            return torch.autograd.grad(output, inputs, cotangents[0], retain_graph=True)[0][None]
+        return torch.autograd.grad(output, inputs, cotangents, retain_graph=True,
+                                   is_grads_batched=True)[0]
+
+    return vjp
+
+
 def get_divergence(name: str, num_probes: int = 1, antithetic: bool = False) -> Divergence:
     """The registered divergence estimator ``name`` with K = ``num_probes`` probes per sample."""
     return DIVERGENCES.get(name)(num_probes, antithetic)
 
 
 class Divergence:
-    """Base of the divergence estimators: draw probes once, then estimate from a ``vjp_fn``.
+    """Base of the divergence estimators: draw probes once, then estimate from a batched ``vjp``.
 
     Subclasses override :meth:`probes` (and :meth:`__call__` when the probes are not used as
     plain Hutchinson quadratic forms).
@@ -70,10 +93,10 @@ class Divergence:
         """Cotangents (K, B, *D) drawn once per solve."""
         raise NotImplementedError
 
-    def __call__(self, vjp_fn, probes: torch.Tensor) -> torch.Tensor:
+    def __call__(self, vjp: BatchedVJP, probes: torch.Tensor) -> torch.Tensor:
         """Per-probe estimates (B, num_outputs) of tr(J) at the current point."""
         # (K, B, *D) -> (K, B): v^T J v per probe, then sample-major.
-        quad = (torch.func.vmap(vjp_fn)(probes)[0] * probes).flatten(2).sum(2)
+        quad = (vjp(probes) * probes).flatten(2).sum(2)
         if self.antithetic:  # the mean of each pair is one independent estimate
             quad = 0.5 * (quad[: self.num_outputs] + quad[self.num_outputs :])
         return quad.T
@@ -118,7 +141,7 @@ class Gaussian(Divergence):
 
 @register_divergence("exact")
 class Exact(Divergence):
-    """Exact trace: one vector-Jacobian product per dimension, all D in one vmapped pass.
+    """Exact trace: one vector-Jacobian product per dimension, batched in a few backward passes.
 
     Assumes samples do not interact inside the drift (true for any score network in eval mode):
     the cotangent e_i in every row then gives row b's Jacobian row i.
@@ -137,17 +160,17 @@ class Exact(Divergence):
         eye = torch.eye(D, device=x.device, dtype=x.dtype)  # (D, D)
         return eye[:, None, :].expand(D, x.shape[0], D).reshape(D, *x.shape)
 
-    #: Elements per vmapped chunk of basis cotangents: whole (D, B, D) blocks fall out of cache
+    #: Elements per batched chunk of basis cotangents: whole (D, B, D) blocks fall out of cache
     #: (3-4x slower at D = 192, B = 200 than chunks of ~2^19 elements; uneven last chunks are
     #: as slow).
     chunk_elements = 1 << 19
 
-    def __call__(self, vjp_fn, probes):
+    def __call__(self, vjp, probes):
         D = probes.shape[0]
         cap = max(1, self.chunk_elements // probes[0].numel())
         chunk = max(c for c in range(1, min(cap, D) + 1) if D % c == 0)  # equal chunks are faster
         chunk = chunk if 2 * chunk >= min(cap, D) else cap
-        rows = torch.func.vmap(vjp_fn, chunk_size=chunk)(probes)[0]  # (D, B, *D)
+        rows = torch.cat([vjp(block) for block in probes.split(chunk)])  # (D, B, *D)
         rows = rows.reshape(D, probes.shape[1], D)
         return torch.diagonal(rows, dim1=0, dim2=2).sum(1, keepdim=True)  # (B, 1)
 
@@ -186,10 +209,10 @@ class HutchPlusPlus(Divergence):
         k = self.num_probes // 3
         return _signs((k + self.num_outputs, *x.shape), x, generator)  # sketch, then residual
 
-    def __call__(self, vjp_fn, probes):
+    def __call__(self, vjp, probes):
         k = self.num_probes // 3
         flat = probes.flatten(2)  # (k + m, B, D)
-        sketch = torch.func.vmap(vjp_fn)(probes[:k])[0].flatten(2)  # (k, B, D): S^T J
+        sketch = vjp(probes[:k]).flatten(2)  # (k, B, D): S^T J
         diag = (sketch * flat[:k]).mean(dim=0)  # (B, D)
         off = (sketch - diag * flat[:k]).permute(1, 2, 0)  # (B, D, k): ~ L S, L = J - diag J
         U, sigma, _ = torch.linalg.svd(off, full_matrices=False)  # (B, D, k), (B, k)
@@ -201,7 +224,7 @@ class HutchPlusPlus(Divergence):
         g = flat[k:].permute(1, 2, 0)  # (B, D, m)
         g = g - U @ (w[:, :, None] * (U.transpose(1, 2) @ g))  # (I - P) g
         cot = torch.cat([U, g], dim=2).permute(2, 0, 1)  # (k + m, B, D)
-        out = torch.func.vmap(vjp_fn)(cot.reshape(probes.shape))[0]
+        out = vjp(cot.reshape(probes.shape))
         quad = (out.flatten(2) * cot).sum(2)  # (k + m, B)
         # tr J = tr(P J P) + tr(J (P - P^2)) * 2 + tr((I - P) J (I - P)), P symmetric.
         exact_part = ((2 * w - w**2) * quad[:k].T).sum(1, keepdim=True)  # (B, 1)

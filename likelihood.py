@@ -27,7 +27,7 @@ import torch
 from torchdiffeq import odeint
 
 import sde_lib
-from divergence import DIVERGENCES, get_divergence
+from divergence import DIVERGENCES, batched_vjp, get_divergence
 from utils import InverseScaler, ScoreFn
 
 #: Adaptive torchdiffeq solvers, and the scipy names the reference uses for them.
@@ -131,9 +131,11 @@ def log_likelihood(
         nonlocal nfe
         nfe += 1
         vec_t = t.expand(B)
-        xt = state[:, :D].reshape(x.shape)
-        drift, vjp_fn = torch.func.vjp(lambda y: drift_fn(y, vec_t)[0], xt)
-        return torch.cat([drift.reshape(B, D), estimator(vjp_fn, probes)], dim=1)  # (B, D + K)
+        with torch.enable_grad():
+            xt = state[:, :D].reshape(x.shape).detach().requires_grad_(True)
+            drift = drift_fn(xt, vec_t)[0]
+        div = estimator(batched_vjp(drift, xt), probes)  # (B, K_out)
+        return torch.cat([drift.detach().reshape(B, D), div], dim=1)  # (B, D + K_out)
 
     state = torch.cat([x.reshape(B, D), x.new_zeros(B, K_out)], dim=1)
     time_grid = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
