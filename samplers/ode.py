@@ -41,8 +41,8 @@ def check_solver(solver: str, steps: int | None, rtol: float, atol: float) -> No
 
 
 class ProbabilityFlow(torch.nn.Module):
-    """The right-hand side f(x, t) - g(t)^2 score(x, t) / 2 of eq. 13 as torchdiffeq's
-    ``func(t, x)`` with scalar t."""
+    """The right-hand side f(t) x - g(t)^2 score(x, t) / 2 of eq. 13 as torchdiffeq's
+    ``func(t, x)`` with scalar t (every SDE here has a drift f(x, t) = f(t) x linear in x)."""
 
     def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn) -> None:
         super().__init__()
@@ -50,9 +50,10 @@ class ProbabilityFlow(torch.nn.Module):
         self.score_fn = score_fn
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = as_batch_time(t, x)  # (B,)
-        drift, diffusion = self.sde.sde(x, t)
-        return drift - batch_mul(0.5 * diffusion**2, self.score_fn(x, t))
+        t = t.reshape(1).to(x)
+        drift, diffusion = self.sde.sde(x.new_ones(1, 1), t)  # f(t) and g(t), shape (1, 1), (1,)
+        score = self.score_fn(x, t.expand(x.shape[0]))
+        return torch.addcmul(score * (-0.5 * diffusion[0] ** 2), x, drift[0, 0])
 
 
 def _worst_sample_rms(v: torch.Tensor) -> torch.Tensor:
