@@ -42,12 +42,23 @@ def _imports(path):
             yield node.module.split(".")[0]
 
 
-def test_layers_import_downwards():
-    bad = []
+def _checked_files():
     for path in sorted(REPO.glob("**/*.py")):
         rel = path.relative_to(REPO)
         if rel.parts[0] in ("tests", "benchmarks", "build") or rel.parts[0].startswith("."):
             continue
+        yield path, rel
+
+
+def test_every_top_level_module_has_a_layer():
+    """A new top-level module must be placed in LAYERS, or the import rule silently skips it."""
+    unplaced = sorted({_top(path) for path, _ in _checked_files()} - set(LAYERS) - {"configs"})
+    assert not unplaced, f"top-level modules without a layer in LAYERS: {unplaced}"
+
+
+def test_layers_import_downwards():
+    bad = []
+    for path, rel in _checked_files():
         src = _top(path)
         if src == "configs":
             # configs are pure data: ml_collections only.
