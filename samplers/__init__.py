@@ -17,8 +17,14 @@ from samplers.controllable import (  # noqa: E402
     inpaint,
 )
 from samplers.ode import decode, encode, ode_flow  # noqa: E402
-from samplers.pc import CORRECTORS, PREDICTORS, Corrector, Predictor  # noqa: E402
-from samplers.reference import get_ode_sampler, get_pc_sampler, get_sampling_fn  # noqa: E402
+from samplers.pc import CORRECTORS, PREDICTORS, Corrector, Predictor, pc_time_grid  # noqa: E402
+from samplers.reference import (  # noqa: E402
+    get_ode_sampler,
+    get_pc_colorizer,
+    get_pc_inpainter,
+    get_pc_sampler,
+    get_sampling_fn,
+)
 
 __all__ += [
     "CORRECTORS",
@@ -31,8 +37,11 @@ __all__ += [
     "decode",
     "encode",
     "get_ode_sampler",
+    "get_pc_colorizer",
+    "get_pc_inpainter",
     "get_pc_sampler",
     "get_sampling_fn",
     "inpaint",
     "ode_flow",
+    "pc_time_grid",
 ]
