@@ -180,3 +180,19 @@ def test_a_resumed_run_reports_config_changes(tmp_path, caplog):
     assert state["step"] == 3
     assert "training.n_iters (2 -> 3)" in caplog.text
     assert json.loads((tmp_path / "config.json").read_text())["training"]["n_iters"] == 3
+
+
+def test_make_grid_tiles_images_row_major_with_padding():
+    from training.images import make_grid
+
+    images = torch.zeros(5, 1, 2, 3)
+    for k in range(5):
+        images[k] = k / 4
+    grid = make_grid(images, nrow=3, padding=1)
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 1) and grid.dtype == np.uint8
+    for k in range(5):
+        r, c = divmod(k, 3)
+        block = grid[1 + r * 3: 3 + r * 3, 1 + c * 4: 4 + c * 4, 0]
+        assert (block == round(k / 4 * 255)).all()
+    assert grid[0].max() == 0 and grid[:, 0].max() == 0  # padding is black
+    assert make_grid(images, nrow=3, padding=1, scale=2).shape == (14, 26, 1)
