@@ -143,12 +143,15 @@ def test_ring_probability_flow_with_corrector(predictor, corrector, sde_name):
     assert_matches_exact(RING, x)
 
 
-def test_wrong_factor_fails_the_check():
-    """The check has power: doubling the score (a missing 1/2) breaks it."""
+@pytest.mark.parametrize("error", ["score x 2", "score of sub-VP under VP"])
+def test_the_check_has_power(error):
+    """A missing factor 2 or the wrong s(t) in the score breaks the distribution check."""
     sde = make_sde("vp")
-    base = RING.score_fn(sde)
-    x, _ = sample(sde, lambda x, t: 2 * base(x, t), (1000, 2), "pc", dtype=F64,
-                  generator=torch.Generator().manual_seed(0), corrector="none", N=500)
+    exact = RING.score_fn(sde)
+    other = RING.score_fn(make_sde("subvp"))
+    wrong = (lambda x, t: 2 * exact(x, t)) if error == "score x 2" else other
+    x, _ = sample(sde, wrong, (1000, 2), "pc", dtype=F64, corrector="none", N=500,
+                  generator=torch.Generator().manual_seed(0))
     with pytest.raises(AssertionError):
         assert_matches_exact(RING, x)
 
