@@ -36,6 +36,14 @@ def _reduce(sq: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
     return flat.mean(dim=1) if reduce_mean else 0.5 * flat.sum(dim=1)
 
 
+def _check_batch(batch: torch.Tensor) -> None:
+    """The loss functions' boundary check: a floating-point batch (B, *D) of data."""
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.dim() < 2:
+        found = (f"{batch.dtype} of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+                 else type(batch).__name__)
+        raise ValueError(f"batch must be a floating-point tensor (B, *D) of data, got {found}")
+
+
 def _check_eps(sde: sde_lib.SDE, eps: float) -> float:
     if not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
         raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
@@ -230,6 +238,7 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+        _check_batch(batch)
         score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
@@ -255,6 +264,7 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+        _check_batch(batch)
         score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
@@ -277,6 +287,7 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
     """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I)."""
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+        _check_batch(batch)
         labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
                                device=batch.device)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)

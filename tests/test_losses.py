@@ -332,6 +332,14 @@ def test_bad_arguments_raise_named_errors():
         losses.get_step_fn(sde_lib.VPSDE(), False, continuous=False, likelihood_weighting=True)
     with pytest.raises(ValueError, match="optimize_fn"):
         losses.get_step_fn(sde_lib.VPSDE(), True)
+    model = _tiny_vector_model()
+    for make in (lambda: losses.get_sde_loss_fn(sde_lib.VPSDE(), True),
+                 lambda: losses.get_ssm_loss_fn(sde_lib.VPSDE(), True),
+                 lambda: losses.get_ddpm_loss_fn(sde_lib.VPSDE(), True)):
+        with pytest.raises(ValueError, match=r"floating-point .* torch.uint8 of shape \(8, 4\)"):
+            make()(model, torch.zeros(8, 4, dtype=torch.uint8))
+        with pytest.raises(ValueError, match=r"got torch.float32 of shape \(8,\)"):
+            make()(model, torch.zeros(8))
 
 
 def _config(warmup=10, grad_clip=1.0, optimizer="Adam"):
