@@ -90,6 +90,7 @@ class _ScoreAdapter:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The score grad_x log p_t(x) (B, *D) at x (B, *D) and times t (B,) or a scalar."""
         raise NotImplementedError
 
 
