@@ -26,7 +26,9 @@ class ArrayDataset:
     """Samples held in memory.
 
     Attributes:
-        data: (N, C, H, W) images — uint8 in [0, 255] or float in [0, 1] — or (N, D) points.
+        data: (N, C, H, W) images — uint8 in [0, 255] or float in [0, 1] — or (N, D) points;
+            a tensor, or a lazily decoded image collection indexed the same way
+            (``datasets.folder.FolderImages``).
         labels: (N,) int64 class labels (all 0 without classes).
         levels: number of intensity levels of the stored images (256 for uint8, 17 for the 8x8
             digits), used by uniform dequantisation; ``None`` for continuous data.
@@ -56,6 +58,8 @@ class ArrayDataset:
 
     def as_float(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Samples ``index`` as float32 in [0, 1] (images) or as stored (points)."""
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
         x = self.data[index]
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 

@@ -1,7 +1,8 @@
 """Image-folder datasets: PNG/JPEG files, resized and centre-cropped, labels from sub-folders.
 
 ``root/`` may hold images directly (one class) or one sub-folder per class, in which case the
-sorted sub-folder names are the classes. Images are decoded once with Pillow and kept as uint8.
+sorted sub-folder names are the classes. Images are decoded with Pillow when a batch asks for
+them (:class:`FolderImages`), so a folder of any size costs no memory up front.
 """
 
 from __future__ import annotations
@@ -45,9 +46,41 @@ def scan(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     return files, labels, tuple(name for name, _ in groups)
 
 
+class FolderImages:
+    """Image files behind a tensor-like interface: ``images[index]`` decodes (B, C, S, S) uint8.
+
+    Indexing with a tensor or list of indices decodes those files; a slice gives a lazy view.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, files: list[Path], size: int, channels: int) -> None:
+        self.files, self.size, self.channels = list(files), size, channels
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, C, S, S)."""
+        return (len(self.files), self.channels, self.size, self.size)
+
+    def dim(self) -> int:
+        """4, as an image tensor."""
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return FolderImages(self.files[index], self.size, self.channels)
+        indices = torch.as_tensor(index).reshape(-1).tolist()
+        batch = np.stack([load_image(self.files[i], self.size, self.channels) for i in indices])
+        return torch.from_numpy(batch)
+
+
 @register_dataset("folder")
 def load_folder(config, split: str) -> ArrayDataset:
-    """Images under ``config.data.root`` as (N, C, S, S) uint8, S = ``data.image_size``.
+    """Images under ``config.data.root`` as lazily decoded (N, C, S, S) uint8,
+    S = ``data.image_size``.
 
     A folder has one split; 'train' and 'test' both read it (point ``data.root`` elsewhere for
     held-out data).
@@ -65,6 +98,5 @@ def load_folder(config, split: str) -> ArrayDataset:
         raise FileNotFoundError(
             f"no {'/'.join(EXTENSIONS)} images under {root.resolve()} (data.root)"
         )
-    size = config.data.image_size
-    images = np.stack([load_image(p, size, channels) for p in files])
-    return ArrayDataset(torch.from_numpy(images), torch.tensor(labels), 256, classes)
+    images = FolderImages(files, config.data.image_size, channels)
+    return ArrayDataset(images, torch.tensor(labels), 256, classes)

@@ -128,8 +128,11 @@ def test_image_folder_resizes_centre_crops_and_labels_by_subfolder(tmp_path):
     config = _config(dataset="folder", root=str(tmp_path), image_size=4, num_channels=3)
     ds = datasets.get_dataset(config, "train")
     assert ds.data.shape == (4, 3, 4, 4) and ds.data.dtype == torch.uint8
+    assert ds.data[torch.tensor([2, 0])].shape == (2, 3, 4, 4) and len(ds.data[1:3]) == 2
+    batch = next(datasets.get_data_iterator(config, batch_size=4))
+    assert batch.shape == (4, 3, 4, 4) and 0 <= batch.min() and batch.max() <= 1
     assert ds.labels.tolist() == [0, 0, 1, 1] and ds.classes == ("cats", "dogs")
-    centre = ds.data[:, :, 1:3, 1:3].float()
+    centre = ds.as_float(torch.arange(4))[:, :, 1:3, 1:3] * 255
     assert (centre[:, 1] > 200).all() and (centre[:, 0] < 60).all() and (centre[:, 2] < 60).all()
 
 
