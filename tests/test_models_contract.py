@@ -18,7 +18,8 @@ import ml_collections
 import pytest
 import torch
 
-from models.utils import MODELS, create_model, get_model
+import sde_lib
+from models.utils import MODELS, SCORE_ADAPTERS, create_model, get_model, get_score_fn
 
 # name -> (fixture JSON or None, config overrides, labels for a batch of 2)
 _CONFIGS = {
@@ -134,3 +135,18 @@ def test_positional_ddpmpp_runs_in_float64():
     with torch.no_grad():
         out = model(x, torch.tensor([10.0, 500.0], dtype=torch.float64))
     assert out.dtype == torch.float64 and out.shape == x.shape
+
+
+@pytest.mark.parametrize("sde_name", sde_lib.SDES.names())
+def test_every_sde_convention_has_a_score_adapter(sde_name):
+    """An SDE declares its model conventions as data; each must name a registered adapter whose
+    labels are finite and (B,) at t in [eps, T]."""
+    sde = sde_lib.get_sde(sde_name)
+    assert sde.model_conventions, f"{sde_name} declares no model convention"
+    t = torch.tensor([1e-3, 0.5, 1.0])
+    for kind, adapter in sde.model_conventions.items():
+        assert adapter in SCORE_ADAPTERS
+        score_fn = get_score_fn(sde, lambda x, labels: x, continuous=kind == "continuous")
+        labels = score_fn.labels(t)
+        assert labels.shape == (3,) and torch.isfinite(labels.double()).all()
+        assert score_fn(torch.ones(3, 2), t).shape == (3, 2)
