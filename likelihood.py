@@ -124,12 +124,16 @@ def log_likelihood(
     B, D = x.shape[0], x[0].numel()
     probes = estimator.probes(x, generator)  # (K, B, *D)
     K_out = estimator.num_outputs
-    drift_fn = sde.reverse(score_fn, probability_flow=True).sde
     nfe = 0
 
-    def ode_func(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def counted_score_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal nfe
         nfe += 1
+        return score_fn(xt, t)
+
+    drift_fn = sde.reverse(counted_score_fn, probability_flow=True).sde
+
+    def ode_func(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         vec_t = t.expand(B)
         with torch.enable_grad():
             xt = state[:, :D].reshape(x.shape).detach().requires_grad_(True)
@@ -249,8 +253,8 @@ def bits_per_dim(
         ``log_probs`` (S, B) (log p_v per draw), ``stderr`` (S, B) (nats, per draw), ``z``
         (S, B, *D) and ``bound`` (a description).
     """
-    _check_data(data.to(torch.get_default_dtype()) if not torch.is_floating_point(data) else data,
-                "data")
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] < 1:
+        raise ValueError(f"data must be a (B, *D) tensor, got {getattr(data, 'shape', data)!r}")
     a, c = affine_scaler(inverse_scaler)
     S, B, D = num_dequant, data.shape[0], data[0].numel()
     y = a * dequantize(data, n_bits, num_samples=S, generator=generator) + c  # (S, B, *D)

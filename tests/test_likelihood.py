@@ -65,13 +65,15 @@ def mix100_vp():
 @pytest.mark.parametrize("name", DIVERGENCES.names())
 def test_estimators_unbiased_with_calibrated_stderr(name, mix100_vp):
     sde, mix, x, ref = mix100_vp
-    if name == "exact":
-        pytest.skip("exact trace is covered by test_exact_trace_matches_oracle")
     K = PROBES.get(name, 8)
     logp, info = likelihood.log_likelihood(sde, mix.score_fn(sde), x, divergence=name,
                                            num_probes=K, rtol=1e-5, atol=1e-5,
                                            generator=torch.Generator().manual_seed(3))
     err = logp.double() - ref  # solver error here is ~0.03 nats, far below the MC error
+    if DIVERGENCES.get(name).exact:
+        assert torch.equal(info["stderr"], torch.zeros_like(logp))
+        assert (err.abs() / mix.dim).max() < 1e-3
+        return
     se_mean = err.std() / math.sqrt(len(err))
     assert err.mean().abs() < 4 * se_mean, (err.mean(), se_mean)
     # stderr^2 is an unbiased estimate of the error variance: E[err^2] = E[stderr^2].
@@ -230,6 +232,18 @@ def test_nats_per_dim_continuous():
     expected = -(ref + 2 * math.log(2)) / 2
     mismatch = (_[ "prior_logp"].double() - mix.log_prob(_["z"].double(), 1.0, sde)) / 2
     assert (npd.double() - expected + mismatch).abs().max() < 1e-3
+
+
+def test_error_norm_is_per_sample():
+    """One sample's error is not diluted by the batch (RMS over B) or by D (Delta log p column)."""
+    B, D, K = 256, 192, 3
+    norm = likelihood._per_sample_norm(D)
+    err = torch.zeros(B, D + K)
+    err[17, D + 1] = 2.0  # one sample's log-density error only
+    assert norm(err) == 2.0
+    err = torch.zeros(B, D + K)
+    err[3, :D] = 0.5  # one sample's state error, RMS over its own D coordinates
+    assert norm(err) == 0.5
 
 
 # -- a real network and the public boundary -----------------------------------------------------
