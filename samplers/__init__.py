@@ -8,6 +8,15 @@ from samplers.base import SAMPLERS, CountingScore, NoiseSource, Sampler, registe
 
 __all__ = ["SAMPLERS", "CountingScore", "NoiseSource", "Sampler", "register_sampler", "sample"]
 
+# Fast samplers (issue 5, part 2): importing them registers them.
+from samplers.adaptive import AdaptiveSDE  # noqa: E402
+from samplers.ddim import DDIM  # noqa: E402
+from samplers.dpm_solver import DPMSolver  # noqa: E402
+from samplers.edm import EDMHeun  # noqa: E402
+from samplers.grids import TIME_GRIDS, get_time_grid  # noqa: E402
+
+__all__ += ["AdaptiveSDE", "DDIM", "DPMSolver", "EDMHeun", "TIME_GRIDS", "get_time_grid"]
+
 # Predictor-corrector, probability-flow ODE, controllable generation, the reference's entry points
 # (issue 5, part 1): importing them registers 'pc' and 'ode'.
 from samplers.controllable import (  # noqa: E402
