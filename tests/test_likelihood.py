@@ -47,12 +47,10 @@ def test_exact_trace_matches_oracle(kind, n, sde_name):
     # The ODE part alone: with the exact p_T at z, eq. 40 gives log p_eps exactly.
     ode = mix.log_prob(info["z"].double(), sde.T, sde) + info["delta_logp"].double()
     assert ((ode - ref).abs() / D).max() < 1e-3
-    # The reported value adds the prior's mismatch log N(z; prior) - log p_T(z) (VE: sigma_max
-    # = 50 does not wash out the data entirely); per sample within 1e-3 nats/dim of it.
-    mismatch = info["prior_logp"].double() - mix.log_prob(info["z"].double(), sde.T, sde)
-    assert ((logp.double() - ref - mismatch).abs() / D).max() < 1e-3
-    if sde_name != "ve":
-        assert ((logp.double() - ref).abs() / D).max() < 1e-3
+    # The reported value is that of the model whose p_T is the prior: it differs from log p_eps
+    # by log prior(z) - log p_T(z), the SDE's own truncation error (VE's sigma_max = 50 does not
+    # wash out the ring: 1.6e-3 nats/dim; VP, 100-D: up to 7e-4), not the solver's.
+    assert ((logp.double() - ref + _prior_mismatch(sde, mix, info["z"])).abs() / D).max() < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +70,7 @@ def test_estimators_unbiased_with_calibrated_stderr(name, mix100_vp):
     err = logp.double() - ref  # solver error here is ~0.03 nats, far below the MC error
     if DIVERGENCES.get(name).exact:
         assert torch.equal(info["stderr"], torch.zeros_like(logp))
+        err = err + _prior_mismatch(sde, mix, info["z"])  # (up to 7e-4 nats/dim here)
         assert (err.abs() / mix.dim).max() < 1e-3
         return
     se_mean = err.std() / math.sqrt(len(err))
