@@ -10,7 +10,7 @@ mean is the divergence:
 * ``exact``: the D basis vectors as probes, ``sum_i (e_i^T J)_i = tr J`` (low-dimensional data);
 * ``rademacher`` / ``gaussian``: Hutchinson (1989) ``v^T J v`` with E[v v^T] = I, the FFJORD
   estimator (Grathwohl et al. 2019). Rademacher's variance comes only from off-diagonal entries,
-  ``2 sum_{i<j} (J_ij + J_ji)^2 / 2``; Gaussian adds ``2 sum_i J_ii^2``;
+  ``sum_{i<j} (J_ij + J_ji)^2``; Gaussian adds ``2 sum_i J_ii^2``;
 * ``hutchpp``: a soft Hutch++ (Meyer, Musco, Musco & Woodruff 2021) on the off-diagonal part,
   the variance-reduced mode: a third of the budget sketches the dominant off-diagonal range of J,
   whose trace is taken exactly, and the rest are Rademacher probes of the deflated remainder.
