@@ -79,7 +79,8 @@ def test_toy_train_sample_from_a_chosen_snapshot_likelihood(tmp_path):
     workdir = tmp_path / "run"
     run_main(*TINY_TOY, f"--workdir={workdir}", "--config.training.snapshot_freq=1")
     step = _check_training_outputs(workdir)
-    run_main(*TINY_TOY, f"--workdir={workdir}", "--mode=sample", "--checkpoint=2",
+    by_path = ["--config=configs/toy_2d.py", *TINY_TOY[1:]]  # the same config by its path
+    run_main(*by_path, f"--workdir={workdir}", "--mode=sample", "--checkpoint=2",
              "--num_samples=3")
     samples = np.load(workdir / "eval" / "samples_step_2" / "sample.npz")["samples"]
     assert samples.shape == (3, 2) and np.isfinite(samples).all()
