@@ -23,13 +23,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.registry import CONFIGS, module_path
+from models.checkpoint import CheckpointError
 from utils import Registry
 
 REPO = Path(__file__).resolve().parent
+FLAGS = flags.FLAGS
 CONFIG_NAMES = Registry("config")
 for _name, _module in CONFIGS.items():
     CONFIG_NAMES.register(_name)(_module)
-MODES = ("train", "eval", "sample", "likelihood")
 
 
 class NamedConfigParser(flags.ArgumentParser):
@@ -73,12 +74,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.<section>.<key>=value, e.g. --config.training.batch_size=64; unknown keys fail.",
     lock_config=True,
 )
-flags.FLAGS["config"].parser = NamedConfigParser(flags.FLAGS["config"].parser)
+FLAGS["config"].parser = NamedConfigParser(FLAGS["config"].parser)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, TensorBoard logs, "
                     "the resolved config.json and stdout.txt.")
-flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming from the latest checkpoint "
-                  "in --workdir); sample: write a PNG grid and .npz of samples; likelihood: "
-                  "bits/dim of a dataset split with per-image values; eval: FID/IS (issue 8).")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "eval"],
+                  "train: train (resuming from the latest checkpoint in --workdir); sample: "
+                  "write a PNG grid and .npz of samples; likelihood: bits/dim of a dataset "
+                  "split with per-image values; eval: FID/IS (issue 8).")
 flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outputs of the "
                     "sample and likelihood modes.")
 flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
@@ -98,7 +100,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a misspelt ``--config.<key>`` override reported as a flag error
     (ml_collections raises AttributeError/KeyError from deep inside) instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
+        return FLAGS(argv)
     except flags.Error as e:
         message = str(e)
     except (AttributeError, KeyError) as e:
@@ -131,31 +133,53 @@ def _log_to_file(workdir: Path) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
+def run_train(config, workdir: Path) -> None:
+    """``--mode train``."""
+    from training.loop import train
+
+    train(config, workdir, progress=FLAGS.progress)
+
+
+def run_sample(config, workdir: Path) -> None:
+    """``--mode sample``."""
+    from training.inference import run_sample
+
+    run_sample(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
+               num_samples=FLAGS.num_samples, progress=FLAGS.progress)
+
+
+def run_likelihood(config, workdir: Path) -> None:
+    """``--mode likelihood``."""
+    from training.inference import run_likelihood
+
+    run_likelihood(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
+                   split=FLAGS.split, max_images=FLAGS.max_images, progress=FLAGS.progress)
+
+
+def run_eval(config, workdir: Path) -> None:
+    """``--mode eval``: sample-quality metrics over checkpoints (issue 8)."""
+    raise NotImplementedError("--mode eval (FID/IS/KID over checkpoints) is not yet "
+                              "implemented: see issue 8. Use --mode sample or --mode likelihood.")
+
+
+RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
+           "eval": run_eval}
+
+
 def main(argv):
-    """Dispatch ``--mode`` on the parsed config."""
+    """Resolve the device, seed once, then run ``--mode``; user errors end with one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     resolve_device(config)
     torch.manual_seed(config.seed)  # seeds applied once, here
-    workdir = Path(flags.FLAGS.workdir)
+    workdir = Path(FLAGS.workdir)
     _log_to_file(workdir)
-    mode = flags.FLAGS.mode
-    if mode == "eval":
-        raise app.UsageError("--mode eval (FID/IS/KID over checkpoints) is not yet implemented: "
-                             "see issue 8. Use --mode sample or --mode likelihood.")
-    if mode == "train":
-        from training.loop import train
-        train(config, workdir, progress=flags.FLAGS.progress)
-    elif mode == "sample":
-        from training.inference import run_sample
-        run_sample(config, workdir, flags.FLAGS.eval_folder, checkpoint=flags.FLAGS.checkpoint,
-                   num_samples=flags.FLAGS.num_samples, progress=flags.FLAGS.progress)
-    elif mode == "likelihood":
-        from training.inference import run_likelihood
-        run_likelihood(config, workdir, flags.FLAGS.eval_folder,
-                       checkpoint=flags.FLAGS.checkpoint, split=flags.FLAGS.split,
-                       max_images=flags.FLAGS.max_images, progress=flags.FLAGS.progress)
+    try:
+        RUNNERS[FLAGS.mode](config, workdir)
+    except (FileNotFoundError, NotImplementedError, CheckpointError) as e:
+        logging.error("%s", e)  # one line on stderr and in stdout.txt, no traceback
+        sys.exit(1)
 
 
 if __name__ == "__main__":
