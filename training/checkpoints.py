@@ -49,7 +49,8 @@ def list_snapshots(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flush + fsync, then ``os.replace``.
+    """``torch.save`` to a temporary file beside ``path``, flush + fsync, ``os.replace``, then
+    fsync of the directory.
 
     A crash leaves either the old file or the new one, never a partial file.
     """
@@ -67,6 +68,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 # -- random number generator states ------------------------------------------------------------
