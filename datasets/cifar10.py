@@ -45,6 +45,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the numpy array globals of ``_ALLOWED_GLOBALS``."""
 
     def find_class(self, module: str, name: str):
+        """Resolve an allowed global; refuse every other one before it can run."""
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
