@@ -197,3 +197,25 @@ def test_make_grid_tiles_images_row_major_with_padding():
         assert (block == round(k / 4 * 255)).all()
     assert grid[0].max() == 0 and grid[:, 0].max() == 0  # padding is black
     assert make_grid(images, nrow=3, padding=1, scale=2).shape == (14, 26, 1)
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, monkeypatch):
+    import training.loop
+
+    real = training.loop.get_step_fns
+
+    def nan_at_step_2(config, sde):
+        train_step, eval_step = real(config, sde)
+
+        def step(state, batch, generator=None):
+            loss = train_step(state, batch, generator=generator)
+            return loss * float("nan") if state["step"] == 2 else loss
+
+        return step, eval_step
+
+    monkeypatch.setattr(training.loop, "get_step_fns", nan_at_step_2)
+    config = _tiny_config(4)
+    config.training.snapshot_freq_for_preemption = config.training.log_freq = 1
+    with pytest.raises(FloatingPointError, match="step 2"):
+        train(config, tmp_path, progress=False)
+    assert torch.load(checkpoints.meta_path(tmp_path), weights_only=True)["step"] == 1
