@@ -38,7 +38,7 @@ class DDIM(FastSampler):
 
     def __init__(self, *, eta: float = 0.0, **options: Any) -> None:
         super().__init__(**options)
-        self.eta = check_float("eta", eta, 0.0, 1.0 + 1e-12, closed_low=True)
+        self.eta = check_float("eta", eta, 0.0, 1.0, closed_low=True, closed_high=True)
 
     def coefficients(self, sde, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
         """Times (n + 1,) and per step (A, B, C) of x_u = A x_t + B score + C z (eq. 12)."""
@@ -57,11 +57,14 @@ class DDIM(FastSampler):
         """Run eq. 12 from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps': nfe})."""
         t, coeffs = self.coefficients(sde, x)
         times = t[:, None].expand(-1, x.shape[0])  # (n + 1, B) views for the score calls
+        # One copy of x_T, then in-place updates: no allocation per step beyond the score's own.
+        x = x.clone()
+        z = torch.empty_like(x) if self.eta > 0 else None
         for i, (A, B, C) in enumerate(_progress_bar(coeffs, progress, "DDIM")):
             score = score_fn(x, times[i])
-            x = torch.mul(x, A).add_(score, alpha=B)
+            x.mul_(A).add_(score, alpha=B)
             if C > 0:
-                x.add_(noise.randn_like(x), alpha=C)
+                x.add_(noise.randn_like(x, out=z), alpha=C)
             if callback is not None:
                 callback(i, times[i + 1], x, None)
         return x, {"n_steps": len(coeffs)}

@@ -177,6 +177,11 @@ class DPMSolver(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the probability-flow ODE from x_T (B, *D) to x_eps; returns (x_eps, {})."""
         steps = self.plan(sde, x)
+        # In-place arithmetic on preallocated buffers: one copy of x_T, a ring of predictions
+        # (multistep) or one buffer per stage, so a step allocates nothing but the score.
+        x = x.clone()
+        n_buffers = self.order if self.multistep else self.order + 1
+        buffers = [torch.empty_like(x) for _ in range(n_buffers)]
         history: list[torch.Tensor] = []  # multistep: predictions at x_i, x_{i-1}, ...
         keep = self.order - 1 if self.multistep else 0
         for i, (points, combos, multi) in enumerate(
@@ -184,8 +189,14 @@ class DPMSolver(FastSampler):
         ):
             fs: list[torch.Tensor] = []
             stage = x
-            for p, combo in zip(points, combos):
-                f = torch.mul(score_fn(stage, p.t), p.beta)
+            for k, (p, combo) in enumerate(zip(points, combos)):
+                score = score_fn(stage, p.t)
+                if multi:
+                    # Reuse the buffer of the prediction that leaves the history.
+                    free = [b for b in buffers if all(b is not h for h in history[:keep])]
+                    f = torch.mul(score, p.beta, out=free[0])
+                else:
+                    f = torch.mul(score, p.beta, out=buffers[k])
                 if p.alpha:
                     f.add_(stage, alpha=p.alpha)
                 if multi:
@@ -193,12 +204,14 @@ class DPMSolver(FastSampler):
                     fs = history
                 else:
                     fs.append(f)
-                stage = torch.mul(x, combo.a)
+                last = k == len(combos) - 1
+                stage = x if last else torch.mul(x, combo.a, out=buffers[-1])
+                if last:
+                    stage.mul_(combo.a)
                 for b, j in zip(combo.b, combo.sources):
                     stage.add_(fs[j], alpha=b)
             if keep and not multi:
                 history = [fs[0]] + history[:keep]
-            x = stage
             if callback is not None:
                 callback(i, points[0].t, x, fs[0] if self.prediction == "x0" else None)
         return x, {"n_steps": len(steps)}

@@ -89,19 +89,21 @@ class EDMHeun(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Alg. 2 from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps': ...})."""
         steps = self.coefficients(sde, x)
+        # One copy of x_T and one buffer each for the Euler point and the noise; in-place steps.
+        x, euler = x.clone(), torch.empty_like(x)
+        z = torch.empty_like(x) if self.churn > 0 else None
         for i, (t_hat, na, nc, t_next, a, b1, b2) in enumerate(
             _progress_bar(steps, progress, "EDM")
         ):
             if nc > 0:  # churn: raise the noise level to sigma_hat (Alg. 2, lines 5-6)
-                x = torch.mul(x, na).add_(noise.randn_like(x), alpha=nc)
+                x.mul_(na).add_(noise.randn_like(x, out=z), alpha=nc)
             score = score_fn(x, t_hat)
-            x_next = torch.mul(x, a)
             if b2:  # Heun correction (Alg. 2, lines 9-11): needs the Euler point first
-                euler = x_next.add(score, alpha=2 * b1)
-                x_next.add_(score, alpha=b1).add_(score_fn(euler, t_next), alpha=b2)
+                torch.mul(x, a, out=euler).add_(score, alpha=2 * b1)
+                score_euler = score_fn(euler, t_next)
+                x.mul_(a).add_(score, alpha=b1).add_(score_euler, alpha=b2)
             else:
-                x_next.add_(score, alpha=b1)
-            x = x_next
+                x.mul_(a).add_(score, alpha=b1)
             if callback is not None:
                 callback(i, t_next, x, None)
         return x, {"n_steps": len(steps)}

@@ -11,6 +11,7 @@ tests and benchmarks compare samples to exact draws of p_eps.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,18 +29,23 @@ def check_int(name: str, value: Any, low: int) -> int:
 
 
 def check_float(name: str, value: Any, low: float, high: float = float("inf"), *,
-                closed_low: bool = False) -> float:
-    """``value`` as a float in (low, high) (or [low, high) with ``closed_low``), else an error."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (low <= value if closed_low else low < value) and value < high
+                closed_low: bool = False, closed_high: bool = False) -> float:
+    """``value`` as a float in the interval from ``low`` to ``high`` (open unless ``closed_*``),
+    else a ``ValueError`` naming it and the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low <= value if closed_low else low < value)
+    ok = ok and (value <= high if closed_high else value < high)
     if not ok:
-        bracket = "[" if closed_low else "("
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}), got {value!r}")
+        interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
 
 
 class FastSampler(Sampler):
     """Base of the fixed-grid fast samplers: validates ``nfe``, ``eps`` and ``grid``.
+
+    ``callback(step, t, x, x0_pred_or_None)`` receives the live state, which later steps update
+    in place (the loops reuse buffers): clone what you keep.
 
     Args:
         nfe: score-evaluation budget; the sampler uses at most this many.
