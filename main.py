@@ -118,10 +118,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def resolve_device(config) -> None:
-    """Replace ``config.device = 'auto'`` by the device to use (CUDA when available)."""
+    """Replace ``config.device = 'auto'`` by the device to use (CUDA when available) and apply
+    ``config.num_threads`` (CPU threads; absent or 0 = torch's default)."""
     if config.device == "auto":
         config.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.device(config.device)  # an invalid name fails here, before any work
+    if config.get("num_threads", 0):
+        torch.set_num_threads(config.num_threads)
 
 
 def _log_to_file(workdir: Path) -> None:

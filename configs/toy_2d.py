@@ -69,4 +69,7 @@ def get_config():
 
     config.seed = 42
     config.device = 'auto'
+    # CPU threads: the layers are so small that one thread beats two, and stays fast on a
+    # machine whose cores are busy with other work (main.py applies it)
+    config.num_threads = 1
     return config
