@@ -122,7 +122,10 @@ def resolve_device(config) -> None:
     ``config.num_threads`` (CPU threads; absent or 0 = torch's default)."""
     if config.device == "auto":
         config.device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.device(config.device)  # an invalid name fails here, before any work
+    device = torch.device(config.device)  # an invalid name fails here, before any work
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise app.UsageError(f"config.device={config.device!r} but CUDA is not available; "
+                             "use 'auto' or 'cpu'")
     if config.get("num_threads", 0):
         torch.set_num_threads(config.num_threads)
 
