@@ -219,3 +219,31 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, m
     with pytest.raises(FloatingPointError, match="step 2"):
         train(config, tmp_path, progress=False)
     assert torch.load(checkpoints.meta_path(tmp_path), weights_only=True)["step"] == 1
+
+
+def test_sampling_from_a_reference_checkpoint(tmp_path, reference_dir):
+    """The reference's own training checkpoint (``module.`` prefix, numpy learning rate) loads
+    weights-only, and its EMA weights give the reference's ``score_ema``."""
+    import safetensors.torch
+
+    from models.utils import get_score_fn
+    from training.inference import load_ema_model, run_sample
+    from training.sampling import get_sde
+
+    record = json.loads((reference_dir / "ncsnpp_ve.json").read_text())
+    config = importlib.import_module("configs.ve.cifar10_ncsnpp_continuous").get_config()
+    for key, change in record["overrides"].items():
+        section, field = key.split(".")
+        config[section][field] = change["fixture"]
+    config.device = "cpu"
+    path = reference_dir / "ncsnpp_ve_checkpoint.pth"
+    model, step = load_ema_model(config, path)
+    io = safetensors.torch.load_file(reference_dir / "ncsnpp_ve_checkpoint_io.safetensors")
+    score = get_score_fn(get_sde(config), model, continuous=True)(io["x"], io["t"])
+    assert step == 2
+    assert (score - io["score_ema"]).abs().max() <= 2e-5 * io["score_ema"].abs().max()
+
+    config.sampling.N = 3  # a PCSampler option, picked up from config.sampling by name
+    folder = run_sample(config, tmp_path, checkpoint=str(path), num_samples=2, progress=False)
+    assert np.load(folder / "sample.npz")["samples"].shape == (2, 16, 16, 3)
+    assert json.loads((folder / "info.json").read_text())["nfe"] == 3 * 2

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import datasets
 import likelihood
-from models.checkpoint import CheckpointError, safe_load
+from models.checkpoint import load_reference_checkpoint
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
 from training import checkpoints
@@ -64,19 +64,17 @@ def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
 def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
     """The model of ``config`` with the EMA weights of the checkpoint at ``path``, in eval mode.
 
+    ``path`` may be one of ours or a reference training checkpoint (``module.`` prefix, numpy
+    learning rate); both are read weights-only (``models.checkpoint.load_reference_checkpoint``).
+
     Returns:
-        (model on ``config.device``, the checkpoint's step).
+        (model on ``config.device``, the checkpoint's step, or 0 if it has none).
     """
-    ckpt = safe_load(path)
     model = create_model(config)
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-        ema.load_state_dict(ckpt["ema"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: does not match the model of this config: {e}") from e
+    ckpt = load_reference_checkpoint(path, model, ema)
     ema.copy_to(model.parameters())
-    return model.eval(), int(ckpt["step"])
+    return model.eval(), int(ckpt["step"] or 0)
 
 
 def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkpoint: str = "",
