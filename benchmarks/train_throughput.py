@@ -3,12 +3,12 @@ backward, clipping, Adam, EMA) for the CLI's configs, on random data.
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --configs vp_cifar --batch_size 8 --steps 5
-    python benchmarks/train_throughput.py --configs vp_cifar --batch_size 8 --steps 5
 
 Wall time is what a user waits; on a shared machine it inflates, so the CPU time of the process
 per step is printed too (with one thread it is the wall time the step would take alone). With
 two threads on a CPU whose other core is busy, OpenMP's default busy-waiting made steps up to
 30x slower here; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.
+
 CIFAR-10 configs run at ``--batch_size`` (default 8, the size at which the reference's DDPM++
 takes 2.83 s/step on the 2-core development machine); other configs at their own batch size.
 """
