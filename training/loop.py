@@ -141,6 +141,32 @@ def _check_finite(nonfinite: torch.Tensor, step: int) -> None:
         )
 
 
+def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float) -> None:
+    """The training loss, learning rate and images/s to the log, TensorBoard and the bar."""
+    lr = state["optimizer"].param_groups[0]["lr"]
+    log.info("step: %d, training_loss: %.5e, images/s: %.1f", step, float(loss), rate)
+    log_scalars(writer, step, training_loss=float(loss), lr=lr, images_per_sec=rate)
+    bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{rate:.1f}")
+
+
+def evaluate(state, eval_step, scaler, writer, step: int) -> None:
+    """The loss on one test batch with the EMA weights (the reference's ``eval_freq`` loss)."""
+    batch = scaler(next(state["iterators"]["eval"]))
+    eval_loss = eval_step(state, batch, generator=state["generators"]["eval"])
+    log.info("step: %d, eval_loss: %.5e", step, float(eval_loss))
+    log_scalars(writer, step, eval_loss=float(eval_loss))
+
+
+def save_snapshot(config, state, sde, workdir: Path, step: int) -> None:
+    """Numbered snapshot ``checkpoint_{ceil(step / snapshot_freq)}`` and, when
+    ``training.snapshot_sampling``, a sample grid with the EMA weights."""
+    n = math.ceil(step / config.training.snapshot_freq)
+    checkpoints.save_checkpoint(checkpoints.snapshot_path(workdir, n), state)
+    if config.training.snapshot_sampling:
+        folder = snapshot_samples(config, state, sde, workdir, step)
+        log.info("step: %d, samples in %s", step, folder)
+
+
 # -- the loop -------------------------------------------------------------------------------------
 
 
@@ -177,34 +203,23 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
         while state["step"] < t.n_iters:
             batch = scaler(next(state["iterators"]["train"]))
             loss = train_step(state, batch, generator=state["generators"]["train"])
-            nonfinite |= ~torch.isfinite(loss)
-            step = state["step"]  # steps completed
+            nonfinite |= ~torch.isfinite(loss)  # checked on the host only at the side effects
+            step, last = state["step"], state["step"] == t.n_iters  # steps completed
             window_images += batch.shape[0]
             bar.update(1)
-            if step % t.log_freq == 0 or step == t.n_iters:
+            if step % t.log_freq == 0 or last:
                 _check_finite(nonfinite, step)
-                elapsed = time.perf_counter() - window_start
-                rate = window_images / max(elapsed, 1e-9)
-                lr = state["optimizer"].param_groups[0]["lr"]
-                log.info("step: %d, training_loss: %.5e, images/s: %.1f", step, float(loss), rate)
-                log_scalars(writer, step, training_loss=float(loss), lr=lr, images_per_sec=rate)
-                bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{rate:.1f}")
+                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                log_training(writer, bar, state, step, loss, rate)
                 window_start, window_images = time.perf_counter(), 0
             if step % t.eval_freq == 0:
-                eval_batch = scaler(next(state["iterators"]["eval"]))
-                eval_loss = eval_step(state, eval_batch, generator=state["generators"]["eval"])
-                log.info("step: %d, eval_loss: %.5e", step, float(eval_loss))
-                log_scalars(writer, step, eval_loss=float(eval_loss))
-            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+                evaluate(state, eval_step, scaler, writer, step)
+            if step % t.snapshot_freq_for_preemption == 0 or last:
                 _check_finite(nonfinite, step)
                 checkpoints.save_checkpoint(checkpoints.meta_path(workdir), state)
-            if step % t.snapshot_freq == 0 or step == t.n_iters:
+            if step % t.snapshot_freq == 0 or last:
                 _check_finite(nonfinite, step)
-                n = math.ceil(step / t.snapshot_freq)
-                checkpoints.save_checkpoint(checkpoints.snapshot_path(workdir, n), state)
-                if t.snapshot_sampling:
-                    folder = snapshot_samples(config, state, sde, workdir, step)
-                    log.info("step: %d, samples in %s", step, folder)
+                save_snapshot(config, state, sde, workdir, step)
             for hook in hooks:
                 hook(state)
     finally:
