@@ -21,7 +21,8 @@ import sde_lib
 from models.utils import ModelFn, get_model_fn, get_score_fn
 from utils import Registry, ScoreFn, batch_mul
 
-#: ``loss_fn(model, batch, *, generator=None) -> loss`` (a scalar tensor).
+#: ``loss_fn(model, batch, *, generator=None, shard=None) -> loss`` (a scalar tensor); ``shard``
+#: (a slice of rows) draws the noise for the whole batch and averages over those rows only.
 LossFn = Callable[..., torch.Tensor]
 #: ``optimize_fn(optimizer, params, step)``: set the learning rate, clip, step.
 OptimizeFn = Callable[[torch.optim.Optimizer, object, int], None]
@@ -42,6 +43,15 @@ def _check_batch(batch: torch.Tensor) -> None:
         found = (f"{batch.dtype} of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
                  else type(batch).__name__)
         raise ValueError(f"batch must be a floating-point tensor (B, *D) of data, got {found}")
+
+
+def _rows(shard: slice | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows ``shard`` of each tensor (all of them for ``None``).
+
+    Data-parallel training: every rank draws the noise of the whole global batch and keeps its
+    rows, so sample i sees the same draws whatever the number of ranks.
+    """
+    return tensors if shard is None else tuple(x[shard] for x in tensors)
 
 
 def _check_eps(sde: sde_lib.SDE, eps: float) -> float:
@@ -237,11 +247,13 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
         raise ValueError("importance_weighting=True needs likelihood_weighting=True")
     draw_t = sample_importance_time if importance_weighting else sample_time
 
-    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None):
         _check_batch(batch)
         score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        batch, t, z = _rows(shard, batch, t, z)
         return dsm_loss(score_fn, sde, batch, t, z, reduce_mean, likelihood_weighting,
                         importance_weighting, eps).mean()
 
@@ -263,13 +275,16 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
     draw_t = sample_importance_time if importance_weighting else sample_time
 
-    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None):
         _check_batch(batch)
         score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         v = torch.randn((num_probes, *batch.shape), generator=generator, device=batch.device,
                         dtype=batch.dtype)
+        batch, t, z = _rows(shard, batch, t, z)
+        v = v if shard is None else v[:, shard]
         return ssm_loss(score_fn, sde, batch, t, z, v, reduce_mean, likelihood_weighting,
                         importance_weighting, eps, create_graph=train).mean()
 
@@ -286,11 +301,13 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
                       reduce_mean: bool) -> LossFn:
     """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I)."""
 
-    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None):
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None):
         _check_batch(batch)
         labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
                                device=batch.device)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        batch, labels, z = _rows(shard, batch, labels, z)
         return objective(get_model_fn(model, train=train), sde, batch, labels, z,
                          reduce_mean).mean()
 
@@ -357,7 +374,8 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
     with the EMA weights swapped in (``store``/``copy_to``/``restore``). The loss is the
     continuous ``get_sde_loss_fn`` or, with ``continuous=False``, the discrete loss registered for
     the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss_fn`` overrides.
-    Returns the detached loss.
+    ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
+    trains on, with the draws made for the whole batch. Returns the detached loss.
     """
     if loss_fn is None:
         if continuous:
@@ -376,14 +394,15 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
     if train and optimize_fn is None:
         raise ValueError("a training step_fn needs optimize_fn (see optimization_manager)")
 
-    def step_fn(state: dict, batch: torch.Tensor, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def step_fn(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None) -> torch.Tensor:
         model: nn.Module = state["model"]
         ema = state.get("ema")
         if train:
             optimizer = state["optimizer"]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch, generator=generator)
+            loss = loss_fn(model, batch, generator=generator,
+                           **({} if shard is None else {"shard": shard}))
             loss.backward()
             optimize_fn(optimizer, model.parameters(), step=state["step"])
             state["step"] += 1
