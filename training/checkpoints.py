@@ -16,13 +16,15 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models.checkpoint import CheckpointError, safe_load
+from training.nonfinite import check_state_finite
+from training.validation import validate_training_checkpoint
+from utils import atomic_write_bytes
 
 META_DIR, META_FILE = "checkpoints-meta", "checkpoint.pth"
 SNAPSHOT_DIR = "checkpoints"
@@ -48,31 +50,32 @@ def list_snapshots(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is intact."""
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flush + fsync, ``os.replace``, then
-    fsync of the directory.
+    """``torch.save`` into memory, then :func:`utils.atomic_write_bytes` (temporary file beside
+    ``path``, flush + fsync, ``os.replace``, fsync of the directory).
 
     A crash leaves either the old file or the new one, never a partial file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write_bytes(path, buffer.getbuffer())  # no copy of a large checkpoint
+
+
+def remove_stale_temporaries(workdir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in the checkpoint folders (names
+    ``.<file>.<...>.tmp``); returns them. Call only while no other process writes there."""
+    removed = []
+    for folder in (Path(workdir) / META_DIR, Path(workdir) / SNAPSHOT_DIR):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed
 
 
 # -- random number generator states ------------------------------------------------------------
@@ -106,38 +109,54 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
     ``state`` holds the live objects (``model``, ``ema``, ``optimizer``, ``step``, and
     ``generators`` / ``iterators`` dicts); their ``state_dict()``s are what is written.
+
+    Raises:
+        FloatingPointError: a NaN/inf in the model, EMA or optimizer state (nothing is written).
+        CheckpointWriteError: the write failed (e.g. no space left on device); the file at
+            ``path`` is still the previous checkpoint and no temporary file is left.
     """
-    atomic_save({
-        "model": state["model"].state_dict(),
-        "ema": state["ema"].state_dict(),
-        "optimizer": state["optimizer"].state_dict(),
-        "step": int(state["step"]),
-        "rng": rng_state(state["generators"]),
-        "data": {name: it.state_dict() for name, it in state["iterators"].items()},
-    }, path)
+    check_state_finite(state)
+    try:
+        atomic_save({
+            "model": state["model"].state_dict(),
+            "ema": state["ema"].state_dict(),
+            "optimizer": state["optimizer"].state_dict(),
+            "step": int(state["step"]),
+            "rng": rng_state(state["generators"]),
+            "data": {name: it.state_dict() for name, it in state["iterators"].items()},
+        }, path)
+    except OSError as e:
+        reason = e.strerror or str(e)  # "No space left on device" for ENOSPC
+        kept = f"the previous {path} is intact" if Path(path).is_file() else "nothing was written"
+        raise CheckpointWriteError(
+            e.errno, f"cannot write the checkpoint of step {int(state['step'])} to {path}: "
+            f"{reason}; {kept}. Free space and run again to resume.") from e
 
 
 def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into the live ``state`` (strict keys) and return it.
 
     Raises:
-        CheckpointError: unreadable, unsafe or missing entries (naming the file and entry).
+        CheckpointError: unreadable, unsafe, malformed or for another model (naming the file and
+            the entry).
     """
     ckpt = safe_load(path)
-    missing = [k for k in ("model", "ema", "optimizer", "step", "rng", "data") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a training checkpoint of this toolkit; "
-                              f"missing {', '.join(missing)}")
+    validate_training_checkpoint(ckpt, path, state["generators"], state["iterators"])
     try:
         state["model"].load_state_dict(ckpt["model"], strict=True)
         state["ema"].load_state_dict(ckpt["ema"])
         state["optimizer"].load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: does not match the model of this config: {e}") from e
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: does not match the model of this config: "
+                              f"{first_line}") from e
+    try:
+        set_rng_state(ckpt["rng"], state["generators"])
+        for name, it in state["iterators"].items():
+            it.load_state_dict(ckpt["data"][name])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unusable RNG state or data position: {e}") from e
     state["step"] = int(ckpt["step"])
-    set_rng_state(ckpt["rng"], state["generators"])
-    for name, it in state["iterators"].items():
-        it.load_state_dict(ckpt["data"][name])
     return state
 
 
@@ -152,5 +171,14 @@ def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
         candidates.append(snapshots[-1][1])
     if len(candidates) < 2:
         return candidates[0] if candidates else None
-    steps = [int(safe_load(p)["step"]) for p in candidates]
+    steps = [_recorded_step(p) for p in candidates]
     return candidates[steps.index(max(steps))]
+
+
+def _recorded_step(path: Path) -> int:
+    ckpt = safe_load(path)
+    step = ckpt.get("step") if isinstance(ckpt, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: not a training checkpoint of this toolkit (no valid "
+                              "'step')")
+    return step

@@ -1,0 +1,116 @@
+"""The non-finite guard of training: a NaN/inf loss or gradient stops the run naming its step,
+or, with ``config.training.skip_nonfinite = True``, the step is skipped.
+
+Stopping costs no host synchronisation per step: the first bad step is kept in a device tensor
+and read at the loop's side effects (logging, checkpoints), always before a checkpoint is
+written. Skipping has to decide before the optimiser step, so it reads one boolean per step.
+With data parallelism the gradients are checked after DistributedDataParallel averaged them, so
+every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from losses import OptimizeFn
+from training import distributed
+
+log = logging.getLogger(__name__)
+
+_NONE = torch.iinfo(torch.int64).max  # "no bad step yet" (the minimum over ranks ignores it)
+
+
+def grads_finite(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """True (a 0-d bool tensor) when every gradient is finite; the norm is inf/NaN otherwise."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads))
+
+
+class NonFiniteGuard:
+    """Watches losses and gradients for NaN/inf.
+
+    Args:
+        device: where the bookkeeping tensor lives (the model's device).
+        skip: skip steps with a non-finite gradient (logging a warning) instead of stopping.
+    """
+
+    def __init__(self, device: torch.device | str, skip: bool = False) -> None:
+        self.skip = bool(skip)
+        self.skipped = 0
+        self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
+
+    def _record(self, bad: torch.Tensor, step: int) -> None:
+        self.first_bad = torch.where(bad & (self.first_bad == _NONE),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+
+    def wrap(self, optimize_fn: OptimizeFn) -> OptimizeFn:
+        """``optimize_fn`` that first checks the (averaged) gradients of step ``step + 1``."""
+
+        def guarded(optimizer: torch.optim.Optimizer, params, step) -> None:
+            params = list(params)
+            finite = grads_finite(params)
+            if self.skip:
+                if not bool(finite):  # one host sync per step, only in skip mode
+                    self.skipped += 1
+                    log.warning("step %d: non-finite gradient, step skipped (%d so far)",
+                                int(step) + 1, self.skipped)
+                    optimizer.zero_grad(set_to_none=True)
+                    return
+            else:
+                self._record(~finite, int(step) + 1)
+            optimize_fn(optimizer, params, step)
+
+        return guarded
+
+    def observe_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Record ``loss`` of step ``step`` (1-based, steps completed); no host sync."""
+        if not self.skip:
+            self._record(~torch.isfinite(loss.detach()), step)
+
+    def check(self, ctx: distributed.Context | None = None) -> None:
+        """Raise if any rank saw a non-finite loss or gradient (a collective with several ranks).
+
+        Raises:
+            FloatingPointError: naming the first bad step.
+        """
+        first = int(distributed.minimum(self.first_bad, ctx or distributed.Context()))
+        if first != _NONE:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {first}; the run stopped before writing "
+                "a checkpoint of it (set config.training.skip_nonfinite=True to skip such steps)"
+            )
+
+
+def check_state_finite(state: dict, what: str = "checkpoint") -> None:
+    """Refuse to write ``what`` when a floating tensor of the model, EMA or optimizer state is
+    NaN/inf.
+
+    Raises:
+        FloatingPointError: naming the entry and the step.
+    """
+    step = state.get("step")
+    entries = {"model": state["model"].state_dict(), "ema": state["ema"].state_dict(),
+               "optimizer": state["optimizer"].state_dict()}
+    for section, tree in entries.items():
+        for name, value in _tensors(tree):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise FloatingPointError(
+                    f"refusing to write a {what} at step {step}: {section} entry {name!r} has "
+                    "non-finite values"
+                )
+
+
+def _tensors(tree, prefix: str = ""):
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for k, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}[{k}]")
