@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import datasets
 import losses
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
-from training import checkpoints
+from training import checkpoints, distributed, validation
 from training.images import save_image_grid, save_scatter
+from training.nonfinite import NonFiniteGuard
 from training.sampling import ema_weights, generate, get_sde
 
 log = logging.getLogger(__name__)
@@ -134,13 +136,6 @@ def write_samples(x: torch.Tensor, folder: Path) -> None:
         np.savez_compressed(folder / "sample.npz", samples=x.float().numpy())
 
 
-def _check_finite(nonfinite: torch.Tensor, step: int) -> None:
-    if bool(nonfinite):
-        raise FloatingPointError(
-            f"non-finite training loss at or before step {step}; no checkpoint was written"
-        )
-
-
 def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float) -> None:
     """The training loss, learning rate and images/s to the log, TensorBoard and the bar."""
     lr = state["optimizer"].param_groups[0]["lr"]
@@ -175,6 +170,12 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
     """Train ``config`` in ``workdir`` until ``config.training.n_iters`` steps, resuming from the
     latest checkpoint there (see :mod:`training.checkpoints`).
 
+    Under ``torchrun`` (a process group from :func:`training.distributed.setup`) every rank
+    trains on its rows of the global batch; rank 0 alone logs, evaluates, samples and writes
+    checkpoints while the others wait. A NaN/inf loss or gradient stops the run naming the step,
+    before any checkpoint of it, or skips the step with ``training.skip_nonfinite = True``
+    (:mod:`training.nonfinite`).
+
     Args:
         config: a resolved config (``config.device`` a real device).
         workdir: receives ``config.json``, ``checkpoints*/``, ``samples/``, ``tensorboard/``.
@@ -187,42 +188,57 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
 
     workdir = Path(workdir)
     t = config.training
-    write_config(config, workdir)
+    ctx = distributed.context()
+    validation.validate_config(config, ctx.world_size)
+    if ctx.is_main:
+        write_config(config, workdir)
+        checkpoints.remove_stale_temporaries(workdir)  # left by a killed run
+    distributed.barrier(ctx, config.device)
     state, sde = build(config)
     resume = checkpoints.latest_checkpoint(workdir)
     if resume is not None:
         checkpoints.restore_checkpoint(resume, state)
+        distributed.reseed_after_resume(config.seed, state["step"], ctx)
         log.info("resumed from %s at step %d", resume, state["step"])
+    guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False))
+    guard.protect(state["optimizer"], state)
     train_step, eval_step = get_step_fns(config, sde)
+    train_step = distributed.data_parallel_step(train_step, state["model"], t.batch_size, ctx)
     scaler = datasets.get_data_scaler(config)
-    writer = SummaryWriter(str(workdir / "tensorboard"))
-    nonfinite = torch.zeros((), dtype=torch.bool, device=config.device)
-    bar = tqdm(total=t.n_iters, initial=state["step"], disable=not progress, desc="train")
+    writer = SummaryWriter(str(workdir / "tensorboard")) if ctx.is_main else None
+    bar = tqdm(total=t.n_iters, initial=state["step"], disable=not (progress and ctx.is_main),
+               desc="train")
     window_start, window_images = time.perf_counter(), 0
     try:
         while state["step"] < t.n_iters:
             batch = scaler(next(state["iterators"]["train"]))
             loss = train_step(state, batch, generator=state["generators"]["train"])
-            nonfinite |= ~torch.isfinite(loss)  # checked on the host only at the side effects
             step, last = state["step"], state["step"] == t.n_iters  # steps completed
+            guard.observe_loss(loss, step)  # read on the host only at the side effects
             window_images += batch.shape[0]
             bar.update(1)
             if step % t.log_freq == 0 or last:
-                _check_finite(nonfinite, step)
+                guard.check(ctx)
+                loss = distributed.mean(loss, ctx)  # the global batch's loss
                 rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                log_training(writer, bar, state, step, loss, rate)
+                if ctx.is_main:
+                    log_training(writer, bar, state, step, loss, rate)
                 window_start, window_images = time.perf_counter(), 0
-            if step % t.eval_freq == 0:
+            if step % t.eval_freq == 0 and ctx.is_main:
                 evaluate(state, eval_step, scaler, writer, step)
             if step % t.snapshot_freq_for_preemption == 0 or last:
-                _check_finite(nonfinite, step)
-                checkpoints.save_checkpoint(checkpoints.meta_path(workdir), state)
+                guard.check(ctx)
+                distributed.on_main(partial(checkpoints.save_checkpoint,
+                                            checkpoints.meta_path(workdir), state),
+                                    ctx, "checkpoint", config.device)
             if step % t.snapshot_freq == 0 or last:
-                _check_finite(nonfinite, step)
-                save_snapshot(config, state, sde, workdir, step)
+                guard.check(ctx)
+                distributed.on_main(partial(save_snapshot, config, state, sde, workdir, step),
+                                    ctx, "snapshot", config.device)
             for hook in hooks:
                 hook(state)
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return state
