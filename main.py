@@ -5,6 +5,7 @@
         --workdir runs/vp_cifar --config.training.batch_size=64
     python main.py --config digits --mode sample --workdir runs/digits
     python main.py --config digits --mode likelihood --workdir runs/digits
+    python main.py --config digits --mode eval --workdir runs/digits
 
 ``--config`` takes a short name (see ``configs/registry.py``) or a config file path;
 ``--config.<section>.<key>=value`` overrides any existing key (a misspelt key is an error).
@@ -80,9 +81,11 @@ flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, Tens
 flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "eval"],
                   "train: train (resuming from the latest checkpoint in --workdir); sample: "
                   "write a PNG grid and .npz of samples; likelihood: bits/dim of a dataset "
-                  "split with per-image values; eval: FID/IS (issue 8).")
+                  "split with per-image values; eval: loss, bits/dim and sample quality "
+                  "(FID/IS/KID, or FDD for digits) of checkpoints config.eval.begin_ckpt.."
+                  "end_ckpt, resumable.")
 flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outputs of the "
-                    "sample and likelihood modes.")
+                    "sample, likelihood and eval modes.")
 flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
                     "'meta' = the preemption checkpoint, n = checkpoints/checkpoint_n.pth, or a "
                     "file path.")
@@ -162,10 +165,28 @@ def run_likelihood(config, workdir: Path) -> None:
                    split=FLAGS.split, max_images=FLAGS.max_images, progress=FLAGS.progress)
 
 
+def eval_inputs(config, workdir: Path):
+    """What ``--mode eval`` takes from the training side (``evaluation.run.Trained``): joined
+    here because ``evaluation`` and ``training`` are sibling layers."""
+    from evaluation.run import Trained
+    from training.checkpoints import list_snapshots
+    from training.inference import load_ema_model
+    from training.loop import get_step_fns
+    from training.sampling import get_sde, sampling_options
+
+    sde = get_sde(config)
+    method, options = sampling_options(config)
+    return Trained(sde=sde, snapshots=list_snapshots(workdir),
+                   load_model=lambda path: load_ema_model(config, path),
+                   eval_step=get_step_fns(config, sde)[1], method=method, options=options)
+
+
 def run_eval(config, workdir: Path) -> None:
-    """``--mode eval``: sample-quality metrics over checkpoints (issue 8)."""
-    raise NotImplementedError("--mode eval (FID/IS/KID over checkpoints) is not yet "
-                              "implemented: see issue 8. Use --mode sample or --mode likelihood.")
+    """``--mode eval``."""
+    from evaluation.run import evaluate
+
+    evaluate(config, eval_inputs(config, workdir), workdir, FLAGS.eval_folder,
+             progress=FLAGS.progress)
 
 
 RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,

@@ -15,11 +15,6 @@ from configs.registry import CONFIGS, module_path
 # Keys no code reads yet, each with the reason; the test fails when one is read (remove it here)
 # or when a new unread key appears.
 PENDING = {
-    "eval.begin_ckpt": "--mode eval, issue 8",
-    "eval.end_ckpt": "--mode eval, issue 8",
-    "eval.enable_sampling": "--mode eval, issue 8",
-    "eval.enable_loss": "--mode eval, issue 8",
-    "eval.enable_bpd": "--mode eval, issue 8",
     "model.attention_type": "NCSN++ implements 'ddpm' attention only and does not check the key",
     "optim.amsgrad": "losses.get_optimizer ignores it (NCSNv2's value is False, Adam's default)",
 }

@@ -101,7 +101,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert unknown.returncode != 0
     assert "Unknown config 'vp_cifa'; valid: ddpm_cifar, digits" in unknown.stderr
     evaluate = run_main("--config=digits", f"--workdir={tmp_path}", "--mode=eval", check=False)
-    assert evaluate.returncode != 0 and "not yet implemented: see issue 8" in evaluate.stderr
+    assert evaluate.returncode != 0 and "no checkpoint checkpoints/checkpoint_" in evaluate.stderr
     helptext = run_main("--helpshort", check=False).stdout
     for flag in ("--config", "--workdir", "--mode", "--eval_folder", "--checkpoint"):
         assert flag in helptext
