@@ -88,7 +88,7 @@ def _check_zip_entries(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             compressed = [i.filename for i in archive.infolist()
                           if i.compress_type != zipfile.ZIP_STORED]
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:  # bad version
         raise CheckpointError(
             f"{path}: cannot read checkpoint (truncated or damaged zip): {e}"
         ) from e
