@@ -40,28 +40,7 @@ from tqdm.auto import tqdm
 import datasets
 import likelihood
 import sde_lib
-from evaluation import digits_metric, fid
-from evaluation.inception import (
-    FID_WEIGHTS_NAME,
-    FID_WEIGHTS_SHA256,
-    cache_dir,
-    inception_outputs,
-    load_fid_inception,
-)
-from evaluation.metrics import (
-    feature_statistics,
-    frechet_distance,
-    inception_score,
-    kernel_inception_distance,
-    quantize_images,
-)
-from evaluation.records import (
-    atomic_write_bytes,
-    evaluation_record,
-    file_checkpoint_id,
-    sample_for_eval,
-    write_record,
-)
+from evaluation import digits_metric, fid, inception, metrics, records
 from models.utils import get_score_fn
 
 log = logging.getLogger(__name__)
@@ -148,11 +127,11 @@ class DigitsScorer:
     metric = "digits"
 
     def __init__(self) -> None:
-        self.images: list[torch.Tensor] = []
+        self.reset()
 
     def reset(self) -> None:
         """Forget the previous checkpoint's samples."""
-        self.images = []
+        self.images: list[torch.Tensor] = []
 
     def update(self, images: torch.Tensor) -> None:
         """Add quantised images (B, 1, H, W) in [0, 1]."""
@@ -187,7 +166,7 @@ class InceptionScorer:
     def update(self, images: torch.Tensor) -> None:
         """Pool3 features and class probabilities of quantised images (B, C, H, W) in [0, 1];
         only these are kept (float32), never the images."""
-        f, p = inception_outputs(self.model, images, batch_size=self.batch_size)
+        f, p = inception.inception_outputs(self.model, images, batch_size=self.batch_size)
         self.feats.append(f.float())
         self.probs.append(p.float())
 
@@ -196,9 +175,10 @@ class InceptionScorer:
         feats = torch.cat(self.feats).double()
         probs = torch.cat(self.probs).double()
         probs = probs / probs.sum(dim=1, keepdim=True)  # undo the float32 round-off of the sums
-        is_mean, is_std = inception_score(probs, num_splits=min(10, len(probs)))
-        kid, kid_std = kernel_inception_distance(feats, self.reference_features)
-        return {"fid": frechet_distance(*feature_statistics(feats), *self.reference),
+        is_mean, is_std = metrics.inception_score(probs, num_splits=min(10, len(probs)))
+        kid, kid_std = metrics.kernel_inception_distance(feats, self.reference_features)
+        fid_value = metrics.frechet_distance(*metrics.feature_statistics(feats), *self.reference)
+        return {"fid": fid_value,
                 "inception_score": is_mean, "inception_score_std": is_std,
                 "kid": kid, "kid_std": kid_std}
 
@@ -206,7 +186,8 @@ class InceptionScorer:
         """What the numbers depend on: the reference set (name, size) and the weights file."""
         return {"name": self.metric, "reference": self.reference_name,
                 "num_reference": len(self.reference_features),
-                "weights": FID_WEIGHTS_NAME, "weights_sha256": FID_WEIGHTS_SHA256}
+                "weights": inception.FID_WEIGHTS_NAME,
+                "weights_sha256": inception.FID_WEIGHTS_SHA256}
 
 
 def reference_name(config) -> str:
@@ -225,8 +206,8 @@ def _reference_features(config, model, batch_size: int) -> tuple[np.ndarray, tup
     ``fid_stats_<name>.npz`` (``fid.reference_statistics``' cache file, written here from the
     same features when absent; a pytorch-fid / TTUR statistics file may be dropped in)."""
     name = reference_name(config)
-    path = cache_dir() / f"fid_features_{name}.npy"
-    stats_path = cache_dir() / f"fid_stats_{name}.npz"
+    path = inception.cache_dir() / f"fid_features_{name}.npy"
+    stats_path = inception.cache_dir() / f"fid_stats_{name}.npz"
     if path.is_file():
         features = np.load(path, allow_pickle=False)
     else:
@@ -236,12 +217,12 @@ def _reference_features(config, model, batch_size: int) -> tuple[np.ndarray, tup
         features = fid.inception_features(model, batches, batch_size=batch_size)[0].float().numpy()
         buffer = io.BytesIO()
         np.save(buffer, features)
-        atomic_write_bytes(path, buffer.getvalue())
+        records.atomic_write_bytes(path, buffer.getvalue())
     if not stats_path.is_file():
-        mu, sigma = feature_statistics(features)
+        mu, sigma = metrics.feature_statistics(features)
         buffer = io.BytesIO()
         np.savez(buffer, mu=mu, sigma=sigma, num_samples=np.int64(len(features)))
-        atomic_write_bytes(stats_path, buffer.getvalue())
+        records.atomic_write_bytes(stats_path, buffer.getvalue())
     return features, fid.load_statistics(stats_path)
 
 
@@ -261,7 +242,7 @@ def get_scorer(config) -> DigitsScorer | InceptionScorer:
         raise NotImplementedError(
             f"no sample-quality metric for point data ({config.data.dataset}); set "
             "--config.eval.enable_sampling=False")
-    model = load_fid_inception().to(config.device)
+    model = inception.load_fid_inception().to(config.device)
     batch_size = min(config.eval.batch_size, 200)
     features, stats = _reference_features(config, model, batch_size)
     return InceptionScorer(model, stats, features, batch_size, reference_name(config))
@@ -326,7 +307,7 @@ def eval_bpd(config, score_fn, sde, out: Path, progress: bool) -> dict:
     bpd = torch.cat(values).numpy()
     buffer = io.BytesIO()
     np.savez(buffer, bpd=bpd, labels=data.labels.numpy())
-    atomic_write_bytes(out, buffer.getvalue())
+    records.atomic_write_bytes(out, buffer.getvalue())
     stderr = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
     return {"mean": float(bpd.mean()), "stderr": stderr, "num_images": len(bpd), "split": split,
             "levels": data.levels, "nfe": nfe, "per_image": str(out), **options}
@@ -345,9 +326,9 @@ def eval_samples(config, trained: Trained, score_fn, scorer, sample_dir: Path, *
     def score_batch(x: torch.Tensor) -> None:  # x (B, C, H, W) in model space, on the CPU
         if on_batch is not None:
             on_batch(x)
-        scorer.update(quantize_images(inverse_scaler(x)))
+        scorer.update(metrics.quantize_images(inverse_scaler(x)))
 
-    _, info = sample_for_eval(
+    _, info = records.sample_for_eval(
         trained.sde, score_fn, datasets.data_shape(config), config.eval.num_samples,
         config.eval.batch_size, config.seed, trained.method, sample_dir=sample_dir,
         device=config.device, progress=progress, on_batch=score_batch, keep_samples=False,
@@ -383,33 +364,29 @@ def evaluate(config, trained: Trained, workdir: str | Path, eval_folder: str = "
     for n, path in todo:
         model, step = trained.load_model(path)
         score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
-        metrics, extra, sampling = {}, {}, None
+        result, extra, sampling = {}, {}, None
         if e.enable_loss:
             extra["loss"] = eval_loss(config, model, trained.eval_step)
-            metrics["eval_loss"] = extra["loss"]["mean"]
-            log.info("ckpt %d: eval_loss %.5e", n, metrics["eval_loss"])
+            result["eval_loss"] = extra["loss"]["mean"]
+            log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
         if e.enable_bpd:
             out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
             extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress)
-            metrics["bpd"], metrics["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
-            log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, metrics["bpd"],
-                     metrics["bpd_stderr"])
+            result["bpd"], result["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
+            log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
+                     result["bpd_stderr"])
         if e.enable_sampling:
             scores, sampling = eval_samples(config, trained, score_fn, scorer,
                                             folder / f"ckpt_{n}", progress=progress,
                                             on_batch=on_batch)
-            metrics.update(scores)
-            extra["sample_metric"] = scorer.info()
-            log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()
-                                                 if isinstance(v, float)))
-        if sampling is not None:
-            sampling = {k: v for k, v in sampling.items() if k != "reports"}
-            extra["resumed_batches"] = sampling.pop("resumed_batches")
-        record = evaluation_record(
-            metrics=metrics, sampling=sampling,
-            checkpoint={"n": n, "step": step, **file_checkpoint_id(path)},
+            result.update(scores)
+            extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"])
+            log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))
+        record = records.evaluation_record(
+            metrics=result, sampling=sampling,
+            checkpoint={"n": n, "step": step, **records.file_checkpoint_id(path)},
             extra={**extra, "seed": config.seed, "eval": e.to_dict(),
                    "sampling_config": config.sampling.to_dict()})
-        write_record(record_path(workdir, eval_folder, n), record)
-        log.info("ckpt %d: record %s", n, record_path(workdir, eval_folder, n))
+        log.info("ckpt %d: record %s", n, records.write_record(record_path(workdir, eval_folder, n),
+                                                        record))
     return [record_path(workdir, eval_folder, n) for n, _ in chosen]

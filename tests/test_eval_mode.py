@@ -207,7 +207,7 @@ def _image_folder(root, n=10):
 
 def test_inception_metrics_with_random_weights(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("SCORE_SDE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(run, "load_fid_inception",
+    monkeypatch.setattr(inception, "load_fid_inception",
                         lambda: FIDInceptionV3().eval().requires_grad_(False))
     config = tiny_config(**{"data.dataset": "folder", "eval.num_samples": 6,
                             "eval.enable_loss": False})
