@@ -194,19 +194,37 @@ RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihoo
 
 
 def main(argv):
-    """Resolve the device, seed once, then run ``--mode``; user errors end with one line."""
+    """Resolve the device, join torchrun's process group (if launched by torchrun), validate the
+    config, data and checkpoints, seed once, then run ``--mode``; user errors end with one line.
+    """
+    from training import distributed, validation
+    from training.checkpoints import CheckpointWriteError
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     resolve_device(config)
-    torch.manual_seed(config.seed)  # seeds applied once, here
+    ctx = distributed.setup(config)  # one process per device; rank 0 logs and writes
+    torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))  # seeds applied once, here
     workdir = Path(FLAGS.workdir)
-    _log_to_file(workdir)
+    if ctx.is_main:
+        _log_to_file(workdir)
     try:
+        try:
+            validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
+        except (ValueError, TypeError) as e:  # config values, DatasetError, CheckpointError
+            _fail(e)
         RUNNERS[FLAGS.mode](config, workdir)
-    except (FileNotFoundError, NotImplementedError, CheckpointError) as e:
-        logging.error("%s", e)  # one line on stderr and in stdout.txt, no traceback
-        sys.exit(1)
+    except (FileNotFoundError, NotImplementedError, CheckpointError, validation.DatasetError,
+            FloatingPointError, CheckpointWriteError) as e:
+        _fail(e)
+    finally:
+        distributed.cleanup()
+
+
+def _fail(error: Exception) -> None:
+    logging.error("%s", error)  # one line on stderr and in stdout.txt, no traceback
+    sys.exit(1)
 
 
 if __name__ == "__main__":
