@@ -1,0 +1,190 @@
+"""Data-parallel training (training.distributed): two Gloo processes under torchrun train like
+one process over the same global batch; the sharded loss draws equal the whole batch's; the
+global batch must split evenly; checkpoints of a 2-rank run resume with one rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+import losses
+from training import checkpoints, distributed
+from training.sampling import get_sde
+
+# A tiny toy run. Adam with eps = 10 above every |gradient| acts like SGD, so a wrong gradient
+# scale (a sum over ranks instead of a mean, a missing 1/W) changes the result by a factor ~2
+# instead of being normalised away; no clipping for the same reason.
+TOY = [
+    "--config=toy_2d", "--config.model.nf=16", "--config.training.batch_size=32",
+    "--config.data.num_samples=256", "--config.training.snapshot_freq=100",
+    "--config.training.snapshot_freq_for_preemption=2", "--config.training.log_freq=1",
+    "--config.training.eval_freq=2", "--config.training.snapshot_sampling=False",
+    "--config.optim.lr=0.05", "--config.optim.eps=10.0", "--config.optim.warmup=0",
+    "--config.optim.grad_clip=-1.0", "--noprogress",
+]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main(*args, nproc=1, check=True):
+    launcher = [] if nproc == 1 else [
+        "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    result = subprocess.run([sys.executable, *launcher, str(REPO / "main.py"), *args], cwd=REPO,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def _final(workdir):
+    return torch.load(checkpoints.meta_path(workdir), weights_only=True)
+
+
+def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
+    _main(*TOY, "--config.training.n_iters=4", f"--workdir={tmp_path / 'two'}", nproc=2)
+    _main(*TOY, "--config.training.n_iters=4", f"--workdir={tmp_path / 'one'}")
+    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    assert two["step"] == one["step"] == 4
+    assert two["data"] == one["data"]
+    assert not any(k.startswith("module.") for k in two["model"])  # no DDP prefix on disk
+    moved = max((a - b).abs().max() for a, b in zip(one["model"].values(),
+                                                    _fresh_model_state(tmp_path).values()))
+    for (name, a), b in zip(one["model"].items(), two["model"].values()):
+        # float round-off of sums in another order; a wrong gradient scale moves weights by
+        # about as much as training does (``moved``)
+        assert (a - b).abs().max() <= 1e-5 * moved, name
+    for a, b in zip(one["ema"]["shadow_params"], two["ema"]["shadow_params"]):
+        assert (a - b).abs().max() <= 1e-5 * moved
+    assert (tmp_path / "two" / "stdout.txt").read_text().count("step: 4, training_loss") == 1
+
+    # a 2-rank checkpoint continues in one process like a one-process run
+    _main(*TOY, "--config.training.n_iters=6", f"--workdir={tmp_path / 'two'}")
+    _main(*TOY, "--config.training.n_iters=6", f"--workdir={tmp_path / 'one'}")
+    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    assert two["step"] == one["step"] == 6
+    for a, b in zip(one["model"].values(), two["model"].values()):
+        assert (a - b).abs().max() <= 1e-5 * moved
+
+
+def _fresh_model_state(tmp_path):
+    """The initial weights of the toy run (config.seed applied as main.py does)."""
+    import json
+
+    import ml_collections
+
+    from models.utils import create_model
+
+    config = ml_collections.ConfigDict(json.loads((tmp_path / "one" / "config.json").read_text()))
+    torch.manual_seed(config.seed)
+    return create_model(config).state_dict()
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused_at_launch(tmp_path):
+    result = _main(*TOY, "--config.training.batch_size=15", "--config.training.n_iters=1",
+                   f"--workdir={tmp_path}", nproc=2, check=False)
+    assert result.returncode != 0
+    assert "config.training.batch_size=15 (the global batch) must be divisible by the world " \
+           "size 2; use e.g. 14 or 16" in result.stderr
+    assert not checkpoints.meta_path(tmp_path).exists()
+
+
+# -- the pieces, in one process --------------------------------------------------------------
+
+
+def _mlp(dim=3):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(dim + 1, 16), torch.nn.SiLU(),
+                               torch.nn.Linear(16, dim))
+
+
+class _Net(torch.nn.Module):
+    """A score network for (B, D) data taking (x, labels)."""
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.net = _mlp(dim)
+
+    def forward(self, x, labels):
+        return self.net(torch.cat([x, labels[:, None].to(x.dtype)], dim=1))
+
+
+@pytest.mark.parametrize("kind", ["continuous", "likelihood", "ssm", "ddpm"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_losses_average_to_the_whole_batch_loss(kind, world_size):
+    """Mean over equal shards of the shard losses (each drawing the global batch's noise) is the
+    whole-batch loss, and so is the mean of their gradients (what DDP computes)."""
+    sde = get_sde(_ToyConfig)
+    if kind == "ssm":
+        loss_fn = losses.get_ssm_loss_fn(sde, train=True)
+    elif kind == "ddpm":
+        loss_fn = losses.get_ddpm_loss_fn(sde, train=True)
+    else:
+        loss_fn = losses.get_sde_loss_fn(sde, train=True, likelihood_weighting=kind != "continuous")
+    batch = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    model = _Net()
+
+    def loss_and_grads(shard):
+        model.zero_grad()
+        loss = loss_fn(model, batch, generator=torch.Generator().manual_seed(5), shard=shard)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = loss_and_grads(None)
+    rows = 8 // world_size
+    parts = [loss_and_grads(slice(r * rows, (r + 1) * rows)) for r in range(world_size)]
+    torch.testing.assert_close(torch.stack([p[0] for p in parts]).mean(), whole)
+    for k, g in enumerate(whole_grads):
+        torch.testing.assert_close(torch.stack([p[1][k] for p in parts]).mean(0), g)
+    # the shards do see different samples (a shard of the whole loss, not a copy of it)
+    assert not torch.allclose(parts[0][0], parts[1][0])
+
+
+class _ToyConfig:
+    class training:  # noqa: N801
+        sde = "vpsde"
+
+    model = {"beta_min": 0.1, "beta_max": 20.0, "num_scales": 1000}
+
+
+def test_shards_and_seeds():
+    ctx = distributed.Context(rank=1, world_size=4)
+    assert distributed.shard(32, ctx) == slice(8, 16)
+    assert distributed.shard(32, distributed.Context()) is None
+    with pytest.raises(ValueError, match="batch_size=30 .* divisible by the world size 4; use "
+                                         "e.g. 28 or 32"):
+        distributed.shard(30, ctx)
+    assert distributed.rank_seed(42, 0) == 42  # one process: the config's seed itself
+    seeds = {distributed.rank_seed(42, r) for r in range(8)}
+    assert len(seeds) == 8
+    assert distributed.rank_seed(42, 1, 10) != distributed.rank_seed(42, 1, 11)
+
+
+def test_without_torchrun_there_is_no_process_group(monkeypatch):
+    for name in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    class Config:
+        device = "cpu"
+
+    assert distributed.setup(Config) == distributed.Context()
+    monkeypatch.setenv("RANK", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="torchrun environment variables must be integers"):
+        distributed.setup(Config)
