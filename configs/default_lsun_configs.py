@@ -26,6 +26,8 @@ def get_default_configs():
     training.likelihood_weighting = False
     training.continuous = True
     training.reduce_mean = False
+    # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
+    training.skip_nonfinite = False
 
     # sampling
     config.sampling = sampling = ml_collections.ConfigDict()

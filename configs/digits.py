@@ -17,6 +17,8 @@ def get_config():
     training.continuous = True
     training.reduce_mean = True
     training.likelihood_weighting = False
+    # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
+    training.skip_nonfinite = False
     training.batch_size = 64
     training.n_iters = 2000
     training.snapshot_freq = 1000

@@ -18,6 +18,8 @@ def get_config():
     training.continuous = True
     training.reduce_mean = True
     training.likelihood_weighting = False
+    # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
+    training.skip_nonfinite = False
     training.batch_size = 512
     training.n_iters = 5000
     training.snapshot_freq = 2500
