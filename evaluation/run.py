@@ -42,6 +42,7 @@ import likelihood
 import sde_lib
 from evaluation import digits_metric, fid, inception, metrics, records
 from models.utils import get_score_fn
+from utils import InverseScaler, ScoreFn
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,8 @@ class InceptionScorer:
 
     metric = "inception"
 
-    def __init__(self, model, reference: tuple[np.ndarray, np.ndarray], features: np.ndarray,
-                 batch_size: int, reference_name: str) -> None:
+    def __init__(self, model: nn.Module, reference: tuple[np.ndarray, np.ndarray],
+                 features: np.ndarray, batch_size: int, reference_name: str) -> None:
         self.model, self.reference, self.reference_features = model, reference, features
         self.batch_size, self.reference_name = batch_size, reference_name
         self.reset()
@@ -264,7 +265,8 @@ def eval_loss(config, model: nn.Module, eval_step: Callable[..., torch.Tensor]) 
             "batch_size": config.eval.batch_size}
 
 
-def dequantized_bits_per_dim(sde, score_fn, x: torch.Tensor, inverse_scaler, levels: int | None,
+def dequantized_bits_per_dim(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor,
+                             inverse_scaler: InverseScaler, levels: int | None,
                              **options) -> tuple[torch.Tensor, dict]:
     """Bits/dim (B,) of images x (B, C, H, W) in [0, 1] on a grid of ``levels`` intensity levels,
     an upper bound through uniform dequantisation (Song et al. 2021, App. D); ``levels=None``:
@@ -286,7 +288,7 @@ def dequantized_bits_per_dim(sde, score_fn, x: torch.Tensor, inverse_scaler, lev
     return bpd, info
 
 
-def eval_bpd(config, score_fn, sde, out: Path, progress: bool) -> dict:
+def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: bool) -> dict:
     """Bits/dim of every image of ``eval.bpd_dataset`` (Song et al. 2021, App. D): per-image
     values in ``out`` (.npz), mean and standard error; batch b's dequantisation noise and probes
     come from seed ``config.seed + b``."""
@@ -313,8 +315,9 @@ def eval_bpd(config, score_fn, sde, out: Path, progress: bool) -> dict:
             "levels": data.levels, "nfe": nfe, "per_image": str(out), **options}
 
 
-def eval_samples(config, trained: Trained, score_fn, scorer, sample_dir: Path, *,
-                 progress: bool, on_batch: BatchHook | None = None) -> tuple[dict, dict]:
+def eval_samples(config, trained: Trained, score_fn: ScoreFn,
+                 scorer: DigitsScorer | InceptionScorer, sample_dir: Path, *, progress: bool,
+                 on_batch: BatchHook | None = None) -> tuple[dict, dict]:
     """Score ``eval.num_samples`` per-sample-seeded samples drawn (or resumed) in ``sample_dir``.
 
     Returns:

@@ -242,3 +242,13 @@ def test_offline_inception_error_comes_before_any_sampling(trained, tmp_path, mo
         run.evaluate(config, inputs, workdir, progress=False)
     assert str(tmp_path / "empty_cache") in str(error.value)
     assert count_draws == [] and loaded == []  # no checkpoint loaded, no batch drawn
+
+
+def test_missing_eval_keys_and_bad_values_are_named():
+    config = importlib.import_module("configs.toy_2d").get_config()
+    with pytest.raises(ValueError, match=r"config.eval.\{begin_ckpt, end_ckpt, enable_sampling"):
+        run.check_eval_config(config)
+    with pytest.raises(ValueError, match="begin_ckpt=3 > end_ckpt=2"):
+        run.check_eval_config(tiny_config(**{"eval.begin_ckpt": 3, "eval.end_ckpt": 2}))
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
+        run.check_eval_config(tiny_config(**{"eval.num_samples": 0}))
