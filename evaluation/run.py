@@ -191,6 +191,12 @@ class InceptionScorer:
                 "weights_sha256": inception.FID_WEIGHTS_SHA256}
 
 
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    records.atomic_write_bytes(path, buffer.getvalue())
+
+
 def reference_name(config) -> str:
     """Cache name of the reference set: ``cifar10_train`` for 32x32 CIFAR-10 (the papers'
     reference), else the dataset, size and a hash of ``config.data``."""
@@ -203,27 +209,24 @@ def reference_name(config) -> str:
 
 def _reference_features(config, model, batch_size: int) -> tuple[np.ndarray, tuple]:
     """Pool3 features (M, 2048) float32 of the training split, computed once and cached as
-    ``<cache_dir()>/fid_features_<name>.npy``, and their (mu, sigma) from
+    ``<cache_dir()>/fid_features_<name>.npz``, and their (mu, sigma) from
     ``fid_stats_<name>.npz`` (``fid.reference_statistics``' cache file, written here from the
     same features when absent; a pytorch-fid / TTUR statistics file may be dropped in)."""
     name = reference_name(config)
-    path = inception.cache_dir() / f"fid_features_{name}.npy"
+    path = inception.cache_dir() / f"fid_features_{name}.npz"
     stats_path = inception.cache_dir() / f"fid_stats_{name}.npz"
     if path.is_file():
-        features = np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as saved:
+            features = saved["features"]
     else:
         data = datasets.get_dataset(config, "train")
         batches = datasets.DataIterator(data, batch_size, shuffle=False)
         log.info("pool3 features of %d training images for %s (once)", len(data), path)
         features = fid.inception_features(model, batches, batch_size=batch_size)[0].float().numpy()
-        buffer = io.BytesIO()
-        np.save(buffer, features)
-        records.atomic_write_bytes(path, buffer.getvalue())
+        _write_npz(path, features=features)
     if not stats_path.is_file():
         mu, sigma = metrics.feature_statistics(features)
-        buffer = io.BytesIO()
-        np.savez(buffer, mu=mu, sigma=sigma, num_samples=np.int64(len(features)))
-        records.atomic_write_bytes(stats_path, buffer.getvalue())
+        _write_npz(stats_path, mu=mu, sigma=sigma, num_samples=np.int64(len(features)))
     return features, fid.load_statistics(stats_path)
 
 
@@ -291,13 +294,20 @@ def dequantized_bits_per_dim(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tenso
 def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: bool) -> dict:
     """Bits/dim of every image of ``eval.bpd_dataset`` (Song et al. 2021, App. D): per-image
     values in ``out`` (.npz), mean and standard error; batch b's dequantisation noise and probes
-    come from seed ``config.seed + b``."""
+    come from seed ``config.seed + b``. An ``out`` written with the same settings (a run
+    interrupted later, while sampling) is read instead of solved again."""
     split = config.eval.bpd_dataset
     data = datasets.get_dataset(config, split)
+    options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
+    settings = json.dumps({"split": split, "batch_size": config.eval.batch_size, "n": len(data),
+                           "seed": config.seed, "levels": data.levels, **options}, sort_keys=True)
+    if out.is_file():
+        with np.load(out, allow_pickle=False) as saved:
+            if str(saved["settings"]) == settings:
+                return _bpd_summary(saved["bpd"], int(saved["nfe"]), split, data, out, options)
     iterator = datasets.DataIterator(data, config.eval.batch_size, shuffle=False,
                                      device=config.device)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
-    options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
     values, nfe = [], 0
     for b, x in enumerate(tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
                                desc=f"bits/dim ({split})")):
@@ -307,9 +317,12 @@ def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: b
         values.append(bpd.detach().double().cpu())
         nfe += info["nfe"]
     bpd = torch.cat(values).numpy()
-    buffer = io.BytesIO()
-    np.savez(buffer, bpd=bpd, labels=data.labels.numpy())
-    records.atomic_write_bytes(out, buffer.getvalue())
+    _write_npz(out, bpd=bpd, labels=data.labels.numpy(), nfe=np.int64(nfe),
+               settings=np.asarray(settings))
+    return _bpd_summary(bpd, nfe, split, data, out, options)
+
+
+def _bpd_summary(bpd: np.ndarray, nfe: int, split: str, data, out: Path, options) -> dict:
     stderr = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
     return {"mean": float(bpd.mean()), "stderr": stderr, "num_images": len(bpd), "split": split,
             "levels": data.levels, "nfe": nfe, "per_image": str(out), **options}

@@ -156,7 +156,8 @@ def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(trained, tmp
     assert count_draws == []
 
 
-def test_bits_per_dim_mean_and_standard_error(trained, tmp_path):
+def test_bits_per_dim_mean_and_standard_error_reused_on_a_rerun(trained, tmp_path,
+                                                                 monkeypatch):
     config = tiny_config(**{"eval.enable_sampling": False, "eval.enable_loss": False,
                             "eval.enable_bpd": True, "eval.batch_size": 100})
     workdir = fresh_workdir(trained, tmp_path)
@@ -169,6 +170,14 @@ def test_bits_per_dim_mean_and_standard_error(trained, tmp_path):
                                                             rel=1e-12)
     assert record["bpd"]["num_images"] == 297 and record["bpd"]["levels"] == 17
     assert record["bpd"]["nfe"] > 0 and "num_samples" not in record
+
+    def solve(*args, **kwargs):
+        raise AssertionError("bits/dim solved again")
+
+    run.record_path(workdir, "eval", 1).unlink()  # as if interrupted after the bits/dim pass
+    monkeypatch.setattr(run, "dequantized_bits_per_dim", solve)
+    again = json.loads(evaluate(config, workdir)[0].read_text())
+    assert again["bpd"] == record["bpd"] and again["metrics"] == record["metrics"]
 
 
 def test_dequantized_bits_per_dim_equals_the_closed_form():
@@ -221,7 +230,7 @@ def test_inception_metrics_with_random_weights(trained, tmp_path, monkeypatch):
     assert info["name"] == "inception" and info["num_reference"] == 10
     assert info["weights"] == FID_WEIGHTS_NAME
     name = info["reference"]
-    assert (tmp_path / "cache" / f"fid_features_{name}.npy").is_file()
+    assert (tmp_path / "cache" / f"fid_features_{name}.npz").is_file()
     assert (tmp_path / "cache" / f"fid_stats_{name}.npz").is_file()
 
 
