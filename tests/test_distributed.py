@@ -188,3 +188,47 @@ def test_without_torchrun_there_is_no_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun environment variables must be integers"):
         distributed.setup(Config)
+
+
+# -- collectives: a failure or a NaN on one rank reaches every rank (no rank left waiting) ---------
+
+
+def _collectives_worker(rank, port, results):
+    import torch.distributed as dist
+
+    from training.nonfinite import NonFiniteGuard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    ctx = distributed.context()
+    out = {}
+    try:
+        def full_disk():
+            raise OSError(28, "No space left on device")
+
+        try:
+            distributed.on_main(full_disk, ctx, "checkpoint")
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            out["on_main"] = f"{type(e).__name__}: {e}"
+        guard = NonFiniteGuard("cpu")
+        guard.observe_loss(torch.tensor(float("nan") if rank == 1 else 1.0), step=7)
+        try:
+            guard.check(ctx)
+        except FloatingPointError as e:
+            out["guard"] = str(e)
+        out["mean"] = float(distributed.mean(torch.tensor(float(rank)), ctx))
+    finally:
+        dist.destroy_process_group()
+    results[rank] = out
+
+
+def test_a_failure_or_a_nan_on_one_rank_reaches_every_rank():
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_collectives_worker, args=(_free_port(), results), nprocs=2, join=True)
+    zero, one = results[0], results[1]
+    assert zero["on_main"] == "OSError: [Errno 28] No space left on device"
+    assert one["on_main"] == "RuntimeError: checkpoint failed on rank 0; see its log"
+    assert "non-finite loss or gradient at step 7" in zero["guard"] == one["guard"]
+    assert zero["mean"] == one["mean"] == 0.5
