@@ -15,7 +15,6 @@ from collections.abc import Iterable
 
 import torch
 
-from losses import OptimizeFn
 from training import distributed
 
 log = logging.getLogger(__name__)
@@ -48,24 +47,27 @@ class NonFiniteGuard:
         self.first_bad = torch.where(bad & (self.first_bad == _NONE),
                                      torch.full_like(self.first_bad, step), self.first_bad)
 
-    def wrap(self, optimize_fn: OptimizeFn) -> OptimizeFn:
-        """``optimize_fn`` that first checks the (averaged) gradients of step ``step + 1``."""
+    def protect(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Check the gradients before every ``optimizer.step()`` (after clipping and, with data
+        parallelism, after averaging); ``state['step'] + 1`` is the step being taken."""
+        inner = optimizer.step
 
-        def guarded(optimizer: torch.optim.Optimizer, params, step) -> None:
-            params = list(params)
+        def step(*args, **kwargs):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
             finite = grads_finite(params)
+            number = int(state["step"]) + 1
             if self.skip:
                 if not bool(finite):  # one host sync per step, only in skip mode
                     self.skipped += 1
                     log.warning("step %d: non-finite gradient, step skipped (%d so far)",
-                                int(step) + 1, self.skipped)
+                                number, self.skipped)
                     optimizer.zero_grad(set_to_none=True)
-                    return
+                    return None
             else:
-                self._record(~finite, int(step) + 1)
-            optimize_fn(optimizer, params, step)
+                self._record(~finite, number)
+            return inner(*args, **kwargs)
 
-        return guarded
+        optimizer.step = step
 
     def observe_loss(self, loss: torch.Tensor, step: int) -> None:
         """Record ``loss`` of step ``step`` (1-based, steps completed); no host sync."""
