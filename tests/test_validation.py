@@ -342,6 +342,7 @@ def test_fuzz_corrupted_cifar_tarballs_get_a_dataset_error(tmp_path, monkeypatch
             except DatasetError as e:
                 refused += 1
                 assert "dataset 'CIFAR10'" in str(e), (case, kind, str(e))
+        assert path.read_bytes() == data  # validation only reads
         monkeypatch.setattr(cifar10, "MD5", hashlib.md5(good).hexdigest())
     assert refused >= 60
 
@@ -367,3 +368,18 @@ def test_dataset_errors_name_the_problem(tmp_path):
     toy = _config("toy_2d", **{"data.num_samples": 8})
     with pytest.raises(DatasetError, match="8 training samples, fewer than"):
         validation.validate_dataset(toy)
+
+
+def test_validate_run_checks_mode_config_data_and_the_resume_checkpoint(trained, tmp_path):
+    import shutil
+
+    config, workdir = trained
+    with pytest.raises(ValueError, match="--mode sample runs in one process; only --mode train"):
+        validation.validate_run(config, workdir, "sample", world_size=2)
+    validation.validate_run(config, workdir, "train", world_size=2)
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    last = checkpoints.list_snapshots(run)[-1][1]
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{last}: cannot read checkpoint"):
+        validation.validate_run(config, run, "train")

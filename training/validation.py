@@ -361,10 +361,20 @@ def validate_checkpoint_file(path: str | os.PathLike, config) -> dict:
 
 
 def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int = 1) -> None:
-    """Everything ``main.py`` checks before work: the config, the dataset (train and likelihood
-    modes) and, for training, the checkpoints a resume would read."""
+    """Everything ``main.py`` checks before work: the mode against the world size, the config,
+    the dataset (train and likelihood modes) and, for training, the checkpoints a resume would
+    read.
+
+    Raises:
+        ValueError, TypeError: config values or a multi-process launch of a one-process mode.
+        DatasetError: dataset files.
+        CheckpointError: the checkpoints of ``workdir``.
+    """
     from training import checkpoints  # imports this module
 
+    if world_size > 1 and mode != "train":
+        raise ValueError(f"--mode {mode} runs in one process; only --mode train is "
+                         f"data-parallel (launched with {world_size} processes by torchrun)")
     validate_config(config, world_size)
     if mode == "train":
         validate_dataset(config, ("train", "test"))
