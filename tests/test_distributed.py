@@ -217,6 +217,10 @@ def _collectives_worker(rank, port, results):
         except FloatingPointError as e:
             out["guard"] = str(e)
         out["mean"] = float(distributed.mean(torch.tensor(float(rank)), ctx))
+        try:
+            distributed.check_same(4 * rank, ctx, "the step to resume from", "A hint.")
+        except RuntimeError as e:
+            out["same"] = str(e)
     finally:
         dist.destroy_process_group()
     results[rank] = out
@@ -232,3 +236,5 @@ def test_a_failure_or_a_nan_on_one_rank_reaches_every_rank():
     assert one["on_main"] == "RuntimeError: checkpoint failed on rank 0; see its log"
     assert "non-finite loss or gradient at step 7" in zero["guard"] == one["guard"]
     assert zero["mean"] == one["mean"] == 0.5
+    assert zero["same"] == one["same"] == ("ranks disagree on the step to resume from: values "
+                                           "from 0 to 4. A hint.")

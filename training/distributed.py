@@ -187,6 +187,22 @@ def mean(value: torch.Tensor, ctx: Context) -> torch.Tensor:
     return (out / ctx.world_size).to(value.device)
 
 
+def check_same(value: int, ctx: Context, what: str, hint: str = "",
+               device: torch.device | str = "cpu") -> None:
+    """Every rank holds the same integer ``value`` (a collective).
+
+    Raises:
+        RuntimeError: on every rank, naming ``what``, the range of values seen and ``hint``.
+    """
+    if not ctx.enabled:
+        return
+    both = torch.tensor([value, -value], dtype=torch.int64, device=_device_of(ctx, device))
+    dist.all_reduce(both, op=dist.ReduceOp.MIN)
+    low, high = int(both[0]), -int(both[1])
+    if low != high:
+        raise RuntimeError(f"ranks disagree on {what}: values from {low} to {high}. {hint}")
+
+
 def on_main(fn: Callable[[], Any], ctx: Context, what: str,
             device: torch.device | str = "cpu") -> None:
     """Run ``fn`` on rank 0 only while the other ranks wait (a barrier around checkpoint writes).

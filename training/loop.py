@@ -200,6 +200,8 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
         checkpoints.restore_checkpoint(resume, state)
         distributed.reseed_after_resume(config.seed, state["step"], ctx)
         log.info("resumed from %s at step %d", resume, state["step"])
+    distributed.check_same(state["step"], ctx, "the step to resume from",
+                           "Is --workdir on a file system that every node sees?", config.device)
     guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False))
     guard.protect(state["optimizer"], state)
     train_step, eval_step = get_step_fns(config, sde)
