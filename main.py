@@ -6,6 +6,10 @@
     python main.py --config digits --mode sample --workdir runs/digits
     python main.py --config digits --mode likelihood --workdir runs/digits
     python main.py --config digits --mode eval --workdir runs/digits
+    torchrun --standalone --nproc_per_node 4 main.py --config vp_cifar --workdir runs/vp_cifar
+
+Under ``torchrun`` training is data-parallel (``training.distributed``): the global batch
+``training.batch_size`` is split over the processes; rank 0 logs and writes checkpoints.
 
 ``--config`` takes a short name (see ``configs/registry.py``) or a config file path;
 ``--config.<section>.<key>=value`` overrides any existing key (a misspelt key is an error).
