@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sde_lib  # noqa: E402
-from samplers import sample  # noqa: E402
+from samplers import SAMPLERS, sample  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 PROBLEMS = [("2-D, B=10000", (10_000, 2), 80.0), ("192-D, B=1000", (1_000, 192), 150.0)]
@@ -38,7 +38,29 @@ CASES = {
                                                 corrector="langevin")),
     "ode euler": ("ode", dict(solver="euler")),
     "ode rk4 (4 NFE)": ("ode", dict(solver="rk4")),
+    # Fast samplers (issue 5, part 2): budget nfe = steps * nfe_per_step (see _budget).
+    "ddim (eta=0)": ("ddim", dict()),
+    "ddim (eta=1)": ("ddim", dict(eta=1.0)),
+    "dpm_solver++_2m": ("dpm_solver++_2m", dict()),
+    "dpm_solver++_3m": ("dpm_solver++_3m", dict()),
+    "dpm_solver_2 (2 NFE)": ("dpm_solver_2", dict()),
+    "dpm_solver_3 (3 NFE)": ("dpm_solver_3", dict()),
+    "edm_heun (2 NFE)": ("edm_heun", dict()),
+    "edm_heun churn (2 NFE)": ("edm_heun", dict(churn=10.0)),
+    # Fixed steps h = (T - eps)/steps, every step accepted: the per-iteration cost (2 NFE).
+    "adaptive (2 NFE)": ("adaptive", dict(rtol=1e9, atol=1e9, r=1e-12, theta=1.0)),
 }
+
+
+def _budget(method, steps):
+    """The step-count option of ``method`` for ``steps`` steps."""
+    if method == "pc":
+        return {"N": steps}
+    if method == "ode":
+        return {"steps": steps}
+    if method == "adaptive":
+        return {"nfe": 2 * steps, "h_init": (1.0 - 1e-3) / steps}
+    return {"nfe": steps * SAMPLERS.get(method).nfe_per_step}
 
 
 def near_free_score(sde):
@@ -53,16 +75,11 @@ def near_free_score(sde):
 
 def time_case(sde, shape, method, options, steps, repeats):
     """Best wall time per step (us) over ``repeats`` runs of ``steps`` steps."""
-    opts = dict(options)
-    if method == "pc":
-        opts["N"] = steps
-    else:
-        opts["steps"] = steps
+    opts = {**options, **_budget(method, steps)}
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(shape, generator=gen)
     score_fn = near_free_score(sde)
-    sample(sde, score_fn, x_T, method, generator=gen, **{**opts, **({"N": 3} if method == "pc"
-                                                                   else {"steps": 3})})
+    sample(sde, score_fn, x_T, method, generator=gen, **{**options, **_budget(method, 3)})
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
