@@ -163,6 +163,32 @@ class _ToyConfig:
     model = {"beta_min": 0.1, "beta_max": 20.0, "num_scales": 1000}
 
 
+def test_a_sharded_dataset_reads_only_its_rows_of_the_global_batch():
+    from datasets import ArrayDataset, DataIterator
+
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
+    dataset = ArrayDataset(images, torch.zeros(40, dtype=torch.int64), levels=256)
+    options = dict(seed=3, random_flip=True, uniform_dequantization=True)
+    whole = DataIterator(dataset, 12, **options)
+    ranks = [DataIterator(distributed.shard_dataset(dataset, 12, distributed.Context(r, 3)), 12,
+                          **options) for r in range(3)]
+    read = []
+    real_as_float = ArrayDataset.as_float
+    ArrayDataset.as_float = lambda self, index: read.append(len(index)) or real_as_float(
+        self, index)
+    try:
+        for _ in range(7):  # over two epoch boundaries (3 batches per epoch)
+            batch = next(whole)
+            for r, it in enumerate(ranks):
+                torch.testing.assert_close(next(it)[4 * r:4 * (r + 1)], batch[4 * r:4 * (r + 1)],
+                                           rtol=0, atol=0)
+    finally:
+        ArrayDataset.as_float = real_as_float
+    assert read == [12, 4, 4, 4] * 7  # each rank decodes a third of the global batch
+    assert all(it.state_dict() == whole.state_dict() for it in ranks)
+    assert distributed.shard_dataset(dataset, 12, distributed.Context()) is dataset
+
+
 def test_shards_and_seeds():
     ctx = distributed.Context(rank=1, world_size=4)
     assert distributed.shard(32, ctx) == slice(8, 16)

@@ -12,8 +12,8 @@ launcher of ours::
 The design keeps a run's result independent of the world size W:
 
 * every rank iterates the *global* batch (``training.batch_size``, same seed, same position) and
-  keeps rows ``[r B/W, (r+1) B/W)`` (:func:`shard`); the data position in checkpoints is
-  therefore the same on every rank and for every W;
+  reads only rows ``[r B/W, (r+1) B/W)`` (:func:`shard`, :func:`shard_dataset`); the data
+  position in checkpoints is therefore the same on every rank and for every W;
 * the loss draws (t, z) are made for the whole global batch from the same seeded generator on
   every rank and sliced the same way (``losses`` ``shard=``), so sample i sees the same noise
   whatever W is;
@@ -30,13 +30,15 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from datasets import ArrayDataset
 
 #: environment variables torchrun sets for every worker
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -151,6 +153,40 @@ def shard(batch_size: int, ctx: Context) -> slice | None:
         return None
     rows = check_divisible(batch_size, ctx.world_size)
     return slice(ctx.rank * rows, (ctx.rank + 1) * rows)
+
+
+@dataclass
+class ShardedDataset(ArrayDataset):
+    """An :class:`~datasets.ArrayDataset` whose global batches hold only this rank's rows.
+
+    ``DataIterator`` asks for the samples of the whole global batch (so permutations, flips and
+    dequantisation noise are those of a one-process run); only rows ``rows`` are read or decoded,
+    the others are zeros that the sharded loss never looks at. Built by :func:`shard_dataset`.
+    """
+
+    rows: slice = field(default_factory=lambda: slice(None))
+    batch_size: int = 0
+
+    def as_float(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Samples ``index`` (B,) as float; rows outside ``rows`` are zeros for a global batch."""
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        if index.shape[0] != self.batch_size:  # not a training batch: read everything
+            return super().as_float(index)
+        local = super().as_float(index[self.rows])  # (B / W, *D)
+        x = local.new_zeros((index.shape[0], *local.shape[1:]))
+        x[self.rows] = local
+        return x
+
+
+def shard_dataset(dataset: ArrayDataset, batch_size: int, ctx: Context) -> ArrayDataset:
+    """``dataset`` reading only ``ctx.rank``'s rows of each global batch (unchanged for one
+    process), so an image folder is decoded once over all ranks, not once per rank."""
+    rows = shard(batch_size, ctx)
+    if rows is None:
+        return dataset
+    return ShardedDataset(dataset.data, dataset.labels, dataset.levels, dataset.classes,
+                          rows=rows, batch_size=batch_size)
 
 
 # -- collectives that every rank calls at the same point ------------------------------------------

@@ -77,8 +77,10 @@ def build(config) -> tuple[dict[str, Any], Any]:
         name: torch.Generator(device=device).manual_seed(config.seed + k)
         for k, name in enumerate(("train", "eval"))
     }
+    train_data = distributed.shard_dataset(datasets.get_dataset(config, "train"),
+                                           config.training.batch_size, distributed.context())
     iterators = {
-        "train": datasets.get_data_iterator(config, "train", device=device),
+        "train": datasets.get_data_iterator(config, "train", device=device, dataset=train_data),
         "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device),
     }
     state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
