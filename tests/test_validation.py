@@ -383,3 +383,47 @@ def test_validate_run_checks_mode_config_data_and_the_resume_checkpoint(trained,
     last.write_bytes(last.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=f"{last}: cannot read checkpoint"):
         validation.validate_run(config, run, "train")
+
+
+def test_fuzz_corrupted_images_are_refused_or_decode(tmp_path, monkeypatch):
+    """PIL's ``verify`` passes many damaged JPEGs; validation decodes each file once, so every
+    image it accepts also decodes in training."""
+    from datasets.folder import load_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    encoded = {}
+    for ext, fmt in ((".png", "PNG"), (".jpg", "JPEG")):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        encoded[ext] = buffer.getvalue()
+        (folder / f"good{ext}").write_bytes(encoded[ext])
+    config = _cifar_config(tmp_path)
+    config.data.dataset, config.data.root, config.data.image_size = "folder", str(folder), 8
+    rng = random.Random(5)
+    refused = 0
+    for case in range(60):
+        ext = (".png", ".jpg")[case % 2]
+        kind, data = _mutate(encoded[ext], rng)
+        for old in folder.glob("z.*"):
+            old.unlink()
+        path = folder / f"z{ext}"
+        path.write_bytes(data)
+        with deadline(20):
+            try:
+                validation.validate_dataset(config, verified=tmp_path / "verified.json")
+            except DatasetError as e:
+                refused += 1
+                assert f"image {path} is corrupt" in str(e), (case, kind, str(e))
+                continue
+        assert load_image(path, 8, 3).shape == (3, 8, 8), (case, kind)
+    assert refused >= 30
+
+    path.unlink()
+    validation.validate_dataset(config, verified=tmp_path / "verified.json")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    validation.validate_dataset(config, verified=tmp_path / "verified.json")
+    assert opened == []  # a restart does not decode the folder again

@@ -9,6 +9,7 @@ config (cheap) and checks a checkpoint's structure before restoring it. Errors a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -218,11 +219,19 @@ def validate_config(config, world_size: int = 1) -> None:
 # -- dataset files ------------------------------------------------------------------------------
 
 
-def validate_dataset(config, splits: tuple[str, ...] = ("train",)) -> None:
+def validate_dataset(config, splits: tuple[str, ...] = ("train",),
+                     verified: str | os.PathLike | None = None) -> None:
     """Load each split once and check its samples against the config.
 
-    Image folders are checked file by file (every header opened and verified) without decoding
-    the images; other datasets are read in full.
+    Image folders are checked file by file: every image is decoded once (a truncated JPEG passes
+    PIL's ``verify``, not its decoder). ``verified`` names a JSON file remembering the files
+    (path, size, mtime) already decoded, so a restarted run does not decode them again. Other
+    datasets are read in full.
+
+    Args:
+        config: the experiment config (``data.*``, ``training.batch_size``).
+        splits: the splits to check.
+        verified: optional cache of decoded image files (written atomically).
 
     Raises:
         DatasetError: missing or corrupt files, or samples whose shape is not
@@ -235,7 +244,7 @@ def validate_dataset(config, splits: tuple[str, ...] = ("train",)) -> None:
         try:
             dataset = datasets.get_dataset(config, split)
             if name == "folder":
-                _verify_images(dataset.data.files)
+                _decode_images(dataset.data.files, verified)
         except DatasetError:
             raise
         except Exception as e:  # any reader's error on a bad file becomes one clear message
@@ -257,16 +266,31 @@ def validate_dataset(config, splits: tuple[str, ...] = ("train",)) -> None:
             raise DatasetError(f"dataset {name!r} ({split} split) contains NaN or inf values")
 
 
-def _verify_images(files: list[Path]) -> None:
+def _decode_images(files: list[Path], verified: str | os.PathLike | None) -> None:
+    import json
+
     from PIL import Image
 
+    from utils import atomic_write_bytes
+
+    known: dict[str, list[int]] = {}
+    if verified is not None and Path(verified).is_file():
+        with contextlib.suppress(ValueError, OSError):
+            known = dict(json.loads(Path(verified).read_text()))
+    done = {}
     for path in files:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as e:
-            raise DatasetError(f"image {path} is corrupt or not an image: "
-                               f"{type(e).__name__}: {e}") from e
+        stat = path.stat()
+        key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if known.get(key) != stamp:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
+                raise DatasetError(f"image {path} is corrupt or not an image: "
+                                   f"{type(e).__name__}: {e}") from e
+        done[key] = stamp
+    if verified is not None and done != known:
+        atomic_write_bytes(verified, json.dumps(done).encode())
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -377,7 +401,7 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
                          f"data-parallel (launched with {world_size} processes by torchrun)")
     validate_config(config, world_size)
     if mode == "train":
-        validate_dataset(config, ("train", "test"))
+        validate_dataset(config, ("train", "test"), Path(workdir) / "verified_images.json")
         for path in (checkpoints.meta_path(workdir),
                      *[p for _, p in checkpoints.list_snapshots(workdir)[-1:]]):
             if Path(path).is_file():
