@@ -8,9 +8,9 @@ reverse SDE dx = [f - g^2 score] dt + g dw_bar (Song et al. 2021, eq. 6), with o
     x~  = x' - h F(x', t - h) + sqrt(h) g(t - h) z,    x'' = (x + x~) / 2          (Alg. 1)
 
 and measures E = ||(x' - x'') / delta||_2 / sqrt(D) with the mixed tolerance
-delta = max(eps_abs, eps_rel max(|x'|, |x'_prev|)) (eq. 5, x'_prev the previous accepted x'). Each
+delta = max(eps_abs, eps_rel max(|x'|, |x'_prev|)) (x'_prev the previous accepted x'). Each
 sample accepts (E <= 1: x <- x'', t <- t - h) or rejects on its own and takes the next step
-h <- min(t - eps, theta h E^(-r)) (eq. 6). The drift and diffusion come from the SDE's reverse()
+h <- min(t - eps, theta h E^(-r)). The drift and diffusion come from the SDE's reverse()
 (``sde.sde``), so VP, sub-VP and VE work alike.
 
 Host synchronisation: the loop is on tensors only (per-sample t, h, accept masks via
@@ -47,8 +47,8 @@ class AdaptiveSDE(Sampler):
     Options:
         nfe: hard budget of score evaluations (2 per iteration over the batch).
         eps: final time; samples are draws of p_eps.
-        rtol, atol: eps_rel and eps_abs of eq. 5 (paper: 0.05 and 0.0078 for data in [-1, 1]).
-        h_init: first step size (paper: 0.01); theta, r: safety factor and exponent of eq. 6.
+        rtol, atol: eps_rel and eps_abs of delta (paper: 0.05 and 0.0078 for data in [-1, 1]).
+        h_init: first step size (paper: 0.01); theta, r: safety factor and exponent of h.
         check_every: iterations between host-side termination checks.
     The report adds ``steps_per_sample`` (B,), the iterations each sample was running, and
     ``rejected`` (B,), its rejected steps.

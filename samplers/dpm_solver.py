@@ -6,10 +6,10 @@ lambda = log(m/s) (Lu et al. 2022, eq. 3.4, with alpha_t = m(t), sigma_t = s(t))
     noise prediction (DPM-Solver):   x_t = m_t/m_s x_s - m_t int e^(-lambda) eps_hat dlambda
     data prediction (DPM-Solver++):  x_t = s_t/s_s x_s + s_t int e^(lambda) x0_hat dlambda
 
-(Lu et al. 2022b, eq. 8), with eps_hat = -s score and x0_hat = (x + s^2 score) / m from any
+(Lu et al. 2022b, Sec. 4), with eps_hat = -s score and x0_hat = (x + s^2 score) / m from any
 score_fn, so every SDE works through m(t), s(t) and lambda(t) alone. The prediction is expanded in
 a Taylor series around lambda_s and integrated exactly with the phi functions
-phi_k(z) = int_0^1 e^((1-u) z) u^(k-1)/(k-1)! du (Lu et al. 2022, eq. 3.6; 2022b, eq. 9):
+phi_k(z) = int_0^1 e^((1-u) z) u^(k-1)/(k-1)! du (Lu et al. 2022, Sec. 3.2):
 
     x_t = a x_s + c sum_k h^(k+1) phi_(k+1)(+-h) f^(k)(lambda_s),   h = lambda_t - lambda_s,
 
@@ -44,7 +44,7 @@ _SINGLESTEP_TABLEAU = {
 
 
 def phi(k: int, z: float) -> float:
-    """phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k (Lu et al. 2022, eq. 3.6), by its series near 0."""
+    """phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k (Lu et al. 2022, Sec. 3.2), by series near 0."""
     if abs(z) < 0.1:
         return sum(z**j / math.factorial(j + k) for j in range(18))
     tail = math.expm1(z) - sum(z**j / math.factorial(j) for j in range(1, k))
@@ -53,7 +53,7 @@ def phi(k: int, z: float) -> float:
 
 def _weights(prediction: str, lam_s: float, lam_t: float, m_s: float, s_s: float, m_t: float,
              s_t: float, taus: list[float]) -> tuple[float, list[float]]:
-    """(a, b) of the step x_t = a x_s + sum_j b_j f(lambda_s + taus[j]) (Lu et al. 2022, eq. 3.6).
+    """(a, b) of the step x_t = a x_s + sum_j b_j f(lambda_s + taus[j]) (Lu et al. 2022, Sec. 3.2).
 
     The Taylor coefficients f^(k)(lambda_s) of the polynomial through the q = len(taus) points
     solve V d = f with V[j, k] = taus[j]^k / k!, so b = V^-T w with w_k = c h^(k+1) phi_(k+1).
@@ -231,7 +231,7 @@ def _solver(cls_name: str, name: str, order: int, multistep: bool, prediction: s
 
 
 DPMSolver1 = _solver("DPMSolver1", "dpm_solver_1", 1, False, "eps",
-                     "DPM-Solver-1 = DDIM (Lu et al. 2022, eq. 4.1).")
+                     "DPM-Solver-1 = DDIM (Lu et al. 2022, Sec. 3.3).")
 DPMSolver2 = _solver("DPMSolver2", "dpm_solver_2", 2, False, "eps",
                      "DPM-Solver-2 (Lu et al. 2022, Alg. 1).")
 DPMSolver3 = _solver("DPMSolver3", "dpm_solver_3", 3, False, "eps",
@@ -241,7 +241,7 @@ DPMSolver2M = _solver("DPMSolver2M", "dpm_solver_2m", 2, True, "eps",
 DPMSolver3M = _solver("DPMSolver3M", "dpm_solver_3m", 3, True, "eps",
                       "Multistep DPM-Solver-3 (Lu et al. 2022b, App. B, noise prediction).")
 DPMSolverPP1 = _solver("DPMSolverPP1", "dpm_solver++_1", 1, False, "x0",
-                       "DPM-Solver++(1) = DDIM in data prediction (Lu et al. 2022b, eq. 10).")
+                       "DPM-Solver++(1) = DDIM in data prediction (Lu et al. 2022b, Sec. 4).")
 DPMSolverPP2S = _solver("DPMSolverPP2S", "dpm_solver++_2s", 2, False, "x0",
                         "DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1).")
 DPMSolverPP3S = _solver("DPMSolverPP3S", "dpm_solver++_3s", 3, False, "x0",
