@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import secrets
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 import samplers
 import sde_lib
 from utils import ScoreFn, __version__
+from utils.io import atomic_write_bytes
 
 RECORD_FORMAT = "score-sde-toolkit/eval-record-v1"
 SEED_RULE = "sample k uses seed base + k"
@@ -70,27 +70,6 @@ def to_jsonable(value: Any) -> Any:
     if inspect.isclass(value) or inspect.isfunction(value):
         return f"{value.__module__}.{value.__qualname__}"
     return repr(value)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, ``os.replace``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
