@@ -7,7 +7,8 @@ Rules (eps = Langevin step; alpha, r = snr, m, s as in ``samplers/pc.py``):
     ref-batch   2 alpha (r mean||z|| / mean||score||)^2   the reference (ties samples together)
     ref-z_k     2 alpha (r ||z_k|| / ||score_k||)^2       per sample, ||z_k|| of the drawn noise
     sqrtD       2 alpha r^2 D / ||score_k||^2             per sample, uncapped
-    langevin    min(sqrtD, old)                           the registered corrector
+    capped      min(sqrtD, old)                           per sample, capped
+    langevin    max(min(sqrtD, old), ald)                 the registered corrector
     ald         2 alpha (r s)^2                           the reference's AnnealedLangevinDynamics
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/langevin_step.py [--quick]``.
@@ -42,6 +43,11 @@ class SqrtD(Langevin):
         return 2.0 * self._alpha[i] * self.snr**2 * score[0].numel() / sq_norm
 
 
+class Capped(Langevin):
+    def step_size(self, score, i):
+        return SqrtD.step_size(self, score, i).clamp_(max=self._step[i])
+
+
 class _NoiseNorm(Langevin):
     """The reference's order: draw z, then the step from ||z|| and ||score||."""
 
@@ -69,7 +75,7 @@ class RefZk(_NoiseNorm):
     pass
 
 
-RULES = {"old": Old, "ref-batch": RefBatch, "ref-z_k": RefZk, "sqrtD": SqrtD,
+RULES = {"old": Old, "ref-batch": RefBatch, "ref-z_k": RefZk, "sqrtD": SqrtD, "capped": Capped,
          "langevin": "langevin", "ald": "ald"}
 SDES = {"VP": sde_lib.VPSDE, "sub-VP": sde_lib.subVPSDE, "VE": sde_lib.VESDE}
 

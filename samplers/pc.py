@@ -230,31 +230,34 @@ class Corrector:
 class LangevinCorrector(Corrector):
     """Langevin corrector (Song et al. 2021, Alg. 4) with the step adapted per sample:
 
-        eps_k = 2 alpha r^2 min(D / ||score_k||^2, m^2 + s^2).
+        eps_k = 2 alpha r^2 clamp(D / ||score_k||^2, s^2, m^2 + s^2).
 
     The reference's eps = 2 alpha (r ||z|| / ||score||)^2 takes both norms as batch averages,
     which ties sample k to the rest of the batch. Here ||score_k|| is the sample's own score norm
-    and ||z|| its expectation sqrt(D) (the reference's ||z|| of the drawn noise adds chi-square
-    noise to the step in low D), so sample k depends on its seed alone; in high D, where norms
-    concentrate, this is the reference's step. The step follows the actual score magnitude:
-    for sharp data (images; mixtures with component std 0.01-0.03) ||score||^2 ~ D / s(t)^2
-    near t = 0 and a step that ignores it diverges (to NaN at r = 0.16).
+    and ||z|| its expectation sqrt(D) (the drawn noise's ||z|| adds chi-square noise to the step
+    in low D), so sample k depends on its seed alone; in high D, where norms concentrate, this is
+    the reference's step. It follows the score's magnitude: for sharp data (images; mixtures
+    with component std 0.01-0.03) ||score||^2 ~ D / s(t)^2 near t = 0, and a step that ignores
+    it (the former t-only 2 alpha r^2 (m^2 + s^2)) diverges to NaN at r = 0.16.
 
-    The cap m^2 + s^2 is D / E||score||^2 for unit-variance data (the former t-only rule): a
-    floor on ||score_k|| that keeps the step finite where the score vanishes (at a mode).
+    The clamp keeps the step between two t-only rules: below m^2 + s^2 (D / E||score||^2 for
+    unit-variance data), so it stays finite where the score vanishes; above s^2, the step of
+    ``ald``, stable for any data since -grad^2 log p_t <= I / s^2, so samples far out (large
+    ||score||) keep moving (without it, corrector-only sampling of the 2-D ring leaves
+    stragglers: -1e4 nats/dim under VE, as with the reference's batch rule).
 
     Bias: an x-dependent step eps(x) makes the Langevin chain target p_t / eps(x), here
-    p_t ||score||^2 where the cap is inactive (the Ito term grad eps is missing); for any Gaussian
-    this lowers the mean log-density by exactly 1 nat at full mixing, in every D. Measured with
-    ``benchmarks/langevin_step.py`` (exact mixture scores, reverse diffusion, one corrector step;
-    mean log p_0 of the samples minus that of exact draws for VP / sub-VP / VE, in nats; two
-    standard errors are 0.05 in 2-D, 0.5-1.0 from 64-D up):
+    p_t ||score||^2 where the clamp is inactive (the Ito term grad eps is missing); for any
+    Gaussian this lowers the mean log-density by exactly 1 nat at full mixing, in every D.
+    Measured with ``benchmarks/langevin_step.py`` (exact mixture scores, reverse diffusion, one
+    corrector step; mean log p_0 of the samples minus that of exact draws for VP / sub-VP / VE,
+    in nats; two standard errors are 0.05 in 2-D, 0.5-1.0 from 64-D up):
 
     - sharp 64-D and 192-D data (std 0.01-0.03), r = 0.16, N = 500 and 1000: finite everywhere,
       within 0.1-1.1 nats of the reference's batch-mean rule (the t-only rule diverges);
-    - the 100-D mixture of the tests: -1.2 / -1.1 / -0.7 at r = 0.03 (reference -0.8 / -0.5 /
+    - the 100-D mixture of the tests: -1.1 / -1.1 / -0.7 at r = 0.03 (reference -0.8 / -0.5 /
       0.0), -2.5 / -2.4 / -2.2 at r = 0.16 (reference -1.6 / -1.5 / -1.1; t-only -16);
-    - the 2-D ring: -0.4 / -0.5 / -0.7 at r = 0.05, -1.0 / -1.2 / -1.2 at r = 0.16 (reference
+    - the 2-D ring: -0.3 / -0.5 / -0.7 at r = 0.05, -1.0 / -1.2 / -1.2 at r = 0.16 (reference
       and ``ald`` within 0.05; t-only -0.04 and -0.38). In low D prefer ``ald``.
     """
 
@@ -262,11 +265,16 @@ class LangevinCorrector(Corrector):
         m, s = self.sde.marginal_coeffs(t)
         return 2.0 * alpha * self.snr**2 * (m**2 + s**2)
 
+    def prepare(self, grid):
+        super().prepare(grid)
+        r, _, _, s, _, _ = _kernel(self.sde, grid[:-1], grid[1:])
+        self._floor = (2.0 * r**2 * (self.snr * s) ** 2).tolist()  # the ald step
+
     def step_size(self, score, i):
         sq_norm = score.reshape(score.shape[0], -1).square().sum(dim=1)  # (B,)
         D = score[0].numel()
         step = (2.0 * self._alpha[i] * self.snr**2 * D) / sq_norm  # inf where the score is 0
-        return step.clamp_(max=self._step[i])
+        return step.clamp_(min=self._floor[i], max=self._step[i])
 
 
 @register_corrector("ald")
