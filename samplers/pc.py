@@ -256,9 +256,14 @@ class LangevinCorrector(Corrector):
     - sharp 64-D and 192-D data (std 0.01-0.03), r = 0.16, N = 500 and 1000: finite everywhere,
       within 0.1-1.1 nats of the reference's batch-mean rule (the t-only rule diverges);
     - the 100-D mixture of the tests: -1.1 / -1.1 / -0.7 at r = 0.03 (reference -0.8 / -0.5 /
-      0.0), -2.5 / -2.4 / -2.2 at r = 0.16 (reference -1.6 / -1.5 / -1.1; t-only -16);
+      0.0), -2.5 / -2.4 / -2.1 at r = 0.16 (reference -1.6 / -1.5 / -1.1; t-only -16);
     - the 2-D ring: -0.3 / -0.5 / -0.7 at r = 0.05, -1.0 / -1.2 / -1.2 at r = 0.16 (reference
-      and ``ald`` within 0.05; t-only -0.04 and -0.38). In low D prefer ``ald``.
+      and ``ald`` within 0.05; t-only -0.04 and -0.38);
+    - corrector-only sampling of the ring (``benchmarks/corrector_only.py``, r = 0.05): -3 to -11
+      nats/dim under VP and sub-VP, -7 to -900 under VE, where the t-only rule was within 0.1
+      and the reference's batch rule is as far off (-3 to -9000).
+
+    In low D prefer ``ald``.
     """
 
     def step_sizes(self, t, alpha):

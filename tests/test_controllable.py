@@ -27,7 +27,7 @@ F64 = torch.float64
 GAUSS = GaussianMixture(torch.ones(1), torch.tensor([[1.0, -2.0, 0.5, 3.0]]),
                         torch.tensor([[0.3, 0.5, 0.8, 0.4]]))
 #: PC with ``ald``: its step depends on t only. The ``langevin`` step follows each sample's score
-#: norm and so inflates variances in low D (7-17 % here in 4-D; see LangevinCorrector).
+#: norm and so inflates variances in low D (4-15 % here in 4-D; see LangevinCorrector).
 METHODS = [
     ("pc", dict(predictor="reverse_diffusion", corrector="ald", snr=0.05, N=500)),
     ("ode", dict()),
