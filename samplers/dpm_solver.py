@@ -51,6 +51,23 @@ def phi(k: int, z: float) -> float:
     return tail / z**k
 
 
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve the small dense system ``matrix @ x = rhs`` (q <= 3) by Gaussian elimination with
+    partial pivoting, in Python floats: planning a grid stays free of tensor overhead."""
+    q = len(rhs)
+    rows = [list(map(float, row)) + [float(r)] for row, r in zip(matrix, rhs)]
+    for col in range(q):
+        pivot = max(range(col, q), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, q):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+    x = [0.0] * q
+    for r in reversed(range(q)):
+        x[r] = (rows[r][q] - sum(rows[r][k] * x[k] for k in range(r + 1, q))) / rows[r][r]
+    return x
+
+
 def _weights(prediction: str, lam_s: float, lam_t: float, m_s: float, s_s: float, m_t: float,
              s_t: float, taus: list[float]) -> tuple[float, list[float]]:
     """(a, b) of the step x_t = a x_s + sum_j b_j f(lambda_s + taus[j]) (Lu et al. 2022, Sec. 3.2).
@@ -64,10 +81,9 @@ def _weights(prediction: str, lam_s: float, lam_t: float, m_s: float, s_s: float
     else:
         a, c, z = s_t / s_s, m_t, -h
     q = len(taus)
-    w = torch.tensor([c * h ** (k + 1) * phi(k + 1, z) for k in range(q)], dtype=torch.float64)
-    V = torch.tensor([[tau**k / math.factorial(k) for k in range(q)] for tau in taus],
-                     dtype=torch.float64)
-    return a, torch.linalg.solve(V.T, w).tolist()
+    w = [c * h ** (k + 1) * phi(k + 1, z) for k in range(q)]
+    v_transposed = [[tau**k / math.factorial(k) for tau in taus] for k in range(q)]
+    return a, _solve(v_transposed, w)
 
 
 @dataclass(frozen=True)
@@ -179,41 +195,52 @@ class DPMSolver(FastSampler):
         steps = self.plan(sde, x)
         # In-place arithmetic on preallocated buffers: one copy of x_T, a ring of predictions
         # (multistep) or one buffer per stage, so a step allocates nothing but the score.
+        # A prediction f = alpha x + beta score is stored as g = x + (beta/alpha) score (one
+        # fused pass; its factor alpha goes into the step's weights), or as beta score when
+        # alpha = 0 (noise prediction).
         x = x.clone()
         n_buffers = self.order if self.multistep else self.order + 1
         buffers = [torch.empty_like(x) for _ in range(n_buffers)]
-        history: list[torch.Tensor] = []  # multistep: predictions at x_i, x_{i-1}, ...
+        history: list[tuple[torch.Tensor, float]] = []  # multistep: (g, alpha) at x_i, x_{i-1}..
         keep = self.order - 1 if self.multistep else 0
         for i, (points, combos, multi) in enumerate(
             _progress_bar(steps, progress, type(self).__name__)
         ):
-            fs: list[torch.Tensor] = []
+            fs: list[tuple[torch.Tensor, float]] = []
             stage = x
             for k, (p, combo) in enumerate(zip(points, combos)):
                 score = score_fn(stage, p.t)
                 if multi:
                     # Reuse the buffer of the prediction that leaves the history.
-                    free = [b for b in buffers if all(b is not h for h in history[:keep])]
-                    f = torch.mul(score, p.beta, out=free[0])
+                    kept = [g for g, _ in history[:keep]]
+                    out = next(b for b in buffers if all(b is not g for g in kept))
                 else:
-                    f = torch.mul(score, p.beta, out=buffers[k])
+                    out = buffers[k]
                 if p.alpha:
-                    f.add_(stage, alpha=p.alpha)
+                    f = (torch.add(stage, score, alpha=p.beta / p.alpha, out=out), p.alpha)
+                else:
+                    f = (torch.mul(score, p.beta, out=out), 1.0)
                 if multi:
                     history = [f] + history[:keep]
                     fs = history
                 else:
                     fs.append(f)
                 last = k == len(combos) - 1
-                stage = x if last else torch.mul(x, combo.a, out=buffers[-1])
                 if last:
-                    stage.mul_(combo.a)
+                    stage = x.mul_(combo.a)
+                else:
+                    stage = torch.mul(x, combo.a, out=buffers[-1])
                 for b, j in zip(combo.b, combo.sources):
-                    stage.add_(fs[j], alpha=b)
+                    g, scale = fs[j]
+                    stage.add_(g, alpha=b * scale)
             if keep and not multi:
                 history = [fs[0]] + history[:keep]
             if callback is not None:
-                callback(i, points[0].t, x, fs[0] if self.prediction == "x0" else None)
+                x0_pred = None
+                if self.prediction == "x0":
+                    g, scale = fs[0]
+                    x0_pred = g * scale
+                callback(i, points[0].t, x, x0_pred)
         return x, {"n_steps": len(steps)}
 
 
