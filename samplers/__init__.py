@@ -14,8 +14,10 @@ from samplers.ddim import DDIM  # noqa: E402
 from samplers.dpm_solver import DPMSolver  # noqa: E402
 from samplers.edm import EDMHeun  # noqa: E402
 from samplers.grids import TIME_GRIDS, get_time_grid  # noqa: E402
+from samplers.sde_dpm_solver import SDEDPMSolverPP  # noqa: E402
 
-__all__ += ["AdaptiveSDE", "DDIM", "DPMSolver", "EDMHeun", "TIME_GRIDS", "get_time_grid"]
+__all__ += ["AdaptiveSDE", "DDIM", "DPMSolver", "EDMHeun", "SDEDPMSolverPP", "TIME_GRIDS",
+            "get_time_grid"]
 
 # Predictor-corrector, probability-flow ODE, controllable generation, the reference's entry points
 # (issue 5, part 1): importing them registers 'pc' and 'ode'.
