@@ -43,6 +43,8 @@ CASES = {
     "ddim (eta=1)": ("ddim", dict(eta=1.0)),
     "dpm_solver++_2m": ("dpm_solver++_2m", dict()),
     "dpm_solver++_3m": ("dpm_solver++_3m", dict()),
+    "unipc_2": ("unipc_2", dict()),
+    "unipc_3": ("unipc_3", dict()),
     "dpm_solver_2 (2 NFE)": ("dpm_solver_2", dict()),
     "dpm_solver_3 (3 NFE)": ("dpm_solver_3", dict()),
     "edm_heun (2 NFE)": ("edm_heun", dict()),

@@ -48,6 +48,8 @@ SAMPLERS = [
     ("dpm_solver_3", "dpm_solver_3", {}, True),
     ("dpm_solver++_2m", "dpm_solver++_2m", {}, True),
     ("dpm_solver++_3m", "dpm_solver++_3m", {}, True),
+    ("unipc_2", "unipc_2", {}, True),
+    ("unipc_3", "unipc_3", {}, True),
     ("ddim_eta1", "ddim", {"eta": 1.0}, False),
     ("edm_churn", "edm_heun", {"churn": 10.0}, False),
 ]

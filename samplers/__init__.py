@@ -19,6 +19,10 @@ from samplers.sde_dpm_solver import SDEDPMSolverPP  # noqa: E402
 __all__ += ["AdaptiveSDE", "DDIM", "DPMSolver", "EDMHeun", "SDEDPMSolverPP", "TIME_GRIDS",
             "get_time_grid"]
 
+from samplers.unipc import UniPC  # noqa: E402
+
+__all__ += ["UniPC"]
+
 # Predictor-corrector, probability-flow ODE, controllable generation, the reference's entry points
 # (issue 5, part 1): importing them registers 'pc' and 'ode'.
 from samplers.controllable import (  # noqa: E402
