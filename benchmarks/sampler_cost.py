@@ -45,6 +45,8 @@ CASES = {
     "dpm_solver++_3m": ("dpm_solver++_3m", dict()),
     "unipc_2": ("unipc_2", dict()),
     "unipc_3": ("unipc_3", dict()),
+    "dpm_solver++_2m_sde": ("dpm_solver++_2m_sde", dict()),
+    "dpm_solver++_3m_sde": ("dpm_solver++_3m_sde", dict()),
     "dpm_solver_2 (2 NFE)": ("dpm_solver_2", dict()),
     "dpm_solver_3 (3 NFE)": ("dpm_solver_3", dict()),
     "edm_heun (2 NFE)": ("edm_heun", dict()),

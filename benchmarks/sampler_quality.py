@@ -52,6 +52,8 @@ SAMPLERS = [
     ("unipc_3", "unipc_3", {}, True),
     ("ddim_eta1", "ddim", {"eta": 1.0}, False),
     ("edm_churn", "edm_heun", {"churn": 10.0}, False),
+    ("dpm_solver++_2m_sde", "dpm_solver++_2m_sde", {}, False),
+    ("dpm_solver++_3m_sde", "dpm_solver++_3m_sde", {}, False),
 ]
 ADAPTIVE_RTOLS = [0.1, 0.05, 0.02]
 
