@@ -336,7 +336,8 @@ def get_ddpm_loss_fn(vpsde: sde_lib.SDE, train: bool, reduce_mean: bool = True) 
 def _adam(config, params) -> torch.optim.Optimizer:
     params = list(params)
     kwargs = dict(lr=config.optim.lr, betas=(config.optim.beta1, 0.999), eps=config.optim.eps,
-                  weight_decay=config.optim.weight_decay)
+                  weight_decay=config.optim.weight_decay,
+                  amsgrad=bool(config.optim.get("amsgrad", False)))
     try:
         # The fused kernel (one pass per tensor) is the reference's Adam up to rounding and
         # 3x faster on CPU; older torch builds and some devices lack it.

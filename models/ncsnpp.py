@@ -69,6 +69,12 @@ class NCSNpp(ClassConditional, nn.Module):
         m = config.model
         self.config = config
         self.act = act = get_act(config)
+        # The reference's configs set attention_type = 'ddpm', the one kind NCSN++ has.
+        attention_type = m.get("attention_type", "ddpm")
+        if attention_type != "ddpm":
+            raise ValueError(
+                f"model.attention_type={attention_type!r} is not supported; valid: 'ddpm'"
+            )
         self.register_buffer("sigmas", get_sigmas(config))
 
         self.nf = nf = m.nf

@@ -356,6 +356,10 @@ def test_get_optimizer_and_unknown_name():
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"] == (0.9, 0.999)
     with pytest.raises(ValueError, match="Unknown optimizer 'SGDX'; valid: Adam"):
         losses.get_optimizer(_config(optimizer="SGDX"), model.parameters())
+    assert opt.param_groups[0]["amsgrad"] is False
+    config = _config()
+    config.optim.amsgrad = True  # NCSNv2's configs carry the key
+    assert losses.get_optimizer(config, model.parameters()).param_groups[0]["amsgrad"] is True
 
 
 def test_optimize_fn_warms_up_and_clips():

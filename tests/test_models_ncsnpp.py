@@ -221,6 +221,10 @@ def test_unknown_names_are_rejected(reference_dir):
     config.model.nonlinearity = "gelu"
     with pytest.raises(ValueError, match="valid: elu, lrelu, relu, swish"):
         create_model(config)
+    config = _config(_meta(reference_dir, "ncsnpp_ve"))
+    config.model.attention_type = "legacy"
+    with pytest.raises(ValueError, match="attention_type='legacy' is not supported; valid: 'ddpm'"):
+        create_model(config)
 
 
 # --- layers and FIR resampling against closed forms -----------------------------------------
