@@ -31,7 +31,7 @@ import torch
 
 from samplers.base import NoiseSource, register_sampler
 from samplers.base import progress_bar as _progress_bar
-from samplers.fast_base import FastSampler
+from samplers.fast_base import FastSampler, check_bool
 
 # Single-step tableaux: stages (c, sources): the stage point lambda_s + c h is reached from x_s
 # with the Taylor polynomial through the predictions at the listed earlier stages (0 = x_s
@@ -122,9 +122,7 @@ class DPMSolver(FastSampler):
 
     def __init__(self, *, lower_order_final: bool = True, **options: Any) -> None:
         super().__init__(**options)
-        if not isinstance(lower_order_final, bool):
-            raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
-        self.lower_order_final = lower_order_final
+        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
 
     def _points(self, sde, t: torch.Tensor, like: torch.Tensor) -> list[tuple]:
         """(point, m, s, lambda/2) at each of the float64 times ``t`` (n,), in one pass."""

@@ -28,6 +28,13 @@ def check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a ``TypeError`` naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_float(name: str, value: Any, low: float, high: float = float("inf"), *,
                 closed_low: bool = False, closed_high: bool = False) -> float:
     """``value`` as a float in the interval from ``low`` to ``high`` (open unless ``closed_*``),

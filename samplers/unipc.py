@@ -37,7 +37,7 @@ import torch
 from samplers.base import NoiseSource, register_sampler
 from samplers.base import progress_bar as _progress_bar
 from samplers.dpm_solver import _solve, phi
-from samplers.fast_base import FastSampler
+from samplers.fast_base import FastSampler, check_bool
 
 #: Below this many steps the last steps drop order (as DPMSolver's ``lower_order_final``).
 LOWER_ORDER_FINAL_BELOW = 15
@@ -120,9 +120,7 @@ class UniPC(FastSampler):
 
     def __init__(self, *, lower_order_final: bool = True, **options: Any) -> None:
         super().__init__(**options)
-        if not isinstance(lower_order_final, bool):
-            raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
-        self.lower_order_final = lower_order_final
+        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
 
     def orders(self, n_steps: int) -> list[int]:
         """Order p_i of step i (predictor UniP-p_i; its corrector is UniC-p_i)."""
