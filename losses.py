@@ -337,13 +337,29 @@ def _adam(config, params) -> torch.optim.Optimizer:
     params = list(params)
     kwargs = dict(lr=config.optim.lr, betas=(config.optim.beta1, 0.999), eps=config.optim.eps,
                   weight_decay=config.optim.weight_decay,
-                  amsgrad=bool(config.optim.get("amsgrad", False)))
+                  amsgrad=config.optim.get("amsgrad", False))
+    if not isinstance(kwargs["amsgrad"], bool):
+        raise ValueError(f"optim.amsgrad must be a bool, got {kwargs['amsgrad']!r}")
     try:
         # The fused kernel (one pass per tensor) is the reference's Adam up to rounding and
         # 3x faster on CPU; older torch builds and some devices lack it.
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.Adam(params, **kwargs)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict(state_dict)`` keeping this optimiser's ``fused`` choice:
+    a checkpoint written by an unfused (or a reference) run would otherwise switch it off, and
+    a fused one loaded where the kernel is missing would fail at the first step."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
+        state_dict = dict(state_dict, param_groups=[
+            {**saved, "fused": live["fused"]} if isinstance(saved, dict) and "fused" in live
+            else saved
+            for saved, live in zip(groups, optimizer.param_groups)
+        ])
+    optimizer.load_state_dict(state_dict)
 
 
 def get_optimizer(config, params) -> torch.optim.Optimizer:

@@ -418,7 +418,9 @@ class VESDE(SDE):
         )
 
     def _sigma(self, t):
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+        # sigma_min (sigma_max/sigma_min)^t through exp: CPU pow rounds the last bit differently
+        # in batched and single-element kernels, which would tie adaptive samplers to batch size.
+        return self.sigma_min * torch.exp(t * self._log_ratio)
 
     def sde(self, x, t):
         """f = 0, g = sigma(t) sqrt(2 log(sigma_max / sigma_min)) (eq. 9)."""

@@ -78,7 +78,9 @@ class AdaptiveSDE(Sampler):
         h_init: first step size (paper: 0.01); theta, r: safety factor and exponent of h.
         check_every: iterations between host-side termination checks.
         memory_depth: remembered points of the Brownian path per sample (>= 2; module
-            docstring).
+            docstring); costs memory_depth + 2 extra copies of x.
+    ``callback(iteration, t, x, None)`` receives the live state (per-sample times t), which later
+    iterations overwrite in place: clone what you keep.
     The report adds ``steps_per_sample`` (B,), the iterations each sample was running,
     ``rejected`` (B,), its rejected steps, and ``memory_overflows`` (B,), its rejections whose
     point found the memory full.
@@ -141,9 +143,11 @@ class AdaptiveSDE(Sampler):
         dw, w_new, w_l, w_r = (x.new_empty(x.shape) for _ in range(4))  # contiguous: viewed (B, -1)
         x_prev, abs_prev = x.clone(), x.abs()
         n_iter = self.nfe // 2
+        iterations = 0
         for it in range(n_iter):
             if it % self.check_every == 0 and it > 0 and not bool((t > self.eps).any()):
                 break
+            iterations += 1
             running = t > self.eps
             last = it == n_iter - 1  # budget exhausted: forced accepted step to eps
             left = t - self.eps
@@ -214,7 +218,7 @@ class AdaptiveSDE(Sampler):
             rejected += running & ~accept
             if callback is not None:
                 callback(it, t, x, None)
-        report = {"steps_per_sample": steps, "rejected": rejected, "iterations": it + 1,
+        report = {"steps_per_sample": steps, "rejected": rejected, "iterations": iterations,
                   "memory_overflows": overflows}
         return x, report
 

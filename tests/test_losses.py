@@ -416,3 +416,25 @@ def test_discrete_step_fn_uses_the_sde_convention(sde, factory):
     direct = factory(sde, False, reduce_mean=True)(model, batch,
                                                    generator=torch.Generator().manual_seed(4))
     assert torch.equal(value, direct)
+
+
+def test_resume_keeps_the_optimizer_fused_choice_and_amsgrad_is_checked():
+    """A state written by an unfused Adam (e.g. the reference's) must not switch fusion off."""
+    model = _tiny_vector_model()
+    opt = losses.get_optimizer(_config(), model.parameters())
+    plain = torch.optim.Adam(_tiny_vector_model().parameters(), lr=2e-4)
+    for p in plain.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    plain.step()
+    fused = opt.param_groups[0]["fused"]  # True where the build has the kernel (torch >= 2.4)
+    assert plain.state_dict()["param_groups"][0]["fused"] is None
+    losses.load_optimizer_state(opt, plain.state_dict())
+    assert opt.param_groups[0]["fused"] == fused
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the loaded state works with the live settings
+    assert int(opt.state[opt.param_groups[0]["params"][0]]["step"]) == 2
+    config = _config()
+    config.optim.amsgrad = "False"
+    with pytest.raises(ValueError, match="optim.amsgrad must be a bool, got 'False'"):
+        losses.get_optimizer(config, model.parameters())

@@ -422,3 +422,18 @@ def test_fast_samplers_are_registered_on_import():
                  "dpm_solver_2m", "dpm_solver_3m", "dpm_solver++_1", "dpm_solver++_2s",
                  "dpm_solver++_3s", "dpm_solver++_2m", "dpm_solver++_3m"]:
         assert name in samplers.SAMPLERS
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_adaptive_seeds_independent_of_batch_when_running_to_eps(sde_name):
+    """With the whole budget the accept/reject path is taken many times: a last-bit difference
+    between batched and single-sample arithmetic (e.g. CPU pow in VE's sigma(t)) would change a
+    decision and the sample. Bitwise equality, not a tolerance."""
+    gm, sde = oracle.GaussianMixture.ring(), SDES[sde_name]
+    seeds = list(range(300, 340))  # a batch wide enough for the vectorised kernels
+    opts = dict(nfe=4000, rtol=0.05, dtype=torch.float64)
+    batch, info = sample(sde, gm.score_fn(sde), (len(seeds), 2), "adaptive", seeds=seeds, **opts)
+    assert info["nfe"] < 4000  # every sample reached eps by its own steps
+    for k in (0, 7, 19, 26, 39):
+        single, _ = sample(sde, gm.score_fn(sde), (1, 2), "adaptive", seeds=[seeds[k]], **opts)
+        assert torch.equal(single[0], batch[k]), f"sample {k} depends on the batch"

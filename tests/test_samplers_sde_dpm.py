@@ -91,3 +91,12 @@ def test_per_sample_seeds_independent_of_batch(name):
         single, _ = sample(sde, gm.score_fn(sde), (1, 2), name, seeds=[seeds[k]], nfe=20,
                            dtype=torch.float64)
         torch.testing.assert_close(single[0], batch[k], rtol=1e-12, atol=1e-12)
+
+
+def test_lower_order_final_lowers_the_last_orders_only_below_15_steps():
+    from samplers.sde_dpm_solver import SDEDPMSolverPP3M
+    assert SDEDPMSolverPP3M(nfe=6).orders(6) == [1, 2, 3, 3, 3, 3]
+    assert SDEDPMSolverPP3M(nfe=6, lower_order_final=True).orders(6) == [1, 2, 3, 3, 2, 1]
+    assert SDEDPMSolverPP3M(nfe=16, lower_order_final=True).orders(16)[-1] == 3
+    with pytest.raises(TypeError, match="lower_order_final must be a bool"):
+        SDEDPMSolverPP3M(lower_order_final="yes")

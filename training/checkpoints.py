@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from losses import load_optimizer_state
 from models.checkpoint import CheckpointError, safe_load
 from training.nonfinite import check_state_finite
 from training.validation import validate_training_checkpoint
@@ -145,7 +146,7 @@ def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[s
     try:
         state["model"].load_state_dict(ckpt["model"], strict=True)
         state["ema"].load_state_dict(ckpt["ema"])
-        state["optimizer"].load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(state["optimizer"], ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: does not match the model of this config: "
