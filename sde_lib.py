@@ -418,9 +418,13 @@ class VESDE(SDE):
         )
 
     def _sigma(self, t):
-        # sigma_min (sigma_max/sigma_min)^t through exp: CPU pow rounds the last bit differently
-        # in batched and single-element kernels, which would tie adaptive samplers to batch size.
-        return self.sigma_min * torch.exp(t * self._log_ratio)
+        # sigma_min (sigma_max/sigma_min)^t through exp in float64, rounded once to t's dtype:
+        # CPU pow rounds the last bit differently in batched and single-element kernels (which
+        # tied adaptive samplers to the batch size), and float32 exp is 1 ulp off the reference's
+        # labels; this matches them (NCSN++ VE fixture: labels and score bitwise).
+        t = torch.as_tensor(t)
+        wide = t.to(torch.float64) if t.dtype != torch.float64 else t
+        return (self.sigma_min * torch.exp(wide * self._log_ratio)).to(t.dtype)
 
     def sde(self, x, t):
         """f = 0, g = sigma(t) sqrt(2 log(sigma_max / sigma_min)) (eq. 9)."""
