@@ -20,7 +20,8 @@ from utils import Registry, ScoreFn
 SAMPLERS = Registry("sampler")
 register_sampler = SAMPLERS.register
 
-#: ``callback(step, t, x, x0_pred_or_None)`` receives intermediate states.
+#: ``callback(step, t, x, x0_pred_or_None)`` receives intermediate states: after each step its
+#: state x at time t (the step's end) and, where the sampler has one, the data prediction it used.
 Callback = Callable[..., None]
 
 

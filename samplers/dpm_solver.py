@@ -171,7 +171,8 @@ class DPMSolver(FastSampler):
                 # Predictions at x_i, x_{i-1}, ... (the loop keeps them newest first).
                 taus = [nodes[i - j][3] - lam_s for j in range(q)]
                 a, b = _weights(self.prediction, lam_s, lam_t, m_s, s_s, m_t, s_t, taus)
-                steps.append(([p_s], [_Combination(a, b, tuple(range(q)))], True))
+                steps.append(([p_s], [_Combination(a, b, tuple(range(q)))], True,
+                              nodes[i + 1][0].t))
                 continue
             points, combos, lams = [p_s], [], [lam_s]
             for c, sources in _SINGLESTEP_TABLEAU[q]:
@@ -185,7 +186,7 @@ class DPMSolver(FastSampler):
                 if p_c is not None:
                     points.append(p_c)
                     lams.append(lam_c)
-            steps.append((points, combos, False))
+            steps.append((points, combos, False, nodes[i + 1][0].t))
         return steps
 
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
@@ -201,7 +202,7 @@ class DPMSolver(FastSampler):
         buffers = [torch.empty_like(x) for _ in range(n_buffers)]
         history: list[tuple[torch.Tensor, float]] = []  # multistep: (g, alpha) at x_i, x_{i-1}..
         keep = self.order - 1 if self.multistep else 0
-        for i, (points, combos, multi) in enumerate(
+        for i, (points, combos, multi, t_end) in enumerate(
             _progress_bar(steps, progress, type(self).__name__)
         ):
             fs: list[tuple[torch.Tensor, float]] = []
@@ -238,7 +239,7 @@ class DPMSolver(FastSampler):
                 if self.prediction == "x0":
                     g, scale = fs[0]
                     x0_pred = g * scale
-                callback(i, points[0].t, x, x0_pred)
+                callback(i, t_end, x, x0_pred)
         return x, {"n_steps": len(steps)}
 
 

@@ -92,10 +92,12 @@ class _Combination:
 
 @dataclass(frozen=True)
 class _Step:
-    """One UniPC step: the evaluation time t_i (B,), s(t_i)^2 and 1/m(t_i) of the prediction,
-    the corrector of the previous step (None on the first) and the predictor."""
+    """One UniPC step: the evaluation time t_i (B,) and the step's end t_(i+1) (B,), s(t_i)^2
+    and 1/m(t_i) of the prediction, the corrector of the previous step (None on the first) and
+    the predictor."""
 
     t: torch.Tensor
+    t_next: torch.Tensor
     s2: float
     inv_m: float
     corrector: _Combination | None
@@ -112,7 +114,8 @@ class UniPC(FastSampler):
         lower_order_final: below 15 steps, the last steps drop to the order the remaining steps
             support (as DPM-Solver++, Lu et al. 2022b, Sec. 5).
     The first steps use the order the history allows: step i has order min(p, i + 1).
-    ``callback(i, t_i, x, x0_hat)`` gets the predicted x~_(i+1) and x0_hat(x_i) after step i.
+    ``callback(i, t_(i+1), x, x0_hat)`` gets the predicted x~_(i+1) at its time and x0_hat(x_i)
+    after step i.
     """
 
     predictor_order = 1
@@ -153,7 +156,8 @@ class UniPC(FastSampler):
                 p = orders[i - 1]
                 corrector = combination(i - 1, [1, 0] + list(range(2, p + 1)), i)
             predictor = combination(i, list(range(q)), i)
-            steps.append(_Step(times[i], s[i] ** 2, 1.0 / m[i], corrector, predictor))
+            steps.append(_Step(times[i], times[i + 1], s[i] ** 2, 1.0 / m[i], corrector,
+                               predictor))
         return steps
 
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
@@ -178,7 +182,7 @@ class UniPC(FastSampler):
                     out.add_(ring[(i - lag) % len(ring)], alpha=w)
             x_eval = x_p
             if callback is not None:
-                callback(i, step.t, x_p, ring[i % len(ring)] * step.inv_m)
+                callback(i, step.t_next, x_p, ring[i % len(ring)] * step.inv_m)
         return x_p, {"n_steps": len(steps)}
 
 

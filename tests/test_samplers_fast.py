@@ -437,3 +437,19 @@ def test_adaptive_seeds_independent_of_batch_when_running_to_eps(sde_name):
     for k in (0, 7, 19, 26, 39):
         single, _ = sample(sde, gm.score_fn(sde), (1, 2), "adaptive", seeds=[seeds[k]], **opts)
         assert torch.equal(single[0], batch[k]), f"sample {k} depends on the batch"
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_callback_reports_each_state_at_its_own_time(name):
+    """One convention for every sampler: after a step, the state x and the time t it belongs to
+    (the step's end), so the last call has t = eps and the returned samples."""
+    gm, sde = oracle.GaussianMixture.ring(), SDES["vp"]
+    seen = []
+    x, _ = _run(name, sde, gm, 8, nfe=12,
+                callback=lambda i, t, x, x0: seen.append((t.clone(), x.clone())))
+    times = torch.stack([t for t, _ in seen])
+    assert seen and torch.equal(seen[-1][1], x)
+    torch.testing.assert_close(times[-1], torch.full_like(times[-1], EPS))
+    assert (times[1:] <= times[:-1]).all()  # decreasing: never the step's start time twice
+    if name != "adaptive":  # its per-sample t stays at T for a sample whose first step failed
+        assert (times[0] < sde.T).all()

@@ -18,6 +18,7 @@ import oracle
 import sde_lib
 from samplers import SAMPLERS, sample
 from samplers.dpm_solver import _weights
+from samplers.grids import get_time_grid
 from samplers.unipc import UniPC, unipc_weights
 
 EPS = 1e-3
@@ -229,7 +230,9 @@ def test_callback_gets_each_step_and_the_data_prediction():
     assert [i for i, *_ in seen] == [0, 1, 2, 3]
     t0 = torch.full((5,), sde.T, dtype=F64)
     m, s = sde.marginal_coeffs(t0[0])
-    torch.testing.assert_close(seen[0][1], t0)
+    grid = get_time_grid("logsnr", sde, 4, 1e-3)
+    torch.testing.assert_close(seen[0][1], grid[1].expand(5))  # the state's time: the step's end
+    torch.testing.assert_close(seen[-1][1], torch.full((5,), 1e-3, dtype=F64))
     torch.testing.assert_close(seen[0][3], (x_T + s**2 * gm.score(x_T, t0, sde)) / m)
     torch.testing.assert_close(seen[-1][2], x)
 
