@@ -117,7 +117,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, metavar="SUBSTRING",
+                        help="time only the cases whose name contains one of these (no plot)")
     args = parser.parse_args()
+    cases = {name: case for name, case in CASES.items()
+             if args.only is None or any(part in name for part in args.only)}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     sde = sde_lib.VPSDE(N=args.steps)
     results = {}
@@ -132,7 +136,7 @@ def main():
     for key in ("score alone", "noise draw alone"):
         print(f"{'(' + key + ', per call)':32s}" + "".join(
             f"{results[(key, label)]:18.1f}" for label, _, _ in PROBLEMS))
-    for case, (method, options) in CASES.items():
+    for case, (method, options) in cases.items():
         row = f"{case:32s}"
         for label, shape, _ in PROBLEMS:
             us = time_case(sde, shape, method, options, args.steps, args.repeats)
@@ -140,7 +144,8 @@ def main():
             row += f"{us:18.1f}"
         print(row, flush=True)
     print("goal (first-order steps):      " + "".join(f"{g:18.0f}" for _, _, g in PROBLEMS))
-    plot(results)
+    if args.only is None:
+        plot(results)
 
 
 def plot(results):
