@@ -96,12 +96,30 @@ class _Point:
 
 
 @dataclass(frozen=True)
-class _Combination:
-    """x_new = a x + sum_j b[j] f[sources[j]] (f indexed in evaluation order)."""
+class _Stage:
+    """Score the current stage point at time t (B,) and store its prediction in the form g
+    (f = scale g: g = stage + c score for x0, one fused pass; g = score itself for eps, no
+    pass); then form the next stage point (the step's result, in place of x, at the last stage)
+    as a x + sum_l b[l] g_l + sum_j h[j] G_j over this step's g (oldest first) and the stored
+    multistep predictions G (newest first), the scales folded into b and h."""
 
+    t: torch.Tensor
+    c: float
     a: float
-    b: list[float]
-    sources: tuple[int, ...]
+    b: tuple[float, ...]
+    h: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One step: its stages, the time (B,) of its result, the scale of the prediction at its
+    start point (f_0 = scale g_0, for the callback) and whether g_0 is stored for later steps
+    (multistep)."""
+
+    stages: tuple[_Stage, ...]
+    t_end: torch.Tensor
+    scale: float
+    keep: bool
 
 
 class DPMSolver(FastSampler):
@@ -138,9 +156,13 @@ class DPMSolver(FastSampler):
             out.append((_Point(times[i], alpha, beta), m_i, s_i, half_lambda[i]))
         return out
 
-    def plan(self, sde, x: torch.Tensor) -> list[tuple[list[_Point], list[_Combination], bool]]:
-        """Per step: the evaluation points, the combinations producing stages and the result, and
-        whether the combinations index the multistep history (else this step's stages).
+    def _stored(self, p: _Point) -> tuple[float, float]:
+        """(c, scale) of the stored form g of the prediction f = scale g at point ``p``:
+        g = x + c score (x0, c = beta/alpha, one fused pass) or g = score (eps, no pass)."""
+        return (p.beta / p.alpha, p.alpha) if self.prediction == "x0" else (0.0, p.beta)
+
+    def plan(self, sde, x: torch.Tensor) -> list[_Step]:
+        """Per step: its stages, with the weights on this step's and the stored predictions.
 
         All coefficients are computed here, once, in float64; the loop only does arithmetic.
         """
@@ -166,15 +188,16 @@ class DPMSolver(FastSampler):
         stage_nodes = iter(self._points(sde, stage_t, x))
         steps = []
         for i, q in enumerate(orders):
-            (p_s, m_s, s_s, lam_s), (_, m_t, s_t, lam_t) = nodes[i], nodes[i + 1]
+            (p_s, m_s, s_s, lam_s), (p_t, m_t, s_t, lam_t) = nodes[i], nodes[i + 1]
+            c_s, scale_s = self._stored(p_s)
             if self.multistep and i > 0:
-                # Predictions at x_i, x_{i-1}, ... (the loop keeps them newest first).
+                # Predictions at x_i, x_(i-1), ... (the loop keeps them newest first).
                 taus = [nodes[i - j][3] - lam_s for j in range(q)]
                 a, b = _weights(self.prediction, lam_s, lam_t, m_s, s_s, m_t, s_t, taus)
-                steps.append(([p_s], [_Combination(a, b, tuple(range(q)))], True,
-                              nodes[i + 1][0].t))
+                h = tuple(b_j * self._stored(nodes[i - j][0])[1] for j, b_j in enumerate(b))
+                steps.append(_Step((_Stage(p_s.t, c_s, a, (), h),), p_t.t, scale_s, True))
                 continue
-            points, combos, lams = [p_s], [], [lam_s]
+            points, stages, lams = [p_s], [], [lam_s]
             for c, sources in _SINGLESTEP_TABLEAU[q]:
                 if c < 1.0:
                     p_c, m_c, s_c, lam_c = next(stage_nodes)
@@ -182,64 +205,57 @@ class DPMSolver(FastSampler):
                     p_c, m_c, s_c, lam_c = None, m_t, s_t, lam_t
                 taus = [lams[j] - lam_s for j in sources]
                 a, b = _weights(self.prediction, lam_s, lam_c, m_s, s_s, m_c, s_c, taus)
-                combos.append(_Combination(a, b, sources))
+                weights = [0.0] * len(points)
+                for b_j, j in zip(b, sources):
+                    weights[j] = b_j * self._stored(points[j])[1]
+                p = points[len(stages)]
+                stages.append(_Stage(p.t, self._stored(p)[0], a, tuple(weights), ()))
                 if p_c is not None:
                     points.append(p_c)
                     lams.append(lam_c)
-            steps.append((points, combos, False, nodes[i + 1][0].t))
+            steps.append(_Step(tuple(stages), p_t.t, scale_s, self.multistep))
         return steps
 
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the probability-flow ODE from x_T (B, *D) to x_eps; returns (x_eps, {})."""
         steps = self.plan(sde, x)
-        # In-place arithmetic on preallocated buffers: one copy of x_T, a ring of predictions
-        # (multistep) or one buffer per stage, so a step allocates nothing but the score.
-        # A prediction f = alpha x + beta score is stored as g = x + (beta/alpha) score (one
-        # fused pass; its factor alpha goes into the step's weights), or as beta score when
-        # alpha = 0 (noise prediction).
+        # In-place arithmetic on preallocated buffers: one copy of x_T, a buffer per stage point
+        # (x0 turns it into its g in place; eps needs one) and a ring of stored g (multistep
+        # x0); eps predictions are the scores themselves (score_fn returns a new tensor per
+        # call, as EDM's Heun step also assumes). A step allocates nothing but the score; each
+        # stage is one scaling pass and one add per nonzero weight.
         x = x.clone()
-        n_buffers = self.order if self.multistep else self.order + 1
-        buffers = [torch.empty_like(x) for _ in range(n_buffers)]
-        history: list[tuple[torch.Tensor, float]] = []  # multistep: (g, alpha) at x_i, x_{i-1}..
-        keep = self.order - 1 if self.multistep else 0
-        for i, (points, combos, multi, t_end) in enumerate(
-            _progress_bar(steps, progress, type(self).__name__)
-        ):
-            fs: list[tuple[torch.Tensor, float]] = []
-            stage = x
-            for k, (p, combo) in enumerate(zip(points, combos)):
-                score = score_fn(stage, p.t)
-                if multi:
-                    # Reuse the buffer of the prediction that leaves the history.
-                    kept = [g for g, _ in history[:keep]]
-                    out = next(b for b in buffers if all(b is not g for g in kept))
+        x0 = self.prediction == "x0"
+        n_stages = max(len(step.stages) for step in steps)
+        buffers = [torch.empty_like(x) for _ in range(n_stages if x0 else min(n_stages - 1, 1))]
+        ring = [torch.empty_like(x) for _ in range(self.order)] if x0 and self.multistep else []
+        history: list[torch.Tensor] = []  # multistep: g at x_i, x_(i-1), ..., newest first
+        for i, step in enumerate(_progress_bar(steps, progress, type(self).__name__)):
+            gs: list[torch.Tensor] = []
+            stage, last = x, len(step.stages) - 1
+            for k, st in enumerate(step.stages):
+                score = score_fn(stage, st.t)
+                if not x0:
+                    g = score
+                elif k > 0:  # the stage point is not needed once scored
+                    g = stage.add_(score, alpha=st.c)
                 else:
-                    out = buffers[k]
-                if p.alpha:
-                    f = (torch.add(stage, score, alpha=p.beta / p.alpha, out=out), p.alpha)
+                    g = torch.add(x, score, alpha=st.c,
+                                  out=ring[i % self.order] if step.keep else buffers[0])
+                gs.append(g)
+                if k == 0 and step.keep:
+                    history = [g, *history[:self.order - 1]]
+                if k == last:
+                    stage = x.mul_(st.a)
                 else:
-                    f = (torch.mul(score, p.beta, out=out), 1.0)
-                if multi:
-                    history = [f] + history[:keep]
-                    fs = history
-                else:
-                    fs.append(f)
-                last = k == len(combos) - 1
-                if last:
-                    stage = x.mul_(combo.a)
-                else:
-                    stage = torch.mul(x, combo.a, out=buffers[-1])
-                for b, j in zip(combo.b, combo.sources):
-                    g, scale = fs[j]
-                    stage.add_(g, alpha=b * scale)
-            if keep and not multi:
-                history = [fs[0]] + history[:keep]
+                    stage = torch.mul(x, st.a, out=buffers[k + 1 if x0 else 0])
+                for w, g in zip(st.b, gs):
+                    if w:
+                        stage.add_(g, alpha=w)
+                for w, g in zip(st.h, history):
+                    stage.add_(g, alpha=w)
             if callback is not None:
-                x0_pred = None
-                if self.prediction == "x0":
-                    g, scale = fs[0]
-                    x0_pred = g * scale
-                callback(i, t_end, x, x0_pred)
+                callback(i, step.t_end, x, gs[0] * step.scale if x0 else None)
         return x, {"n_steps": len(steps)}
 
 
