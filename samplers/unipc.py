@@ -17,7 +17,11 @@ paper's "B_2", "bh2"). UniP-p (Corollary 3.2: order p) uses the p - 1 previous p
 the prediction at the predicted point x~_t (r_p = 1). In multistep UniPC-p that prediction is
 the evaluation the next UniP step needs anyway, so a step costs one NFE: the corrector replaces
 x~_t by x^c_t, the next predictor starts from x^c_t but keeps x0_hat(x~_t) (no re-evaluation),
-and the last step is not corrected.
+and the last step is not corrected. The corrector and the predictor that produced x~_t both
+start from x^c_s with the same a = s_t/s_s, so x^c_t = x~_t + sum_j (c_j - p_j) x0_hat_j (their
+weights' difference), and the next predicted point x~_(t') = a' x^c_t + sum_j p'_j x0_hat_j is a
+multistep recurrence on the predicted points alone: the plan merges both weights and the loop
+never forms x^c (one scaling pass and p + 1 adds per step instead of two and 2p + 1).
 
 Because R is square, the product B(hh) a_m does not depend on B: every B(h) = O(h), B != 0,
 gives the same step, and UniP-p equals the Taylor-fit weights of multistep DPM-Solver++
@@ -81,27 +85,18 @@ def unipc_weights(lam_s: float, lam_t: float, m_t: float, s_s: float, s_t: float
 
 
 @dataclass(frozen=True)
-class _Combination:
-    """x <- a x + sum_j w[j] g[j], g[j] the j-th newest stored prediction g = x + s^2 score
-    (its factor 1/m is folded into w)."""
-
-    a: float
-    w: tuple[float, ...]
-    lags: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class _Step:
     """One UniPC step: the evaluation time t_i (B,) and the step's end t_(i+1) (B,), s(t_i)^2
-    and 1/m(t_i) of the prediction, the corrector of the previous step (None on the first) and
-    the predictor."""
+    and 1/m(t_i) of the prediction, and the next predicted point x~_(i+1) = a x~_i +
+    sum_j w[j] g[j]: g[j] the j-th newest stored prediction g = x + s^2 score (its factor 1/m
+    folded into w), the previous step's corrector and this step's predictor merged."""
 
     t: torch.Tensor
     t_next: torch.Tensor
     s2: float
     inv_m: float
-    corrector: _Combination | None
-    predictor: _Combination
+    a: float
+    w: tuple[float, ...]
 
 
 class UniPC(FastSampler):
@@ -133,57 +128,54 @@ class UniPC(FastSampler):
         return orders
 
     def plan(self, sde, x: torch.Tensor) -> list[_Step]:
-        """All coefficients, once per grid in float64: per step the corrector of the previous
-        step and the predictor, as weights on the newest-first stored predictions."""
+        """All coefficients, once per grid in float64: per step the previous step's corrector
+        and this step's predictor, merged into weights on the newest-first stored predictions."""
         n_steps = self.nfe
         orders = self.orders(n_steps)
         table = self.table(sde, n_steps, x)
         m, s, lam = table.m, table.s, table.half_lambda
         times = table.t[:, None].expand(-1, x.shape[0])  # (n + 1, B)
 
-        def combination(i: int, lags: list[int], newest: int) -> _Combination:
-            # Step node i -> i + 1 through the predictions at nodes newest - lag.
+        def weights(i: int, lags: list[int], newest: int) -> tuple[float, dict[int, float]]:
+            # Step node i -> i + 1 through the predictions g at nodes newest - lag: (a, node: w).
             taus = [lam[newest - j] - lam[i] for j in lags]
             a, b = unipc_weights(lam[i], lam[i + 1], m[i + 1], s[i], s[i + 1], taus)
-            return _Combination(a, tuple(bj / m[newest - j] for bj, j in zip(b, lags)),
-                                tuple(lags))
+            return a, {newest - j: bj / m[newest - j] for bj, j in zip(b, lags)}
 
-        steps = []
+        steps, previous = [], {}
         for i, q in enumerate(orders):
-            corrector = None
+            a, predictor = weights(i, list(range(q)), i)
+            w = dict(predictor)
             if i > 0:
-                # UniC-p of step i - 1: base f_(i-1) (lag 1), f_i at r = 1 (lag 0), older ones.
+                # UniC-p of step i - 1 (base f_(i-1), f_i at r = 1, older ones) minus the UniP-p
+                # that gave x~_i: x^c_i - x~_i, carried by this step's a.
                 p = orders[i - 1]
-                corrector = combination(i - 1, [1, 0] + list(range(2, p + 1)), i)
-            predictor = combination(i, list(range(q)), i)
-            steps.append(_Step(times[i], times[i + 1], s[i] ** 2, 1.0 / m[i], corrector,
-                               predictor))
+                _, corrector = weights(i - 1, [1, 0] + list(range(2, p + 1)), i)
+                for node in corrector.keys() | previous.keys():
+                    w[node] = w.get(node, 0.0) + a * (
+                        corrector.get(node, 0.0) - previous.get(node, 0.0))
+            steps.append(_Step(times[i], times[i + 1], s[i] ** 2, 1.0 / m[i], a,
+                               tuple(w[i - lag] for lag in range(len(w)))))
+            previous = predictor
         return steps
 
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the probability-flow ODE from x_T (B, *D) to x_eps; returns (x_eps, {})."""
         steps = self.plan(sde, x)
-        # In-place arithmetic on preallocated buffers: the corrected state x^c_i, the predicted
-        # x~_(i+1) and a ring of predictions g = x + s^2 score (p + 1 for UniC-p); a step
-        # allocates nothing but the score.
-        x_c = x.clone()
-        x_p = torch.empty_like(x)
+        # In-place arithmetic on preallocated buffers: the predicted point x~ and a ring of
+        # predictions g = x + s^2 score (p + 1 for UniC-p); a step allocates nothing but the
+        # score.
+        x = x.clone()
         ring = [torch.empty_like(x) for _ in range(self.predictor_order + 1)]
-        x_eval = x_c
         for i, step in enumerate(_progress_bar(steps, progress, type(self).__name__)):
-            score = score_fn(x_eval, step.t)
-            torch.add(x_eval, score, alpha=step.s2, out=ring[i % len(ring)])
-            for combo, out in ((step.corrector, x_c), (step.predictor, x_p)):
-                if combo is None:
-                    continue
-                # x_c is updated in place; x_p = a x_c + ... reads the corrected state.
-                torch.mul(x_c, combo.a, out=out)
-                for w, lag in zip(combo.w, combo.lags):
-                    out.add_(ring[(i - lag) % len(ring)], alpha=w)
-            x_eval = x_p
+            score = score_fn(x, step.t)
+            g = torch.add(x, score, alpha=step.s2, out=ring[i % len(ring)])
+            x.mul_(step.a)
+            for lag, w in enumerate(step.w):
+                x.add_(ring[(i - lag) % len(ring)], alpha=w)
             if callback is not None:
-                callback(i, step.t_next, x_p, ring[i % len(ring)] * step.inv_m)
-        return x_p, {"n_steps": len(steps)}
+                callback(i, step.t_next, x, g * step.inv_m)
+        return x, {"n_steps": len(steps)}
 
 
 def _unipc(cls_name: str, name: str, predictor_order: int, order: int, doc: str):
