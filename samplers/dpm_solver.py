@@ -43,11 +43,15 @@ _SINGLESTEP_TABLEAU = {
 }
 
 
+#: n! as floats (exact up to 22!), so that planning a grid does not recompute them.
+_FACTORIAL = tuple(float(math.factorial(n)) for n in range(23))
+
+
 def phi(k: int, z: float) -> float:
     """phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k (Lu et al. 2022, Sec. 3.2), by series near 0."""
     if abs(z) < 0.1:
-        return sum(z**j / math.factorial(j + k) for j in range(18))
-    tail = math.expm1(z) - sum(z**j / math.factorial(j) for j in range(1, k))
+        return sum([z**j / _FACTORIAL[j + k] for j in range(18)])
+    tail = math.expm1(z) - sum([z**j / _FACTORIAL[j] for j in range(1, k)])
     return tail / z**k
 
 
@@ -55,16 +59,20 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     """Solve the small dense system ``matrix @ x = rhs`` (q <= 3) by Gaussian elimination with
     partial pivoting, in Python floats: planning a grid stays free of tensor overhead."""
     q = len(rhs)
-    rows = [list(map(float, row)) + [float(r)] for row, r in zip(matrix, rhs)]
+    rows = [[*map(float, row), float(r)] for row, r in zip(matrix, rhs)]
     for col in range(q):
-        pivot = max(range(col, q), key=lambda r: abs(rows[r][col]))
-        rows[col], rows[pivot] = rows[pivot], rows[col]
+        pivot = col  # the first row of largest |entry| in this column
         for r in range(col + 1, q):
-            factor = rows[r][col] / rows[col][col]
-            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+            if abs(rows[r][col]) > abs(rows[pivot][col]):
+                pivot = r
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        top = rows[col]
+        for r in range(col + 1, q):
+            factor = rows[r][col] / top[col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], top)]
     x = [0.0] * q
     for r in reversed(range(q)):
-        x[r] = (rows[r][q] - sum(rows[r][k] * x[k] for k in range(r + 1, q))) / rows[r][r]
+        x[r] = (rows[r][q] - sum([rows[r][k] * x[k] for k in range(r + 1, q)])) / rows[r][r]
     return x
 
 
@@ -82,7 +90,7 @@ def _weights(prediction: str, lam_s: float, lam_t: float, m_s: float, s_s: float
         a, c, z = s_t / s_s, m_t, -h
     q = len(taus)
     w = [c * h ** (k + 1) * phi(k + 1, z) for k in range(q)]
-    v_transposed = [[tau**k / math.factorial(k) for tau in taus] for k in range(q)]
+    v_transposed = [[tau**k / _FACTORIAL[k] for tau in taus] for k in range(q)]
     return a, _solve(v_transposed, w)
 
 
