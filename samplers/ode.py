@@ -42,18 +42,26 @@ def check_solver(solver: str, steps: int | None, rtol: float, atol: float) -> No
 
 class ProbabilityFlow(torch.nn.Module):
     """The right-hand side f(t) x - g(t)^2 score(x, t) / 2 of eq. 13 as torchdiffeq's
-    ``func(t, x)`` with scalar t (every SDE here has a drift f(x, t) = f(t) x linear in x)."""
+    ``func(t, x)`` with scalar t (every SDE here has a drift f(x, t) = f(t) x linear in x).
 
-    def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn) -> None:
+    With ``reverse=True`` it is the right-hand side in r = -t, dx/dr = -f~(x, -r): decoding then
+    hands torchdiffeq increasing times, and the sign goes into the two coefficients (exact)
+    instead of torchdiffeq's wrapper negating every output, a pass over the state per call.
+    """
+
+    def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, reverse: bool = False) -> None:
         super().__init__()
         self.sde = sde
         self.score_fn = score_fn
+        self.reverse = reverse
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(1).to(x)
+        t = (-t if self.reverse else t).reshape(1).to(x)
         drift, diffusion = self.sde.sde(x.new_ones(1, 1), t)  # f(t) and g(t), shape (1, 1), (1,)
         score = self.score_fn(x, t.expand(x.shape[0]))
-        return torch.addcmul(score * (-0.5 * diffusion[0] ** 2), x, drift[0, 0])
+        sign = -1.0 if self.reverse else 1.0
+        # Two passes and one new tensor (torchdiffeq keeps what we return).
+        return (score * (diffusion.square() * (-0.5 * sign))).addcmul_(x, drift, value=sign)
 
 
 def _worst_sample_rms(v: torch.Tensor) -> torch.Tensor:
@@ -93,7 +101,12 @@ def ode_flow(
         raise ValueError("x must be a floating-point tensor of shape (B, *D)")
     counter = score_fn if isinstance(score_fn, CountingScore) else CountingScore(score_fn)
     before = counter.nfe
-    t = torch.tensor([float(t_start), float(t_end)], device=x.device, dtype=x.dtype)
+    # Decoding integrates in r = -t, so that torchdiffeq sees increasing times (the same grid
+    # and steps it would take on t; see ProbabilityFlow).
+    reverse = float(t_start) > float(t_end)
+    sign = -1.0 if reverse else 1.0
+    t = torch.tensor([sign * float(t_start), sign * float(t_end)], device=x.device,
+                     dtype=x.dtype)
     options: dict[str, Any] = {}
     if solver in ADAPTIVE_SOLVERS:
         # torchdiffeq steps past the end and interpolates, and its initial-step probe can jump
@@ -110,8 +123,8 @@ def ode_flow(
             tt[0], tt[-1], steps + 1, device=tt.device, dtype=tt.dtype
         )
     with torch.no_grad():
-        path = odeint(ProbabilityFlow(sde, counter), x, t, rtol=rtol, atol=atol, method=solver,
-                      options=options)
+        path = odeint(ProbabilityFlow(sde, counter, reverse), x, t, rtol=rtol, atol=atol,
+                      method=solver, options=options)
     return path[-1], {"nfe": counter.nfe - before}
 
 
