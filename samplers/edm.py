@@ -90,6 +90,8 @@ class EDMHeun(FastSampler):
         """Alg. 2 from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps': ...})."""
         steps = self.coefficients(sde, x)
         # One copy of x_T and one buffer each for the Euler point and the noise; in-place steps.
+        # A Heun step is a x + b1 score + b2 score_euler: its first half, a x + b1 score, is
+        # formed once and the Euler point a x + 2 b1 score from it (three passes, not five).
         x, euler = x.clone(), torch.empty_like(x)
         z = torch.empty_like(x) if self.churn > 0 else None
         for i, (t_hat, na, nc, t_next, a, b1, b2) in enumerate(
@@ -98,12 +100,10 @@ class EDMHeun(FastSampler):
             if nc > 0:  # churn: raise the noise level to sigma_hat (Alg. 2, lines 5-6)
                 x.mul_(na).add_(noise.randn_like(x, out=z), alpha=nc)
             score = score_fn(x, t_hat)
-            if b2:  # Heun correction (Alg. 2, lines 9-11): needs the Euler point first
-                torch.mul(x, a, out=euler).add_(score, alpha=2 * b1)
-                score_euler = score_fn(euler, t_next)
-                x.mul_(a).add_(score, alpha=b1).add_(score_euler, alpha=b2)
-            else:
-                x.mul_(a).add_(score, alpha=b1)
+            x.mul_(a).add_(score, alpha=b1)
+            if b2:  # Heun correction (Alg. 2, lines 9-11): the Euler point is x + b1 score
+                score_euler = score_fn(torch.add(x, score, alpha=b1, out=euler), t_next)
+                x.add_(score_euler, alpha=b2)
             if callback is not None:
                 callback(i, t_next, x, None)
         return x, {"n_steps": len(steps)}
