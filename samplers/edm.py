@@ -91,7 +91,7 @@ class EDMHeun(FastSampler):
         steps = self.coefficients(sde, x)
         # One copy of x_T and one buffer each for the Euler point and the noise; in-place steps.
         # A Heun step is a x + b1 score + b2 score_euler: its first half, a x + b1 score, is
-        # formed once and the Euler point a x + 2 b1 score from it (three passes, not five).
+        # formed once and the Euler point a x + 2 b1 score from it (four kernels, not five).
         x, euler = x.clone(), torch.empty_like(x)
         z = torch.empty_like(x) if self.churn > 0 else None
         for i, (t_hat, na, nc, t_next, a, b1, b2) in enumerate(
