@@ -56,7 +56,7 @@ class DDIM(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Run eq. 12 from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps': nfe})."""
         t, coeffs = self.coefficients(sde, x)
-        times = t[:, None].expand(-1, x.shape[0])  # (n + 1, B) views for the score calls
+        times = t[:, None].expand(-1, x.shape[0]).unbind(0)  # n + 1 views (B,) for the score
         # One copy of x_T, then in-place updates: no allocation per step beyond the score's own.
         x = x.clone()
         z = torch.empty_like(x) if self.eta > 0 else None

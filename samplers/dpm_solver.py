@@ -155,6 +155,7 @@ class DPMSolver(FastSampler):
         m, s = sde.marginal_coeffs(t)
         half_lambda = (0.5 * sde.log_snr(t)).tolist()
         times = t.to(device=like.device, dtype=like.dtype)[:, None].expand(-1, like.shape[0])
+        times = times.unbind(0)  # (B,) views, in one call
         out = []
         for i, (m_i, s_i) in enumerate(zip(m.tolist(), s.tolist())):
             if self.prediction == "eps":

@@ -134,7 +134,7 @@ class UniPC(FastSampler):
         orders = self.orders(n_steps)
         table = self.table(sde, n_steps, x)
         m, s, lam = table.m, table.s, table.half_lambda
-        times = table.t[:, None].expand(-1, x.shape[0])  # (n + 1, B)
+        times = table.t[:, None].expand(-1, x.shape[0]).unbind(0)  # n + 1 views (B,)
 
         def weights(i: int, lags: list[int], newest: int) -> tuple[float, dict[int, float]]:
             # Step node i -> i + 1 through the predictions g at nodes newest - lag: (a, node: w).
