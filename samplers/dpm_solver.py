@@ -24,8 +24,7 @@ weights b_j precomputed once per grid (``_weights``); the solvers differ only in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -94,8 +93,7 @@ def _weights(prediction: str, lam_s: float, lam_t: float, m_s: float, s_s: float
     return a, _solve(v_transposed, w)
 
 
-@dataclass(frozen=True)
-class _Point:
+class _Point(NamedTuple):
     """A score evaluation point: time (B,) and the prediction f = alpha x + beta score."""
 
     t: torch.Tensor
@@ -103,8 +101,7 @@ class _Point:
     beta: float
 
 
-@dataclass(frozen=True)
-class _Stage:
+class _Stage(NamedTuple):
     """Score the current stage point at time t (B,) and store its prediction in the form g
     (f = scale g: g = stage + c score for x0, one fused pass; g = score itself for eps, no
     pass); then form the next stage point (the step's result, in place of x, at the last stage)
@@ -118,8 +115,7 @@ class _Stage:
     h: tuple[float, ...]
 
 
-@dataclass(frozen=True)
-class _Step:
+class _Step(NamedTuple):
     """One step: its stages, the time (B,) of its result, the scale of the prediction at its
     start point (f_0 = scale g_0, for the callback) and whether g_0 is stored for later steps
     (multistep)."""

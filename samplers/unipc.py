@@ -33,8 +33,7 @@ it is not used here.)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,8 +83,7 @@ def unipc_weights(lam_s: float, lam_t: float, m_t: float, s_s: float, s_t: float
     return a, [b0 - sum(b)] + b
 
 
-@dataclass(frozen=True)
-class _Step:
+class _Step(NamedTuple):
     """One UniPC step: the evaluation time t_i (B,) and the step's end t_(i+1) (B,), s(t_i)^2
     and 1/m(t_i) of the prediction, and the next predicted point x~_(i+1) = a x~_i +
     sum_j w[j] g[j]: g[j] the j-th newest stored prediction g = x + s^2 score (its factor 1/m
