@@ -23,6 +23,10 @@ from samplers.unipc import UniPC  # noqa: E402
 
 __all__ += ["UniPC"]
 
+from samplers.tuning import tune_time_grid  # noqa: E402
+
+__all__ += ["tune_time_grid"]
+
 # Predictor-corrector, probability-flow ODE, controllable generation, the reference's entry points
 # (issue 5, part 1): importing them registers 'pc' and 'ode'.
 from samplers.controllable import (  # noqa: E402

@@ -12,6 +12,7 @@ tests and benchmarks compare samples to exact draws of p_eps.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,25 +57,65 @@ class FastSampler(Sampler):
 
     Args:
         nfe: score-evaluation budget; the sampler uses at most this many.
-        eps: the final time (samples are draws of p_eps).
-        grid: name of a registered time grid (see ``samplers.grids``).
+        eps: the final time (samples are draws of p_eps); default 1e-3, or the last time of an
+            explicit ``grid``.
+        grid: name of a registered time grid (see ``samplers.grids``), or explicit times
+            (n_steps + 1,) decreasing from T to eps, e.g. from :func:`samplers.tune_time_grid`;
+            their number of steps must be the one this sampler takes for ``nfe``.
     """
 
     default_grid = "logsnr"
     default_nfe = 10
 
-    def __init__(self, *, nfe: int | None = None, eps: float = 1e-3, grid: str | None = None,
-                 **options: Any) -> None:
+    def __init__(self, *, nfe: int | None = None, eps: float | None = None,
+                 grid: str | torch.Tensor | Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.nfe = check_int("nfe", self.default_nfe if nfe is None else nfe, self.nfe_per_step)
-        self.eps = check_float("eps", eps, 0.0)
         self.grid = self.default_grid if grid is None else grid
-        TIME_GRIDS.get(self.grid)  # unknown names fail here, listing the valid ones
+        if isinstance(self.grid, str):
+            TIME_GRIDS.get(self.grid)  # unknown names fail here, listing the valid ones
+            self.eps = check_float("eps", 1e-3 if eps is None else eps, 0.0)
+        else:
+            self.grid = check_time_grid(self.grid)
+            last = float(self.grid[-1])
+            if eps is not None and not math.isclose(check_float("eps", eps, 0.0), last,
+                                                    rel_tol=1e-9):
+                raise ValueError(f"eps={eps!r} differs from the grid's last time {last!r}")
+            self.eps = last
 
     def check_sde(self, sde: sde_lib.SDE) -> None:
         if not self.eps < sde.T:
             raise ValueError(f"eps={self.eps} must be below the SDE's end time T={sde.T}")
+        if not isinstance(self.grid, str) and not math.isclose(float(self.grid[0]), sde.T,
+                                                               rel_tol=1e-9):
+            raise ValueError(f"the grid must start at the SDE's end time T={sde.T}, "
+                             f"got {float(self.grid[0])!r}")
 
     def table(self, sde: sde_lib.SDE, n_steps: int, x: torch.Tensor) -> MarginalTable:
         """m, s, sigma, lambda/2 on this sampler's grid of ``n_steps`` steps (times like ``x``)."""
-        return marginal_table(sde, get_time_grid(self.grid, sde, n_steps, self.eps), x)
+        if isinstance(self.grid, str):
+            return marginal_table(sde, get_time_grid(self.grid, sde, n_steps, self.eps), x)
+        if len(self.grid) != n_steps + 1:
+            raise ValueError(
+                f"the grid has {len(self.grid) - 1} steps but {type(self).__name__} takes "
+                f"{n_steps} steps for nfe={self.nfe}: pass {n_steps + 1} times, or the nfe the "
+                f"grid was made for")
+        return marginal_table(sde, self.grid, x)
+
+
+def check_time_grid(grid: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Explicit times as a float64 CPU tensor (n + 1,), n >= 1, finite, positive and strictly
+    decreasing (from T to eps); else a ``ValueError`` saying what is wrong."""
+    try:
+        t = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"grid must be a registered name or a 1-D sequence of times, got "
+                        f"{type(grid).__name__}") from err
+    if t.dim() != 1 or t.numel() < 2:
+        raise ValueError(f"an explicit grid must be 1-D with at least 2 times, got shape "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        raise ValueError(f"grid times must be finite and positive, got {t.tolist()}")
+    if not bool((t[1:] < t[:-1]).all()):
+        raise ValueError(f"grid times must decrease strictly (from T to eps), got {t.tolist()}")
+    return t.clone()
