@@ -106,13 +106,16 @@ def _z_lp(gm, sde, x, n):
     return (lp_x.mean() - lp_r.mean()).item() / se
 
 
-def test_tuned_grid_samples_the_ring_exactly_at_10_nfe():
-    # The 8-mode ring under VP: at 10 NFE on the log-SNR grid dpm_solver++_3m is tens of SE off
-    # (samples between the modes); on a grid tuned from 256 pilot samples it is exact.
-    sde, gm, n = SDES["vp"], oracle.GaussianMixture.ring(), 8000
+@pytest.mark.parametrize("sde_name", ["vp", pytest.param("subvp", marks=pytest.mark.slow),
+                                      pytest.param("ve", marks=pytest.mark.slow)])
+def test_tuned_grid_samples_the_ring_exactly_at_10_nfe(sde_name):
+    # The 8-mode ring: at 10 NFE on the log-SNR grid dpm_solver++_3m is off (tens of SE on VP and
+    # sub-VP, samples between the modes); on a grid tuned from 256 pilot samples (another seed)
+    # it is exact, by the criterion the log-SNR grid fails.
+    sde, gm, n = SDES[sde_name], oracle.GaussianMixture.ring(), 8000
     grid, info = tune_time_grid(sde, gm.score_fn(sde), (256, 2), nfe=10, max_evals=800,
                                 dtype=F64, generator=torch.Generator().manual_seed(99))
     tuned, _ = _sample(sde, gm, n, "dpm_solver++_3m", seed=7, nfe=10, grid=grid)
     plain, _ = _sample(sde, gm, n, "dpm_solver++_3m", seed=7, nfe=10)
     assert abs(_z_lp(gm, sde, tuned, n)) < 3.5
-    assert abs(_z_lp(gm, sde, plain, n)) > 10
+    assert abs(_z_lp(gm, sde, plain, n)) > 3.5
