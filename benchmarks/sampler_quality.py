@@ -13,8 +13,8 @@ A run is "exact quality" when |gap| <= 2 SE (and, in the "+SW" lines, SW <= mean
 2 sd_exact). The table reports, per SDE, the smallest NFE from which the best deterministic and the
 best stochastic sampler stay at exact quality on both problems (at every larger budget tried).
 ``dpm_solver++_3m tuned`` is dpm_solver++_3m on a grid from ``samplers.tune_time_grid`` for each
-budget: tuned from 512 pilot draws of x_T (another seed than the evaluated samples) against a
-500-NFE solution; the tuning's own evaluations are reported apart (``tune_nfe``).
+budget: tuned from pilot draws of x_T (512 in 2-D, 128 in 192-D; another seed than the evaluated
+samples) against a 500-NFE solution; the tuning's own evaluations are reported apart (``tune_nfe``).
 The SW null distribution (mean and sd of SW(exact set, reference)) comes from 24 independent exact
 sets: with only a few the sd is underestimated and the "+SW" criterion fails exact samplers. All
 deterministic samplers map the same x_T, so at large NFE they share one draw of SW.
@@ -61,7 +61,11 @@ SAMPLERS = [
     ("dpm_solver++_3m_sde", "dpm_solver++_3m_sde", {}, False),
 ]
 ADAPTIVE_RTOLS = [0.1, 0.05, 0.02]
-TUNE_PILOT = 512
+
+
+def tune_pilot(dim: int) -> int:
+    """Pilot batch for tuning: 512 draws in 2-D, 128 in 192-D (each has 24 000+ coordinates)."""
+    return 512 if dim < 16 else 128
 
 
 def tune_evals(nfe: int) -> int:
@@ -94,15 +98,18 @@ def evaluate(gm, sde, x, lp_ref, ref, directions):
     return gap, sliced_w2(x, ref, directions)
 
 
-def run(quick: bool, only=None, keep=()):
-    """Sample and evaluate every run (only the samplers labelled in ``only``, if given); the rows
-    so far, after ``keep``, are saved after each SDE and problem."""
+def run(quick: bool, only=None, keep=(), sdes=None, problem_names=None):
+    """Sample and evaluate every run (only the samplers labelled in ``only``, the SDEs in
+    ``sdes`` and the problems in ``problem_names``, where given); the rows so far, after
+    ``keep``, are saved after each SDE and problem."""
     problems = {"ring2d": (oracle.GaussianMixture.ring(8), 4000 if quick else 10000),
                 "mix192d": (oracle.GaussianMixture.random(192, 4, seed=0), 500 if quick else 1000)}
     nfes = NFES[::2] if quick else NFES
     rows = []
     for sde_name, sde in SDES.items():
         for prob_name, (gm, n) in problems.items():
+            if sde_name not in (sdes or SDES) or prob_name not in (problem_names or problems):
+                continue
             directions = torch.randn(gm.dim, 128, generator=torch.Generator().manual_seed(5),
                                      dtype=torch.float64)
             directions /= directions.norm(dim=0, keepdim=True)
@@ -118,7 +125,7 @@ def run(quick: bool, only=None, keep=()):
                 if opts.get("grid") == "tuned":
                     start = time.time()
                     grid, tuned = tune_time_grid(
-                        sde, gm.score_fn(sde), (TUNE_PILOT, gm.dim), method, **budget,
+                        sde, gm.score_fn(sde), (tune_pilot(gm.dim), gm.dim), method, **budget,
                         max_evals=tune_evals(budget["nfe"]), dtype=torch.float64,
                         generator=torch.Generator().manual_seed(99))
                     opts = dict(opts, grid=grid)
@@ -210,6 +217,9 @@ def main():
                         help="re-summarise out/sampler_quality_rows.json without sampling")
     parser.add_argument("--only", nargs="+", metavar="LABEL",
                         help="run only these samplers and merge them into the saved rows")
+    parser.add_argument("--sde", nargs="+", choices=list(SDES), help="with --only: these SDEs")
+    parser.add_argument("--problem", nargs="+", choices=["ring2d", "mix192d"],
+                        help="with --only: these problems")
     args = parser.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
@@ -218,8 +228,10 @@ def main():
         rows = json.loads((OUT / "sampler_quality_rows.json").read_text())
     elif args.only:
         saved = json.loads((OUT / "sampler_quality_rows.json").read_text())
-        keep = [r for r in saved if r["sampler"] not in args.only]
-        rows = keep + run(args.quick, args.only, keep)
+        redo = [(r["sampler"] in args.only and r["sde"] in (args.sde or SDES)
+                 and r["problem"] in (args.problem or ("ring2d", "mix192d"))) for r in saved]
+        keep = [r for r, again in zip(saved, redo) if not again]
+        rows = keep + run(args.quick, args.only, keep, args.sde, args.problem)
     else:
         rows = run(args.quick)
     summary = summarise(rows)
