@@ -14,7 +14,8 @@ A run is "exact quality" when |gap| <= 2 SE (and, in the "+SW" lines, SW <= mean
 best stochastic sampler stay at exact quality on both problems (at every larger budget tried).
 ``dpm_solver++_3m tuned`` is dpm_solver++_3m on a grid from ``samplers.tune_time_grid`` for each
 budget: tuned from pilot draws of x_T (512 in 2-D, 128 in 192-D; another seed than the evaluated
-samples) against a 500-NFE solution; the tuning's own evaluations are reported apart (``tune_nfe``).
+samples) against a 500-NFE solution, starting also from the grid tuned for the previous budget;
+the tuning's own evaluations are reported apart (``tune_nfe``).
 The SW null distribution (mean and sd of SW(exact set, reference)) comes from 24 independent exact
 sets: with only a few the sd is underestimated and the "+SW" criterion fails exact samplers. All
 deterministic samplers map the same x_T, so at large NFE they share one draw of SW.
@@ -118,17 +119,18 @@ def run(quick: bool, only=None, keep=(), sdes=None, problem_names=None):
                     for label, method, opts, det in SAMPLERS for nfe in nfes]
             runs += [("adaptive", "adaptive", {"rtol": r}, False, {"nfe": 4000})
                      for r in ADAPTIVE_RTOLS]
+            tuned_grid = None  # each budget's tuning starts also from the last budget's grid
             for label, method, opts, det, budget in runs:
                 if only and label not in only:
                     continue
                 extra = {}
                 if opts.get("grid") == "tuned":
                     start = time.time()
-                    grid, tuned = tune_time_grid(
+                    tuned_grid, tuned = tune_time_grid(
                         sde, gm.score_fn(sde), (tune_pilot(gm.dim), gm.dim), method, **budget,
-                        max_evals=tune_evals(budget["nfe"]), dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(99))
-                    opts = dict(opts, grid=grid)
+                        max_evals=tune_evals(budget["nfe"]), init=tuned_grid,
+                        dtype=torch.float64, generator=torch.Generator().manual_seed(99))
+                    opts = dict(opts, grid=tuned_grid)
                     extra = dict(tune_nfe=tuned["nfe"], tune_seconds=time.time() - start,
                                  tune_mse=tuned["mse"], tune_mse_start=tuned["mse_start"])
                 x, info = sample(sde, gm.score_fn(sde), (n, gm.dim), method, dtype=torch.float64,

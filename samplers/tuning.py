@@ -12,10 +12,11 @@ al. (2021) and Sabour et al. (2024, "Align Your Steps"):
 
 with Phi(x_T) the teacher (a third-order solver with many steps). The times are parametrised by
 the log-SNR increments, Delta lambda_i = (lambda(eps) - lambda(T)) softmax(theta)_i, so every
-candidate is a valid decreasing grid with the exact ends; theta starts from the best registered
-grids (a short Powell search, derivative-free, from each, then the rest of the budget from the best
-end point). The tuning is a one-time cost paid on a pilot batch (reported as ``info['nfe']``);
-the tuned grid is then passed as ``grid=`` and sampling costs exactly its ``nfe``.
+candidate is a valid decreasing grid with the exact ends; theta starts from the registered grids
+and an optional ``init`` grid (a short Powell search, derivative-free, from each, then the rest of
+the budget from the best end point). The tuning is a one-time cost paid on a pilot batch
+(reported as ``info['nfe']``); the tuned grid is then passed as ``grid=`` and sampling costs
+exactly its ``nfe``.
 """
 
 from __future__ import annotations
@@ -30,13 +31,26 @@ from tqdm.auto import tqdm
 
 import sde_lib
 from samplers.base import SAMPLERS, sample
-from samplers.fast_base import FastSampler, check_float, check_int
+from samplers.fast_base import FastSampler, check_float, check_int, check_time_grid
 from samplers.grids import TIME_GRIDS, get_time_grid
 from utils import ScoreFn
 
 #: Objective of a candidate whose steps collapse in float64 (finite: Powell's line search
 #: multiplies objective differences).
 _REJECTED = 1e30
+
+
+def _resample(sde, grid: torch.Tensor, n_steps: int, eps: float) -> torch.Tensor:
+    """``grid`` moved to n_steps steps: its log-SNR, as a function of the step fraction
+    i / n, interpolated linearly at j / n_steps, with the ends at T and eps."""
+    lam = sde.log_snr(grid).numpy()
+    lam_T = float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))
+    lam_eps = float(sde.log_snr(torch.tensor(eps, dtype=torch.float64)))
+    u = (lam - lam[0]) / (lam[-1] - lam[0])  # the grid's shape, 0 at T to 1 at its end
+    frac = np.interp(np.linspace(0.0, 1.0, n_steps + 1), np.linspace(0.0, 1.0, len(lam)), u)
+    t = sde.log_snr_inverse(torch.tensor(lam_T + (lam_eps - lam_T) * frac, dtype=torch.float64))
+    t[0], t[-1] = sde.T, eps
+    return t
 
 
 def _steps_taken(sde, score_fn, x_T, method, nfe, options) -> int:
@@ -58,6 +72,7 @@ def tune_time_grid(
     teacher: str = "dpm_solver++_3m",
     teacher_nfe: int = 500,
     max_evals: int = 2000,
+    init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
@@ -78,6 +93,8 @@ def tune_time_grid(
         teacher: the fine-step sampler giving the reference solution, run with ``teacher_nfe``.
         max_evals: cap on the number of candidate grids tried (each costs ``nfe`` evaluations
             on the pilot batch).
+        init: a grid to start from besides the registered ones, e.g. one tuned for a smaller
+            budget: any number of steps, its log-SNR spacing is resampled to this budget's.
         generator: the pilot noise's random source.
         progress: show a tqdm bar over the candidates.
         device, dtype: of the pilot batch when ``shape`` is a tuple.
@@ -85,8 +102,8 @@ def tune_time_grid(
     Returns:
         the grid, a float64 tensor (n_steps + 1,) from T to eps to pass as ``grid=`` with the
         same ``method``, ``nfe`` and options, and a report: ``mse`` (tuned) and ``mse_start``
-        (the best registered grid's) per coordinate against the teacher, ``start`` the
-        registered grid the final search started from,
+        (the best start's) per coordinate against the teacher, ``start`` the start (a registered
+        grid's name or 'init') the final search began from,
         ``evals`` candidates tried, ``nfe`` the score evaluations spent (teacher included),
         ``n_steps``.
     """
@@ -133,7 +150,10 @@ def tune_time_grid(
     if not torch.equal(x, run("logsnr", seed=1)):
         raise ValueError(f"tune_time_grid needs a deterministic sampler: {method!r} with "
                          f"options {options} draws noise after x_T")
-    starts = {name: mse(run(name)) for name in TIME_GRIDS}
+    candidates = {name: get_time_grid(name, sde, n_steps, eps) for name in TIME_GRIDS}
+    if init is not None:
+        candidates["init"] = _resample(sde, check_time_grid(init), n_steps, eps)
+    starts = {name: mse(run(t)) for name, t in candidates.items()}
 
     def grid_of(theta: np.ndarray) -> torch.Tensor:
         w = np.exp(theta - theta.max())
@@ -166,8 +186,7 @@ def tune_time_grid(
     # the budget from the best end point.
     first = max_evals // (2 * len(starts))
     ends, evals = {}, 0
-    for name in starts:
-        t0 = get_time_grid(name, sde, n_steps, eps)
+    for name, t0 in candidates.items():
         theta0 = torch.log(torch.diff(sde.log_snr(t0)).clamp_min(1e-12)).numpy()
         err, theta, used = powell(theta0, first)
         ends[name] = (err, theta)

@@ -119,3 +119,28 @@ def test_tuned_grid_samples_the_ring_exactly_at_10_nfe(sde_name):
     plain, _ = _sample(sde, gm, n, "dpm_solver++_3m", seed=7, nfe=10)
     assert abs(_z_lp(gm, sde, tuned, n)) < 3.5
     assert abs(_z_lp(gm, sde, plain, n)) > 3.5
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_init_grid_is_resampled_by_its_log_snr_spacing(sde_name):
+    # A uniform log-SNR grid of any length resamples to the uniform log-SNR grid of another.
+    from samplers.tuning import _resample
+
+    sde = SDES[sde_name]
+    moved = _resample(sde, get_time_grid("logsnr", sde, 5, EPS), 12, EPS)
+    target = get_time_grid("logsnr", sde, 12, EPS)
+    torch.testing.assert_close(sde.log_snr(moved), sde.log_snr(target), rtol=0, atol=1e-9)
+    assert moved[0] == sde.T and moved[-1] == EPS
+
+
+def test_tuning_starts_from_init_when_it_is_best():
+    # A grid tuned for 6 NFE, resampled, is a better start for 7 than any registered grid.
+    sde, gm = SDES["vp"], oracle.GaussianMixture.ring()
+    kw = dict(teacher_nfe=200, dtype=F64, generator=torch.Generator().manual_seed(1))
+    grid6, _ = tune_time_grid(sde, gm.score_fn(sde), (64, 2), "dpm_solver++_2m", nfe=6,
+                              max_evals=150, **kw)
+    kw["generator"] = torch.Generator().manual_seed(1)
+    grid7, info = tune_time_grid(sde, gm.score_fn(sde), (64, 2), "dpm_solver++_2m", nfe=7,
+                                 max_evals=20, init=grid6, **kw)
+    assert info["start"] == "init" and grid7.shape == (8,)
+    assert info["mse"] <= info["mse_start"]
