@@ -41,14 +41,19 @@ _REJECTED = 1e30
 
 
 def _resample(sde, grid: torch.Tensor, n_steps: int, eps: float) -> torch.Tensor:
-    """``grid`` moved to n_steps steps: its log-SNR, as a function of the step fraction
-    i / n, interpolated linearly at j / n_steps, with the ends at T and eps."""
-    lam = sde.log_snr(grid).numpy()
+    """``grid`` moved to n_steps steps, with its ends pinned to T and eps: a grid with fewer steps
+    keeps its times and gains midpoints (in log-SNR) of its widest steps, one at a time; a grid
+    with more steps has its log-SNR, as a function of the step fraction, interpolated."""
     lam_T = float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))
     lam_eps = float(sde.log_snr(torch.tensor(eps, dtype=torch.float64)))
-    u = (lam - lam[0]) / (lam[-1] - lam[0])  # the grid's shape, 0 at T to 1 at its end
-    frac = np.interp(np.linspace(0.0, 1.0, n_steps + 1), np.linspace(0.0, 1.0, len(lam)), u)
-    t = sde.log_snr_inverse(torch.tensor(lam_T + (lam_eps - lam_T) * frac, dtype=torch.float64))
+    lam = sde.log_snr(grid).numpy()
+    lam[0], lam[-1] = lam_T, lam_eps
+    while len(lam) - 1 < n_steps:
+        i = int(np.argmax(np.diff(lam)))
+        lam = np.insert(lam, i + 1, 0.5 * (lam[i] + lam[i + 1]))
+    if len(lam) - 1 > n_steps:
+        lam = np.interp(np.linspace(0.0, 1.0, n_steps + 1), np.linspace(0.0, 1.0, len(lam)), lam)
+    t = sde.log_snr_inverse(torch.tensor(lam, dtype=torch.float64))
     t[0], t[-1] = sde.T, eps
     return t
 
@@ -94,7 +99,8 @@ def tune_time_grid(
         max_evals: cap on the number of candidate grids tried (each costs ``nfe`` evaluations
             on the pilot batch).
         init: a grid to start from besides the registered ones, e.g. one tuned for a smaller
-            budget: any number of steps, its log-SNR spacing is resampled to this budget's.
+            budget (its times are kept and its widest log-SNR steps halved until the step
+            count is this budget's; a longer grid is interpolated).
         generator: the pilot noise's random source.
         progress: show a tqdm bar over the candidates.
         device, dtype: of the pilot batch when ``shape`` is a tuple.

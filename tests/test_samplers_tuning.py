@@ -122,14 +122,23 @@ def test_tuned_grid_samples_the_ring_exactly_at_10_nfe(sde_name):
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
-def test_init_grid_is_resampled_by_its_log_snr_spacing(sde_name):
-    # A uniform log-SNR grid of any length resamples to the uniform log-SNR grid of another.
+def test_init_grid_is_refined_or_resampled_in_log_snr(sde_name):
     from samplers.tuning import _resample
 
     sde = SDES[sde_name]
-    moved = _resample(sde, get_time_grid("logsnr", sde, 5, EPS), 12, EPS)
-    target = get_time_grid("logsnr", sde, 12, EPS)
-    torch.testing.assert_close(sde.log_snr(moved), sde.log_snr(target), rtol=0, atol=1e-9)
+    lam = sde.log_snr
+    # Fewer steps: its times kept, the widest steps halved in log-SNR, the widest first.
+    base = get_time_grid("karras", sde, 5, EPS)
+    refined = _resample(sde, base, 7, EPS)
+    assert refined.shape == (8,) and bool((refined[1:] < refined[:-1]).all())
+    assert all(bool(torch.isclose(refined, t, rtol=1e-12).any()) for t in base)
+    widest = int(torch.diff(lam(base)).argmax())
+    half = 0.5 * (lam(base)[widest] + lam(base)[widest + 1])
+    assert bool(torch.isclose(lam(refined), half, atol=1e-9).any())
+    # More steps: a uniform log-SNR grid interpolates to the uniform log-SNR grid.
+    moved = _resample(sde, get_time_grid("logsnr", sde, 12, EPS), 5, EPS)
+    torch.testing.assert_close(lam(moved), lam(get_time_grid("logsnr", sde, 5, EPS)),
+                               rtol=0, atol=1e-9)
     assert moved[0] == sde.T and moved[-1] == EPS
 
 
