@@ -183,7 +183,9 @@ def sample(
 
     Args:
         sde: the forward SDE the score belongs to.
-        score_fn: ``score_fn(x, t) -> score``, any callable (a network adapter or an exact score).
+        score_fn: ``score_fn(x, t) -> score``, any callable (a network adapter or an exact score)
+            returning a new tensor per call (samplers keep past scores; a reused output buffer
+            is refused where it would be overwritten).
         shape: (B, *D) of the samples, or an initial tensor x_T (B, *D).
         method: a registered sampler name (``'pc'``, ``'ode'``, fast samplers ...).
         generator: the random source of x_T and every later draw (or a sequence of one

@@ -242,6 +242,7 @@ class DPMSolver(FastSampler):
                 score = score_fn(stage, st.t)
                 if not x0:
                     g = score
+                    _check_fresh(score, stage, gs, history)
                 elif k > 0:  # the stage point is not needed once scored
                     g = stage.add_(score, alpha=st.c)
                 else:
@@ -262,6 +263,18 @@ class DPMSolver(FastSampler):
             if callback is not None:
                 callback(i, step.t_end, x, gs[0] * step.scale if x0 else None)
         return x, {"n_steps": len(steps)}
+
+
+def _check_fresh(score: torch.Tensor, stage: torch.Tensor, *kept: list[torch.Tensor]) -> None:
+    """Noise-prediction variants keep past scores without copying them: a score_fn that returns
+    its input or reuses one output buffer would overwrite them silently. Pointers only (no
+    device sync)."""
+    ptr = score.data_ptr()
+    if ptr == stage.data_ptr() or any(ptr == g.data_ptr() for k in kept for g in k):
+        raise RuntimeError(
+            "score_fn returned its input or a tensor it returned before (a reused output "
+            "buffer); the DPM-Solver noise-prediction variants keep past scores: return a new "
+            "tensor (e.g. score.clone()) or use a dpm_solver++ variant")
 
 
 def _solver(cls_name: str, name: str, order: int, multistep: bool, prediction: str, doc: str):

@@ -453,3 +453,24 @@ def test_callback_reports_each_state_at_its_own_time(name):
     assert (times[1:] <= times[:-1]).all()  # decreasing: never the step's start time twice
     if name != "adaptive":  # its per-sample t stays at T for a sample whose first step failed
         assert (times[0] < sde.T).all()
+
+
+@pytest.mark.parametrize("method", ["dpm_solver_2", "dpm_solver_3m"])
+def test_noise_prediction_variants_refuse_a_reused_score_buffer(method):
+    # They keep past scores without copying: a score_fn that reuses one output buffer would
+    # overwrite them; it gets a clear error instead of wrong samples.
+    sde, gm = SDES["vp"], oracle.GaussianMixture.ring()
+    exact = gm.score_fn(sde)
+    buffer = {}
+
+    def reusing(x, t):
+        out = buffer.setdefault("out", torch.empty_like(x))
+        return out.copy_(exact(x, t))
+
+    with pytest.raises(RuntimeError, match="reused output buffer"):
+        sample(sde, reusing, (16, 2), method, nfe=6, dtype=torch.float64)
+    fresh, _ = sample(sde, lambda x, t: reusing(x, t).clone(), (16, 2), method, nfe=6,
+                      dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain, _ = sample(sde, exact, (16, 2), method, nfe=6, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fresh, plain)

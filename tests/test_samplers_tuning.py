@@ -153,3 +153,4 @@ def test_tuning_starts_from_init_when_it_is_best():
                                  max_evals=20, init=grid6, **kw)
     assert info["start"] == "init" and grid7.shape == (8,)
     assert info["mse"] <= info["mse_start"]
+
