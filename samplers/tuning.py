@@ -58,12 +58,13 @@ def _resample(sde, grid: torch.Tensor, n_steps: int, eps: float) -> torch.Tensor
     return t
 
 
-def _steps_taken(sde, score_fn, x_T, method, nfe, options) -> int:
-    """The number of steps ``method`` takes for ``nfe`` (one callback per step)."""
+def _steps_taken(sde, score_fn, x_T, method, nfe, options) -> tuple[int, int]:
+    """The number of steps ``method`` takes for ``nfe`` (one callback per step), and the
+    evaluations it spent."""
     ends: list[torch.Tensor] = []
-    sample(sde, score_fn, x_T, method, nfe=nfe, callback=lambda i, t, x, x0: ends.append(t),
-           **options)
-    return len(ends)
+    _, info = sample(sde, score_fn, x_T, method, nfe=nfe,
+                     callback=lambda i, t, x, x0: ends.append(t), **options)
+    return len(ends), info["nfe"]
 
 
 def tune_time_grid(
@@ -135,31 +136,32 @@ def tune_time_grid(
     lam_eps = float(sde.log_snr(torch.tensor(eps, dtype=torch.float64)))
     spent = 0
 
-    def run(grid_or_name, seed: int = 0) -> torch.Tensor:
+    def run(grid: torch.Tensor, seed: int = 0) -> torch.Tensor:
         nonlocal spent
-        x, info = sample(sde, score_fn, x_T, method, nfe=nfe, grid=grid_or_name,
-                         eps=None if not isinstance(grid_or_name, str) else eps,
+        x, info = sample(sde, score_fn, x_T, method, nfe=nfe, grid=grid,
                          generator=torch.Generator(x_T.device).manual_seed(seed), **options)
         spent += info["nfe"]
         return x
 
     x_ref, info = sample(sde, score_fn, x_T, teacher, nfe=teacher_nfe, eps=eps)
     spent += info["nfe"]
-    n_steps = _steps_taken(sde, score_fn, x_T, method, nfe, dict(options, eps=eps))
-    spent += nfe
+    n_steps, used = _steps_taken(sde, score_fn, x_T, method, nfe, dict(options, eps=eps))
+    spent += used
 
     def mse(x: torch.Tensor) -> float:
         return float((x - x_ref).double().pow(2).mean())
 
-    # A sampler that draws noise cannot be tuned this way.
-    x = run("logsnr")
-    if not torch.equal(x, run("logsnr", seed=1)):
-        raise ValueError(f"tune_time_grid needs a deterministic sampler: {method!r} with "
-                         f"options {options} draws noise after x_T")
     candidates = {name: get_time_grid(name, sde, n_steps, eps) for name in TIME_GRIDS}
     if init is not None:
         candidates["init"] = _resample(sde, check_time_grid(init), n_steps, eps)
-    starts = {name: mse(run(t)) for name, t in candidates.items()}
+    starts = {}
+    for name, t in candidates.items():
+        x = run(t)
+        starts[name] = mse(x)
+        # A sampler that draws noise cannot be tuned this way.
+        if name == "logsnr" and not torch.equal(x, run(t, seed=1)):
+            raise ValueError(f"tune_time_grid needs a deterministic sampler: {method!r} with "
+                             f"options {options} draws noise after x_T")
 
     def grid_of(theta: np.ndarray) -> torch.Tensor:
         w = np.exp(theta - theta.max())

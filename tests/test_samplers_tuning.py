@@ -154,3 +154,12 @@ def test_tuning_starts_from_init_when_it_is_best():
     assert info["start"] == "init" and grid7.shape == (8,)
     assert info["mse"] <= info["mse_start"]
 
+
+
+def test_tuning_counts_the_evaluations_of_a_two_evaluation_step_sampler():
+    # The report counts what each run spent (read from the runs, not assumed from the budget).
+    sde, gm = SDES["vp"], oracle.GaussianMixture.ring()
+    score = CountingScore(gm.score_fn(sde))
+    _, info = tune_time_grid(sde, score, (16, 2), "edm_heun", nfe=6, teacher_nfe=50,
+                             max_evals=10, dtype=F64)
+    assert info["nfe"] == score.nfe
