@@ -44,15 +44,22 @@ def _resample(sde, grid: torch.Tensor, n_steps: int, eps: float) -> torch.Tensor
     """``grid`` moved to n_steps steps, with its ends pinned to T and eps: a grid with fewer steps
     keeps its times and gains midpoints (in log-SNR) of its widest steps, one at a time; a grid
     with more steps has its log-SNR, as a function of the step fraction, interpolated."""
-    lam_T = float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))
-    lam_eps = float(sde.log_snr(torch.tensor(eps, dtype=torch.float64)))
     lam = sde.log_snr(grid).numpy()
-    lam[0], lam[-1] = lam_T, lam_eps
+    lam[0], lam[-1] = _log_snr_at(sde, sde.T), _log_snr_at(sde, eps)
     while len(lam) - 1 < n_steps:
         i = int(np.argmax(np.diff(lam)))
         lam = np.insert(lam, i + 1, 0.5 * (lam[i] + lam[i + 1]))
     if len(lam) - 1 > n_steps:
         lam = np.interp(np.linspace(0.0, 1.0, n_steps + 1), np.linspace(0.0, 1.0, len(lam)), lam)
+    return _times(sde, lam, eps)
+
+
+def _log_snr_at(sde, t: float) -> float:
+    return float(sde.log_snr(torch.tensor(t, dtype=torch.float64)))
+
+
+def _times(sde, lam: np.ndarray, eps: float) -> torch.Tensor:
+    """The float64 times of the log-SNRs ``lam``, with the ends pinned to exactly T and eps."""
     t = sde.log_snr_inverse(torch.tensor(lam, dtype=torch.float64))
     t[0], t[-1] = sde.T, eps
     return t
@@ -132,8 +139,7 @@ def tune_time_grid(
     else:
         x_T = sde.prior_sampling(tuple(shape), generator=generator, device=device, dtype=dtype)
 
-    lam_T = float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))
-    lam_eps = float(sde.log_snr(torch.tensor(eps, dtype=torch.float64)))
+    lam_T, lam_eps = _log_snr_at(sde, sde.T), _log_snr_at(sde, eps)
     spent = 0
 
     def run(grid: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -165,10 +171,8 @@ def tune_time_grid(
 
     def grid_of(theta: np.ndarray) -> torch.Tensor:
         w = np.exp(theta - theta.max())
-        lam = lam_T + (lam_eps - lam_T) * np.concatenate([[0.0], np.cumsum(w / w.sum())])
-        t = sde.log_snr_inverse(torch.tensor(lam, dtype=torch.float64))
-        t[0], t[-1] = sde.T, eps
-        return t
+        fraction = np.concatenate([[0.0], np.cumsum(w / w.sum())])  # softmax increments
+        return _times(sde, lam_T + (lam_eps - lam_T) * fraction, eps)
 
     bar = tqdm(total=max_evals, desc="tuning grid", disable=not progress, leave=False)
     best = {"mse": math.inf, "theta": None}
