@@ -44,34 +44,36 @@ _SINGLESTEP_TABLEAU = {
 
 #: n! as floats (exact up to 22!), so that planning a grid does not recompute them.
 _FACTORIAL = tuple(float(math.factorial(n)) for n in range(23))
+#: Horner coefficients 1/(k+9)!, ..., 1/k! of the series of phi_k near 0: ten terms, since at
+#: |z| < 0.1 the next one, z^10/(k+10)!, is below 3e-18 phi_k(z) (under float64 rounding).
+_PHI_SERIES = tuple(tuple(1.0 / _FACTORIAL[j + k] for j in reversed(range(10)))
+                    for k in range(13))
 
 
 def phi(k: int, z: float) -> float:
     """phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k (Lu et al. 2022, Sec. 3.2), by series near 0."""
     if abs(z) < 0.1:
-        return sum([z**j / _FACTORIAL[j + k] for j in range(18)])
+        total = 0.0
+        for coefficient in _PHI_SERIES[k]:
+            total = total * z + coefficient
+        return total
     tail = math.expm1(z) - sum([z**j / _FACTORIAL[j] for j in range(1, k)])
     return tail / z**k
 
 
-def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
-    """Solve the small dense system ``matrix @ x = rhs`` (q <= 3) by Gaussian elimination with
-    partial pivoting, in Python floats: planning a grid stays free of tensor overhead."""
-    q = len(rhs)
-    rows = [[*map(float, row), float(r)] for row, r in zip(matrix, rhs)]
-    for col in range(q):
-        pivot = col  # the first row of largest |entry| in this column
-        for r in range(col + 1, q):
-            if abs(rows[r][col]) > abs(rows[pivot][col]):
-                pivot = r
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        top = rows[col]
-        for r in range(col + 1, q):
-            factor = rows[r][col] / top[col]
-            rows[r] = [a - factor * b for a, b in zip(rows[r], top)]
-    x = [0.0] * q
-    for r in reversed(range(q)):
-        x[r] = (rows[r][q] - sum([rows[r][k] * x[k] for k in range(r + 1, q)])) / rows[r][r]
+def _solve_vandermonde(nodes: list[float], rhs: list[float]) -> list[float]:
+    """Solve sum_j nodes[j]^k x_j = rhs[k], k < q = len(nodes), for distinct nodes: the
+    Bjorck-Pereyra algorithm (Golub & Van Loan, Matrix Computations, Alg. 4.6.2), O(q^2) in
+    Python floats, so that planning a grid stays free of tensor overhead."""
+    x, n = list(rhs), len(nodes) - 1
+    for k in range(n):
+        for i in range(n, k, -1):
+            x[i] -= nodes[k] * x[i - 1]
+    for k in range(n - 1, -1, -1):
+        for i in range(k + 1, n + 1):
+            x[i] /= nodes[i] - nodes[i - k - 1]
+        for i in range(k, n):
+            x[i] -= x[i + 1]
     return x
 
 
@@ -80,17 +82,16 @@ def _weights(prediction: str, lam_s: float, lam_t: float, m_s: float, s_s: float
     """(a, b) of the step x_t = a x_s + sum_j b_j f(lambda_s + taus[j]) (Lu et al. 2022, Sec. 3.2).
 
     The Taylor coefficients f^(k)(lambda_s) of the polynomial through the q = len(taus) points
-    solve V d = f with V[j, k] = taus[j]^k / k!, so b = V^-T w with w_k = c h^(k+1) phi_(k+1).
+    solve V d = f with V[j, k] = taus[j]^k / k!, so b = V^-T w with w_k = c h^(k+1) phi_(k+1):
+    sum_j taus[j]^k b_j = k! w_k, a Vandermonde system.
     """
     h = lam_t - lam_s
     if prediction == "eps":
         a, c, z = m_t / m_s, -s_t, h
     else:
         a, c, z = s_t / s_s, m_t, -h
-    q = len(taus)
-    w = [c * h ** (k + 1) * phi(k + 1, z) for k in range(q)]
-    v_transposed = [[tau**k / _FACTORIAL[k] for tau in taus] for k in range(q)]
-    return a, _solve(v_transposed, w)
+    rhs = [_FACTORIAL[k] * c * h ** (k + 1) * phi(k + 1, z) for k in range(len(taus))]
+    return a, _solve_vandermonde(taus, rhs)
 
 
 class _Point(NamedTuple):

@@ -33,7 +33,7 @@ import torch
 
 from samplers.base import NoiseSource, register_sampler
 from samplers.base import progress_bar as _progress_bar
-from samplers.dpm_solver import _solve, phi
+from samplers.dpm_solver import _FACTORIAL, _solve_vandermonde, phi
 from samplers.fast_base import FastSampler, check_bool
 
 
@@ -42,14 +42,14 @@ def sde_weights(lam_s: float, lam_t: float, m_t: float, s_s: float, s_t: float,
     """(a, b, c) of x_t = a x_s + sum_j b_j x0_hat(lambda_s + taus[j]) + c z (module docstring).
 
     The Taylor coefficients of x0_hat at lambda_s solve V d = f with V[j, k] = taus[j]^k / k!,
-    so b = V^-T w with w_k = 2 m_t h^(k+1) phi_(k+1)(-2h).
+    so b = V^-T w with w_k = 2 m_t h^(k+1) phi_(k+1)(-2h): sum_j taus[j]^k b_j = k! w_k.
     """
     h = lam_t - lam_s
     a = s_t / s_s * math.exp(-h)
     c = s_t * math.sqrt(-math.expm1(-2.0 * h))
-    w = [2.0 * m_t * h ** (k + 1) * phi(k + 1, -2.0 * h) for k in range(len(taus))]
-    v_transposed = [[tau**k / math.factorial(k) for tau in taus] for k in range(len(taus))]
-    return a, _solve(v_transposed, w), c
+    rhs = [_FACTORIAL[k] * 2.0 * m_t * h ** (k + 1) * phi(k + 1, -2.0 * h)
+           for k in range(len(taus))]
+    return a, _solve_vandermonde(taus, rhs), c
 
 
 class SDEDPMSolverPP(FastSampler):

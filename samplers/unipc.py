@@ -39,7 +39,7 @@ import torch
 
 from samplers.base import NoiseSource, register_sampler
 from samplers.base import progress_bar as _progress_bar
-from samplers.dpm_solver import _solve, phi
+from samplers.dpm_solver import _FACTORIAL, _solve_vandermonde, phi
 from samplers.fast_base import FastSampler, check_bool
 
 #: Below this many steps the last steps drop order (as DPMSolver's ``lower_order_final``).
@@ -76,8 +76,8 @@ def unipc_weights(lam_s: float, lam_t: float, m_t: float, s_s: float, s_t: float
         return a, [b0]
     p = len(rs)
     b_h = B(hh)
-    rhs = [math.factorial(k) * hh * phi(k + 1, hh) / b_h for k in range(1, p + 1)]
-    a_m = _solve([[r ** (k - 1) for r in rs] for k in range(1, p + 1)], rhs)
+    rhs = [_FACTORIAL[k] * hh * phi(k + 1, hh) / b_h for k in range(1, p + 1)]
+    a_m = _solve_vandermonde(rs, rhs)  # R[k, m] = r_m^(k-1): a Vandermonde system
     # - m_t B sum_m a_m (f_m - f_0) / r_m, spread on the predictions f_0, f_1, ...
     b = [-m_t * b_h * a_i / r for a_i, r in zip(a_m, rs)]
     return a, [b0 - sum(b)] + b
