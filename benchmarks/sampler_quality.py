@@ -12,10 +12,11 @@ exact draws of p_eps (``oracle.sample_marginal``):
 A run is "exact quality" when |gap| <= 2 SE (and, in the "+SW" lines, SW <= mean_exact +
 2 sd_exact). The table reports, per SDE, the smallest NFE from which the best deterministic and the
 best stochastic sampler stay at exact quality on both problems (at every larger budget tried).
-``dpm_solver++_3m tuned`` is dpm_solver++_3m on a grid from ``samplers.tune_time_grid`` for each
-budget: tuned from pilot draws of x_T (512 in 2-D, 128 in 192-D; another seed than the evaluated
-samples) against a 500-NFE solution, starting also from the grid tuned for the previous budget;
-the tuning's own evaluations are reported apart (``tune_nfe``).
+``dpm_solver++_3m tuned`` and ``unipc_3 tuned`` are those samplers on a grid from
+``samplers.tune_time_grid`` for each budget: tuned from pilot draws of x_T (512 in 2-D, 128 in
+192-D; another seed than the evaluated samples) against a 500-NFE solution, starting also from
+the grid the same row tuned for the previous budget; the tuning's own evaluations are reported
+apart (``tune_nfe``).
 The SW null distribution (mean and sd of SW(exact set, reference)) comes from 24 independent exact
 sets: with only a few the sd is underestimated and the "+SW" criterion fails exact samplers. All
 deterministic samplers map the same x_T, so at large NFE they share one draw of SW.
@@ -56,6 +57,7 @@ SAMPLERS = [
     ("unipc_2", "unipc_2", {}, True),
     ("unipc_3", "unipc_3", {}, True),
     ("dpm_solver++_3m tuned", "dpm_solver++_3m", {"grid": "tuned"}, True),
+    ("unipc_3 tuned", "unipc_3", {"grid": "tuned"}, True),
     ("ddim_eta1", "ddim", {"eta": 1.0}, False),
     ("edm_churn", "edm_heun", {"churn": 10.0}, False),
     ("dpm_solver++_2m_sde", "dpm_solver++_2m_sde", {}, False),
@@ -119,18 +121,18 @@ def run(quick: bool, only=None, keep=(), sdes=None, problem_names=None):
                     for label, method, opts, det in SAMPLERS for nfe in nfes]
             runs += [("adaptive", "adaptive", {"rtol": r}, False, {"nfe": 4000})
                      for r in ADAPTIVE_RTOLS]
-            tuned_grid = None  # each budget's tuning starts also from the last budget's grid
+            tuned_grids = {}  # each budget's tuning starts also from the last budget's grid
             for label, method, opts, det, budget in runs:
                 if only and label not in only:
                     continue
                 extra = {}
                 if opts.get("grid") == "tuned":
                     start = time.time()
-                    tuned_grid, tuned = tune_time_grid(
+                    tuned_grids[label], tuned = tune_time_grid(
                         sde, gm.score_fn(sde), (tune_pilot(gm.dim), gm.dim), method, **budget,
-                        max_evals=tune_evals(budget["nfe"]), init=tuned_grid,
+                        max_evals=tune_evals(budget["nfe"]), init=tuned_grids.get(label),
                         dtype=torch.float64, generator=torch.Generator().manual_seed(99))
-                    opts = dict(opts, grid=tuned_grid)
+                    opts = dict(opts, grid=tuned_grids[label])
                     extra = dict(tune_nfe=tuned["nfe"], tune_seconds=time.time() - start,
                                  tune_mse=tuned["mse"], tune_mse_start=tuned["mse_start"])
                 x, info = sample(sde, gm.score_fn(sde), (n, gm.dim), method, dtype=torch.float64,
