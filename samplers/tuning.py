@@ -38,8 +38,8 @@ from samplers.fast_base import FastSampler, check_float, check_int, check_time_g
 from samplers.grids import TIME_GRIDS, get_time_grid
 from utils import ScoreFn
 
-#: Log-error of a candidate whose steps collapse in float64 (finite: the line search takes
-#: differences of objective values).
+#: Log-error of a candidate whose steps collapse in float64 or whose samples are not finite
+#: (finite: the line search takes differences of objective values).
 _REJECTED = 100.0
 
 
@@ -159,6 +159,9 @@ def tune_time_grid(
 
     x_ref, info = sample(sde, score_fn, x_T, teacher, nfe=teacher_nfe, eps=eps)
     spent += info["nfe"]
+    if not bool(torch.isfinite(x_ref).all()):
+        raise ValueError(f"the teacher ({teacher!r}, {teacher_nfe} NFE) returned non-finite "
+                         f"samples: check score_fn on these times and shapes")
     n_steps, used = _steps_taken(sde, score_fn, x_T, method, nfe, dict(options, eps=eps))
     spent += used
 
@@ -194,6 +197,8 @@ def tune_time_grid(
         if not bool((t[1:] < t[:-1]).all()):  # steps below the float64 resolution of t
             return _REJECTED
         err = mse(run(t))
+        if not math.isfinite(err):  # a diverging candidate
+            return _REJECTED
         if err < best["mse"]:
             best.update(mse=err, theta=theta.copy())
         return math.log(max(err, 1e-300))  # scale-free: the error spans many decades

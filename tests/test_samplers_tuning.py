@@ -107,6 +107,13 @@ def _z_lp(gm, sde, x, n):
     return (lp_x.mean() - lp_r.mean()).item() / se
 
 
+def test_tuning_refuses_a_score_that_is_not_finite():
+    sde = SDES["vp"]
+    with pytest.raises(ValueError, match="non-finite"):
+        tune_time_grid(sde, lambda x, t: torch.full_like(x, math.nan), (8, 2), nfe=4,
+                       teacher_nfe=20, max_evals=5, dtype=F64)
+
+
 def test_tuning_a_float32_pilot_lowers_the_error():
     # Finite-difference gradients of the error must stand clear of float32 rounding.
     sde, gm = SDES["ve"], oracle.GaussianMixture.ring()
