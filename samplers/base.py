@@ -42,6 +42,19 @@ class CountingScore:
         return self.score_fn(x, t)
 
 
+def check_fresh_score(score: torch.Tensor, *kept: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` if ``score`` shares its memory with one of the tensors ``kept``
+    (the input it was computed at, past scores a solver keeps or writes into): a score_fn that
+    returns its input or reuses one output buffer would overwrite them silently. Pointers only,
+    so no device sync in a step loop."""
+    ptr = score.data_ptr()
+    if any(ptr == k.data_ptr() for k in kept):
+        raise RuntimeError(
+            "score_fn returned its input or a tensor it returned before (a reused output "
+            "buffer); this sampler keeps past scores or writes into them: return a new tensor "
+            "(e.g. score.clone())")
+
+
 class NoiseSource:
     """Gaussian noise for stochastic samplers, from one generator or one generator per sample.
 
@@ -184,8 +197,8 @@ def sample(
     Args:
         sde: the forward SDE the score belongs to.
         score_fn: ``score_fn(x, t) -> score``, any callable (a network adapter or an exact score)
-            returning a new tensor per call (samplers keep past scores; a reused output buffer
-            is refused where it would be overwritten).
+            returning a new tensor per call (samplers keep past scores and may write into
+            them; a reused output buffer is refused where it would be overwritten).
         shape: (B, *D) of the samples, or an initial tensor x_T (B, *D).
         method: a registered sampler name (``'pc'``, ``'ode'``, fast samplers ...).
         generator: the random source of x_T and every later draw (or a sequence of one

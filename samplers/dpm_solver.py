@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from samplers.base import NoiseSource, register_sampler
+from samplers.base import NoiseSource, check_fresh_score, register_sampler
 from samplers.base import progress_bar as _progress_bar
 from samplers.fast_base import FastSampler, check_bool
 
@@ -225,37 +225,36 @@ class DPMSolver(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the probability-flow ODE from x_T (B, *D) to x_eps; returns (x_eps, {})."""
         steps = self.plan(sde, x)
-        # In-place arithmetic on preallocated buffers: one copy of x_T, a buffer per stage point
-        # (x0 turns it into its g in place; eps needs one) and a ring of stored g (multistep
-        # x0); eps predictions are the scores themselves (score_fn returns a new tensor per
-        # call, as EDM's Heun step also assumes). A step allocates nothing but the score; each
-        # stage is one scaling pass and one add per nonzero weight.
+        # In-place arithmetic: one copy of x_T and a buffer per stage point (x0 turns it into
+        # its g in place; eps needs one). Past predictions stay in the score tensors, which
+        # score_fn returns new per call (checked): eps keeps the scores as they are, x0 turns the
+        # first stage's score into g = x + c score in place, while it is still in cache (a
+        # separate buffer would be written from memory). A step allocates nothing but its scores;
+        # each stage is one scaling pass and one add per nonzero weight.
         x = x.clone()
         x0 = self.prediction == "x0"
         n_stages = max(len(step.stages) for step in steps)
-        buffers = [torch.empty_like(x) for _ in range(n_stages if x0 else min(n_stages - 1, 1))]
-        ring = [torch.empty_like(x) for _ in range(self.order)] if x0 and self.multistep else []
+        buffers = [torch.empty_like(x) for _ in range(n_stages - 1 if x0 else min(n_stages - 1, 1))]
         history: list[torch.Tensor] = []  # multistep: g at x_i, x_(i-1), ..., newest first
         for i, step in enumerate(_progress_bar(steps, progress, type(self).__name__)):
             gs: list[torch.Tensor] = []
             stage, last = x, len(step.stages) - 1
             for k, st in enumerate(step.stages):
                 score = score_fn(stage, st.t)
+                check_fresh_score(score, stage, *gs, *history)
                 if not x0:
                     g = score
-                    _check_fresh(score, stage, gs, history)
                 elif k > 0:  # the stage point is not needed once scored
                     g = stage.add_(score, alpha=st.c)
                 else:
-                    g = torch.add(x, score, alpha=st.c,
-                                  out=ring[i % self.order] if step.keep else buffers[0])
+                    g = torch.add(x, score, alpha=st.c, out=score)
                 gs.append(g)
                 if k == 0 and step.keep:
                     history = [g, *history[:self.order - 1]]
                 if k == last:
                     stage = x.mul_(st.a)
                 else:
-                    stage = torch.mul(x, st.a, out=buffers[k + 1 if x0 else 0])
+                    stage = torch.mul(x, st.a, out=buffers[k if x0 else 0])
                 for w, g in zip(st.b, gs):
                     if w:
                         stage.add_(g, alpha=w)
@@ -264,18 +263,6 @@ class DPMSolver(FastSampler):
             if callback is not None:
                 callback(i, step.t_end, x, gs[0] * step.scale if x0 else None)
         return x, {"n_steps": len(steps)}
-
-
-def _check_fresh(score: torch.Tensor, stage: torch.Tensor, *kept: list[torch.Tensor]) -> None:
-    """Noise-prediction variants keep past scores without copying them: a score_fn that returns
-    its input or reuses one output buffer would overwrite them silently. Pointers only (no
-    device sync)."""
-    ptr = score.data_ptr()
-    if ptr == stage.data_ptr() or any(ptr == g.data_ptr() for k in kept for g in k):
-        raise RuntimeError(
-            "score_fn returned its input or a tensor it returned before (a reused output "
-            "buffer); the DPM-Solver noise-prediction variants keep past scores: return a new "
-            "tensor (e.g. score.clone()) or use a dpm_solver++ variant")
 
 
 def _solver(cls_name: str, name: str, order: int, multistep: bool, prediction: str, doc: str):

@@ -455,10 +455,11 @@ def test_callback_reports_each_state_at_its_own_time(name):
         assert (times[0] < sde.T).all()
 
 
-@pytest.mark.parametrize("method", ["dpm_solver_2", "dpm_solver_3m"])
-def test_noise_prediction_variants_refuse_a_reused_score_buffer(method):
-    # They keep past scores without copying: a score_fn that reuses one output buffer would
-    # overwrite them; it gets a clear error instead of wrong samples.
+@pytest.mark.parametrize("method", ["dpm_solver_2", "dpm_solver_3m", "dpm_solver++_2s",
+                                    "dpm_solver++_3m"])
+def test_samplers_keeping_scores_refuse_a_reused_score_buffer(method):
+    # They keep past scores (or predictions formed in them) without copying: a score_fn that
+    # reuses one output buffer would overwrite them; it gets a clear error, not wrong samples.
     sde, gm = SDES["vp"], oracle.GaussianMixture.ring()
     exact = gm.score_fn(sde)
     buffer = {}
