@@ -103,11 +103,12 @@ class _Point(NamedTuple):
 
 
 class _Stage(NamedTuple):
-    """Score the current stage point at time t (B,) and store its prediction in the form g
-    (f = scale g: g = stage + c score for x0, one fused pass; g = score itself for eps, no
-    pass); then form the next stage point (the step's result, in place of x, at the last stage)
-    as a x + sum_l b[l] g_l + sum_j h[j] G_j over this step's g (oldest first) and the stored
-    multistep predictions G (newest first), the scales folded into b and h."""
+    """Score the current stage point u (x_s at the first stage) at time t (B,) and store its
+    prediction in the form g (f = scale g: g = u + c score for x0, one fused pass; g = score
+    itself for eps, no pass); then form the next stage point (the step's result at the last
+    stage) in place of u as a u + sum_l b[l] g_l + sum_j h[j] G_j over this step's g (oldest
+    first) and the stored multistep predictions G (newest first), the scales folded into b and
+    h."""
 
     t: torch.Tensor
     c: float
@@ -203,7 +204,11 @@ class DPMSolver(FastSampler):
                 h = tuple(b_j * self._stored(nodes[i - j][0])[1] for j, b_j in enumerate(b))
                 steps.append(_Step((_Stage(p_s.t, c_s, a, (), h),), p_t.t, scale_s, True))
                 continue
+            # Each stage point is formed in place of the previous one: from the current point
+            # u = a_u x_s + sum_l b_u[l] g_l, the next one, a x_s + sum_l b[l] g_l, is
+            # (a / a_u) u + sum_l (b[l] - (a / a_u) b_u[l]) g_l.
             points, stages, lams = [p_s], [], [lam_s]
+            a_u, b_u = 1.0, []
             for c, sources in _SINGLESTEP_TABLEAU[q]:
                 if c < 1.0:
                     p_c, m_c, s_c, lam_c = next(stage_nodes)
@@ -214,8 +219,11 @@ class DPMSolver(FastSampler):
                 weights = [0.0] * len(points)
                 for b_j, j in zip(b, sources):
                     weights[j] = b_j * self._stored(points[j])[1]
+                ratio = a / a_u
+                relative = tuple(w - ratio * w_u for w, w_u in zip(weights, [*b_u, 0.0]))
                 p = points[len(stages)]
-                stages.append(_Stage(p.t, self._stored(p)[0], a, tuple(weights), ()))
+                stages.append(_Stage(p.t, self._stored(p)[0], ratio, relative, ()))
+                a_u, b_u = a, weights
                 if p_c is not None:
                     points.append(p_c)
                     lams.append(lam_c)
@@ -225,41 +233,30 @@ class DPMSolver(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the probability-flow ODE from x_T (B, *D) to x_eps; returns (x_eps, {})."""
         steps = self.plan(sde, x)
-        # In-place arithmetic: one copy of x_T and a buffer per stage point (x0 turns it into
-        # its g in place; eps needs one). Past predictions stay in the score tensors, which
-        # score_fn returns new per call (checked): eps keeps the scores as they are, x0 turns the
-        # first stage's score into g = x + c score in place, while it is still in cache (a
-        # separate buffer would be written from memory). A step allocates nothing but its scores;
-        # each stage is one scaling pass and one add per nonzero weight.
+        # In-place arithmetic on one copy of x_T, which holds each stage point in turn. Past
+        # predictions stay in the score tensors, which score_fn returns new per call (checked):
+        # eps keeps the scores as they are, x0 turns each into its g = u + c score in place,
+        # while it is still in cache (a separate buffer would be written from memory). A step
+        # allocates nothing but its scores; each stage is one scaling pass and one add per
+        # nonzero weight.
         x = x.clone()
         x0 = self.prediction == "x0"
-        n_stages = max(len(step.stages) for step in steps)
-        buffers = [torch.empty_like(x) for _ in range(n_stages - 1 if x0 else min(n_stages - 1, 1))]
         history: list[torch.Tensor] = []  # multistep: g at x_i, x_(i-1), ..., newest first
         for i, step in enumerate(_progress_bar(steps, progress, type(self).__name__)):
             gs: list[torch.Tensor] = []
-            stage, last = x, len(step.stages) - 1
             for k, st in enumerate(step.stages):
-                score = score_fn(stage, st.t)
-                check_fresh_score(score, stage, *gs, *history)
-                if not x0:
-                    g = score
-                elif k > 0:  # the stage point is not needed once scored
-                    g = stage.add_(score, alpha=st.c)
-                else:
-                    g = torch.add(x, score, alpha=st.c, out=score)
+                score = score_fn(x, st.t)
+                check_fresh_score(score, x, *gs, *history)
+                g = torch.add(x, score, alpha=st.c, out=score) if x0 else score
                 gs.append(g)
                 if k == 0 and step.keep:
                     history = [g, *history[:self.order - 1]]
-                if k == last:
-                    stage = x.mul_(st.a)
-                else:
-                    stage = torch.mul(x, st.a, out=buffers[k if x0 else 0])
+                x.mul_(st.a)
                 for w, g in zip(st.b, gs):
                     if w:
-                        stage.add_(g, alpha=w)
+                        x.add_(g, alpha=w)
                 for w, g in zip(st.h, history):
-                    stage.add_(g, alpha=w)
+                    x.add_(g, alpha=w)
             if callback is not None:
                 callback(i, step.t_end, x, gs[0] * step.scale if x0 else None)
         return x, {"n_steps": len(steps)}
