@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from samplers.base import NoiseSource, register_sampler
+from samplers.base import NoiseSource, check_fresh_score, register_sampler
 from samplers.base import progress_bar as _progress_bar
 from samplers.dpm_solver import _FACTORIAL, _solve_vandermonde, phi
 from samplers.fast_base import FastSampler, check_bool
@@ -160,17 +160,20 @@ class UniPC(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the probability-flow ODE from x_T (B, *D) to x_eps; returns (x_eps, {})."""
         steps = self.plan(sde, x)
-        # In-place arithmetic on preallocated buffers: the predicted point x~ and a ring of
-        # predictions g = x + s^2 score (p + 1 for UniC-p); a step allocates nothing but the
-        # score.
+        # In-place arithmetic: one copy of x_T (the predicted point x~), and the predictions
+        # g = x + s^2 score (p + 1 for UniC-p, newest first) kept in the score tensors, which
+        # score_fn returns new per call (checked): g is formed in place while the score is still
+        # in cache. A step allocates nothing but the score.
         x = x.clone()
-        ring = [torch.empty_like(x) for _ in range(self.predictor_order + 1)]
+        history: list[torch.Tensor] = []
         for i, step in enumerate(_progress_bar(steps, progress, type(self).__name__)):
             score = score_fn(x, step.t)
-            g = torch.add(x, score, alpha=step.s2, out=ring[i % len(ring)])
+            check_fresh_score(score, x, *history)
+            g = torch.add(x, score, alpha=step.s2, out=score)
+            history = [g, *history[:self.predictor_order]]
             x.mul_(step.a)
-            for lag, w in enumerate(step.w):
-                x.add_(ring[(i - lag) % len(ring)], alpha=w)
+            for w, g_j in zip(step.w, history):
+                x.add_(g_j, alpha=w)
             if callback is not None:
                 callback(i, step.t_next, x, g * step.inv_m)
         return x, {"n_steps": len(steps)}

@@ -456,7 +456,7 @@ def test_callback_reports_each_state_at_its_own_time(name):
 
 
 @pytest.mark.parametrize("method", ["dpm_solver_2", "dpm_solver_3m", "dpm_solver++_2s",
-                                    "dpm_solver++_3m"])
+                                    "dpm_solver++_3m", "unipc_3"])
 def test_samplers_keeping_scores_refuse_a_reused_score_buffer(method):
     # They keep past scores (or predictions formed in them) without copying: a score_fn that
     # reuses one output buffer would overwrite them; it gets a clear error, not wrong samples.
