@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from samplers.base import NoiseSource, register_sampler
+from samplers.base import NoiseSource, check_fresh_score, register_sampler
 from samplers.base import progress_bar as _progress_bar
 from samplers.dpm_solver import _FACTORIAL, _solve_vandermonde, phi
 from samplers.fast_base import FastSampler, check_bool
@@ -92,16 +92,16 @@ class SDEDPMSolverPP(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Integrate the reverse SDE from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps'})."""
         t, steps = self.plan(sde, x)
-        times = t[:, None].expand(-1, x.shape[0])
+        times = t[:, None].expand(-1, x.shape[0]).unbind(0)  # n + 1 views (B,) for the score
         x = x.clone()
-        # A ring of predictions stored as g = x + s^2 score (x0_hat = g / m): one fused pass.
-        buffers = [torch.empty_like(x) for _ in range(self.order)]
+        # Predictions stored as g = x + s^2 score (x0_hat = g / m), one fused pass in place in
+        # the score while it is still in cache (score_fn returns a new tensor per call, checked).
         z = torch.empty_like(x)
         history: list[tuple[torch.Tensor, float]] = []  # (g, 1/m), newest first
         for i, (inv_m, s2, a, b, c) in enumerate(_progress_bar(steps, progress, "SDE-DPM++")):
-            kept = [g for g, _ in history[: self.order - 1]]
-            out = next(buf for buf in buffers if all(buf is not g for g in kept))
-            g = torch.add(x, score_fn(x, times[i]), alpha=s2, out=out)
+            score = score_fn(x, times[i])
+            check_fresh_score(score, x, *(g for g, _ in history))
+            g = torch.add(x, score, alpha=s2, out=score)
             history = [(g, inv_m)] + history[: self.order - 1]
             x.mul_(a)
             for b_j, (g_j, inv_m_j) in zip(b, history):
