@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from samplers.base import NoiseSource, register_sampler
+from samplers.base import NoiseSource, check_fresh_score, register_sampler
 from samplers.base import progress_bar as _progress_bar
 from samplers.fast_base import FastSampler, check_float
 
@@ -89,10 +89,11 @@ class EDMHeun(FastSampler):
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
         """Alg. 2 from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps': ...})."""
         steps = self.coefficients(sde, x)
-        # One copy of x_T and one buffer each for the Euler point and the noise; in-place steps.
-        # A Heun step is a x + b1 score + b2 score_euler: its first half, a x + b1 score, is
-        # formed once and the Euler point a x + 2 b1 score from it (four kernels, not five).
-        x, euler = x.clone(), torch.empty_like(x)
+        # One copy of x_T and a buffer for the noise; in-place steps. A Heun step is
+        # a x + b1 score + b2 score_euler: its first half, a x + b1 score, is formed once and the
+        # Euler point a x + 2 b1 score from it (four kernels, not five), in place in the score
+        # (still in cache; score_fn returns a new tensor per call, checked).
+        x = x.clone()
         z = torch.empty_like(x) if self.churn > 0 else None
         for i, (t_hat, na, nc, t_next, a, b1, b2) in enumerate(
             _progress_bar(steps, progress, "EDM")
@@ -100,9 +101,10 @@ class EDMHeun(FastSampler):
             if nc > 0:  # churn: raise the noise level to sigma_hat (Alg. 2, lines 5-6)
                 x.mul_(na).add_(noise.randn_like(x, out=z), alpha=nc)
             score = score_fn(x, t_hat)
+            check_fresh_score(score, x)
             x.mul_(a).add_(score, alpha=b1)
             if b2:  # Heun correction (Alg. 2, lines 9-11): the Euler point is x + b1 score
-                score_euler = score_fn(torch.add(x, score, alpha=b1, out=euler), t_next)
+                score_euler = score_fn(torch.add(x, score, alpha=b1, out=score), t_next)
                 x.add_(score_euler, alpha=b2)
             if callback is not None:
                 callback(i, t_next, x, None)
