@@ -15,7 +15,7 @@ import torch
 from torchdiffeq import odeint
 
 import sde_lib
-from samplers.base import CountingScore, Sampler, register_sampler
+from samplers.base import CountingScore, Sampler, check_fresh_score, register_sampler
 from utils import ScoreFn, as_batch_time, batch_mul
 
 #: Fixed-step torchdiffeq solvers and their score calls per step.
@@ -59,9 +59,10 @@ class ProbabilityFlow(torch.nn.Module):
         t = (-t if self.reverse else t).reshape(1).to(x)
         drift, diffusion = self.sde.sde(x.new_ones(1, 1), t)  # f(t) and g(t), shape (1, 1), (1,)
         score = self.score_fn(x, t.expand(x.shape[0]))
+        check_fresh_score(score, x)
         sign = -1.0 if self.reverse else 1.0
-        # Two passes and one new tensor (torchdiffeq keeps what we return).
-        return (score * (diffusion.square() * (-0.5 * sign))).addcmul_(x, drift, value=sign)
+        # Two passes, in place in the score (a new tensor per call, which torchdiffeq keeps).
+        return score.mul_(diffusion.square().mul_(-0.5 * sign)).addcmul_(x, drift, value=sign)
 
 
 def _worst_sample_rms(v: torch.Tensor) -> torch.Tensor:
