@@ -406,18 +406,19 @@ class PCSampler(Sampler):
         predicts = predictor.nfe_per_step > 0
         times = grid.to(device=x.device, dtype=x.dtype)  # one copy, no sync inside the loop
         B = x.shape[0]
+        batch_times = times[:, None].expand(-1, B).unbind(0)  # N + 1 views (B,), in one call
         x = x.clone()  # the loop updates its own copy in place; x_T stays untouched
-        buffer = torch.empty_like(x)  # noise, drawn in place: no allocation per step
+        buffer = torch.empty_like(x)  # the correctors' noise, drawn in place
         for i in progress_bar(range(N), progress, "PC sampling"):
-            t = times[i].expand(B)
+            t = batch_times[i]
             x = corrector.correct(score_fn, x, t, i, noise, buffer)
             if predicts:
                 score = _detached(score_fn(x, t), x)
                 if a[i] != 1.0:
                     x.mul_(a[i])
                 x.add_(score, alpha=b[i])
-                if c[i] != 0.0:
-                    x.add_(noise.randn_like(x, out=buffer), alpha=c[i])
+                if c[i] != 0.0:  # the noise is drawn into the score, no longer needed
+                    x.add_(noise.randn_like(x, out=score), alpha=c[i])
             if callback is not None:
                 callback(i, times[i + 1] if predicts else t, x.clone(), None)
         if self.denoise and not predicts:
