@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from samplers.base import NoiseSource, register_sampler
+from samplers.base import NoiseSource, check_fresh_score, register_sampler
 from samplers.base import progress_bar as _progress_bar
 from samplers.fast_base import FastSampler, check_float
 
@@ -57,14 +57,15 @@ class DDIM(FastSampler):
         """Run eq. 12 from x_T (B, *D) to x_eps; returns (x_eps, {'n_steps': nfe})."""
         t, coeffs = self.coefficients(sde, x)
         times = t[:, None].expand(-1, x.shape[0]).unbind(0)  # n + 1 views (B,) for the score
-        # One copy of x_T, then in-place updates: no allocation per step beyond the score's own.
+        # One copy of x_T, then in-place updates: no allocation per step beyond the score's own,
+        # into which the noise is drawn once the score is used (a new tensor per call, checked).
         x = x.clone()
-        z = torch.empty_like(x) if self.eta > 0 else None
         for i, (A, B, C) in enumerate(_progress_bar(coeffs, progress, "DDIM")):
             score = score_fn(x, times[i])
+            check_fresh_score(score, x)
             x.mul_(A).add_(score, alpha=B)
             if C > 0:
-                x.add_(noise.randn_like(x, out=z), alpha=C)
+                x.add_(noise.randn_like(x, out=score), alpha=C)
             if callback is not None:
                 callback(i, times[i + 1], x, None)
         return x, {"n_steps": len(coeffs)}
