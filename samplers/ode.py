@@ -1,25 +1,52 @@
-"""Probability-flow ODE sampling, encoding and decoding through torchdiffeq (Song et al. 2021,
-eq. 13 and Sec. 4.3).
+"""Probability-flow ODE sampling, encoding and decoding (Song et al. 2021, eq. 13 and Sec. 4.3).
 
 The probability-flow ODE dx/dt = f(x, t) - g(t)^2 score(x, t) / 2 maps data to latents (encode,
 t: eps -> T) and latents to data (decode, t: T -> eps) one-to-one, so latents can be interpolated
-and edited. Integration runs on the data's device with an adaptive (``dopri5``, rtol = atol =
-1e-5 as the reference's RK45) or a fixed-step torchdiffeq solver.
+and edited. Integration runs on the data's device with an adaptive torchdiffeq solver
+(``dopri5``, rtol = atol = 1e-5 as the reference's RK45) or a fixed-step explicit Runge-Kutta
+method given by its Butcher tableau (``euler``, ``midpoint``, ``rk4``: the methods torchdiffeq
+has under those names, same steps and nodes).
+
+The fixed-step methods run in a loop of their own rather than torchdiffeq's general one: every
+SDE here has a drift linear in x, f(x, t) = f(t) x, so the right-hand side is
+F(x, t) = f(t) x + c(t) score(x, t) with c = -g^2 / 2, and all f, c at the stage times are known
+before the loop (float64, on the host). A stage then costs the score and two passes over the
+state, where torchdiffeq's wrappers and the per-call SDE arithmetic cost several times that
+(``benchmarks/sampler_cost.py``, ``ode euler``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torchdiffeq import odeint
 
 import sde_lib
-from samplers.base import CountingScore, Sampler, check_fresh_score, register_sampler
+from samplers.base import CountingScore, Sampler, check_fresh_score, progress_bar, register_sampler
 from utils import ScoreFn, as_batch_time, batch_mul
 
-#: Fixed-step torchdiffeq solvers and their score calls per step.
-FIXED_STEP_SOLVERS = {"euler": 1, "midpoint": 2, "rk4": 4}
+
+class Tableau(NamedTuple):
+    """Butcher tableau of an explicit Runge-Kutta method: stage j is evaluated at t + c[j] dt on
+    x + dt sum_l a[j][l] k_l, and the step is x + dt sum_j b[j] k_j (Butcher 2016, Sec. 23)."""
+
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    order: int
+
+
+#: The fixed-step methods, as torchdiffeq's of the same names: forward Euler, the explicit
+#: midpoint rule, and Kutta's 3/8 rule (torchdiffeq's "rk4"; Kutta 1901, Butcher 2016, Sec. 23).
+TABLEAUS = {
+    "euler": Tableau(c=(0.0,), a=((),), b=(1.0,), order=1),
+    "midpoint": Tableau(c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0), order=2),
+    "rk4": Tableau(c=(0.0, 1 / 3, 2 / 3, 1.0), a=((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+                   b=(1 / 8, 3 / 8, 3 / 8, 1 / 8), order=4),
+}
+#: Fixed-step solvers and their score calls per step.
+FIXED_STEP_SOLVERS = {name: len(tableau.b) for name, tableau in TABLEAUS.items()}
 #: Adaptive torchdiffeq solvers (NFE depends on the tolerances; counted, not predicted).
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 
@@ -65,6 +92,78 @@ class ProbabilityFlow(torch.nn.Module):
         return score.mul_(diffusion.square().mul_(-0.5 * sign)).addcmul_(x, drift, value=sign)
 
 
+class _Plan(NamedTuple):
+    """Coefficients of a fixed-step run: the float64 stage times (flat) and, per step n and
+    stage j, the factor f / c of the stage slope k~ = score + (f / c) x_j, the weights of
+    earlier slopes k~ in the stage's state, and the weights of the step."""
+
+    times: torch.Tensor
+    ratio: list[list[float]]
+    stage_weights: list[list[list[float]]]
+    step_weights: list[list[float]]
+
+
+def _plan(sde: sde_lib.SDE, tableau: Tableau, t_start: float, t_end: float, steps: int) -> _Plan:
+    """All coefficients of ``steps`` uniform steps from t_start to t_end, in float64 on the host,
+    once: F(x, t) = f(t) x + c(t) score with c = -g(t)^2 / 2 (eq. 13 with a linear drift). The
+    slope of stage j is kept as k~_j = k_j / c_j, so c_j goes into the weights."""
+    n_stages = len(tableau.b)
+    grid = torch.linspace(float(t_start), float(t_end), steps + 1, dtype=torch.float64)
+    dt = (grid[1:] - grid[:-1]).tolist()
+    nodes = torch.tensor(tableau.c, dtype=torch.float64)
+    times = (grid[:-1, None] + nodes * (grid[1:] - grid[:-1])[:, None]).reshape(-1)
+    drift, diffusion = sde.sde(torch.ones(times.shape[0], 1, dtype=torch.float64), times)
+    f = drift[:, 0].reshape(steps, n_stages).tolist()  # f(t) at every stage time
+    c = -0.5 * diffusion.square()
+    bad = ~(c < 0)  # g = 0 or NaN
+    if bool(bad.any()):
+        raise ValueError(f"the SDE's diffusion g(t) must be positive on the integration path, "
+                         f"got g({times[bad][0].item()!r}) = {diffusion[bad][0].item()!r}")
+    c = c.reshape(steps, n_stages).tolist()
+    ratio, stage_weights, step_weights = [], [], []
+    for n in range(steps):
+        ratio.append([f_j / c_j for f_j, c_j in zip(f[n], c[n])])
+        stage_weights.append([[dt[n] * a_jl * c[n][l] for l, a_jl in enumerate(row)]
+                              for row in tableau.a])
+        step_weights.append([dt[n] * b_j * c[n][j] for j, b_j in enumerate(tableau.b)])
+    return _Plan(times, ratio, stage_weights, step_weights)
+
+
+def _fixed_step_flow(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor, t_start: float,
+                     t_end: float, tableau: Tableau, steps: int,
+                     progress: bool = False) -> torch.Tensor:
+    """x at t_end from x (B, *D) at t_start by ``steps`` uniform steps of the explicit
+    Runge-Kutta method ``tableau`` on the probability-flow ODE (eq. 13).
+
+    Preallocated buffers: one copy of x, one stage state and the stage slopes k~, each written
+    once per stage from the score (whose tensor is then free). No host synchronisation in the
+    loop: every coefficient is a Python float planned before it. (Keeping the score tensors as
+    the slopes would save nothing, and freeing four of them at a step's end lets glibc return
+    the memory to the system, so that the next step pays page faults: 3x the step's cost in
+    192-D. Fusing a combination of slopes into one ``addmv`` was slower here, on 1 and 2
+    threads.)
+    """
+    plan = _plan(sde, tableau, t_start, t_end, steps)
+    n_stages = len(tableau.b)
+    B = x.shape[0]
+    times = plan.times.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, B).unbind(0)
+    y = x.clone()
+    work = torch.empty_like(y)
+    slopes = [torch.empty_like(y) for _ in range(n_stages)]
+    for n in progress_bar(range(steps), progress, "ODE"):
+        for j in range(n_stages):
+            x_j = y
+            for w, slope in zip(plan.stage_weights[n][j], slopes):
+                if w != 0.0:
+                    x_j = torch.add(x_j, slope, alpha=w, out=work)
+            score = score_fn(x_j, times[n * n_stages + j])
+            torch.add(score, x_j, alpha=plan.ratio[n][j], out=slopes[j])
+        for w, slope in zip(plan.step_weights[n], slopes):
+            if w != 0.0:
+                y.add_(slope, alpha=w)
+    return y
+
+
 def _worst_sample_rms(v: torch.Tensor) -> torch.Tensor:
     """max over samples of the RMS of v (B, *D): an error norm per sample."""
     return v.reshape(v.shape[0], -1).square().mean(dim=1).max().sqrt()
@@ -81,6 +180,7 @@ def ode_flow(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     steps: int | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Integrate the probability-flow ODE (Song et al. 2021, eq. 13) from ``t_start`` to
     ``t_end`` (either direction) on x's device and dtype.
@@ -90,10 +190,12 @@ def ode_flow(
         score_fn: ``score_fn(x, t) -> score``.
         x: the state at ``t_start`` (B, *D).
         t_start, t_end: integration interval; t_start > t_end decodes, t_start < t_end encodes.
-        solver: a torchdiffeq method: adaptive ``dopri5`` (default), ``bosh3``, ... or fixed-step
-            ``euler``, ``midpoint``, ``rk4`` (these need ``steps``).
+        solver: an adaptive torchdiffeq method, ``dopri5`` (default), ``bosh3``, ..., or a
+            fixed-step method of ``TABLEAUS``, ``euler``, ``midpoint``, ``rk4`` (these need
+            ``steps``).
         rtol, atol: tolerances of adaptive solvers.
         steps: number of uniform steps of a fixed-step solver.
+        progress: a progress bar over the steps of a fixed-step solver.
     Returns:
         the state at ``t_end`` (B, *D) and ``{'nfe': score calls}``.
     """
@@ -102,27 +204,24 @@ def ode_flow(
         raise ValueError("x must be a floating-point tensor of shape (B, *D)")
     counter = score_fn if isinstance(score_fn, CountingScore) else CountingScore(score_fn)
     before = counter.nfe
+    if solver in TABLEAUS:
+        with torch.no_grad():
+            x = _fixed_step_flow(sde, counter, x, t_start, t_end, TABLEAUS[solver], steps,
+                                 progress)
+        return x, {"nfe": counter.nfe - before}
     # Decoding integrates in r = -t, so that torchdiffeq sees increasing times (the same grid
     # and steps it would take on t; see ProbabilityFlow).
     reverse = float(t_start) > float(t_end)
     sign = -1.0 if reverse else 1.0
     t = torch.tensor([sign * float(t_start), sign * float(t_end)], device=x.device,
                      dtype=x.dtype)
-    options: dict[str, Any] = {}
-    if solver in ADAPTIVE_SOLVERS:
-        # torchdiffeq steps past the end and interpolates, and its initial-step probe can jump
-        # far ahead: both leave [0, T] (NaN for VP at t < 0). Start at 1% of the interval and
-        # make the end time a step boundary, so every evaluation lies inside the interval.
-        options["first_step"] = 0.01 * abs(float(t_end) - float(t_start))
-        options["step_t"] = t[1:]
-        # Error norm: the worst sample's RMS (torchdiffeq's default is the RMS over the whole
-        # batch, which lets a few samples carry errors far above the tolerance).
-        options["norm"] = _worst_sample_rms
-    else:
-        # The uniform grid itself, so that exactly `steps` steps are taken.
-        options["grid_constructor"] = lambda func, y0, tt: torch.linspace(
-            tt[0], tt[-1], steps + 1, device=tt.device, dtype=tt.dtype
-        )
+    # torchdiffeq steps past the end and interpolates, and its initial-step probe can jump far
+    # ahead: both leave [0, T] (NaN for VP at t < 0). Start at 1% of the interval and make the
+    # end time a step boundary, so every evaluation lies inside the interval. Error norm: the
+    # worst sample's RMS (torchdiffeq's default is the RMS over the whole batch, which lets a
+    # few samples carry errors far above the tolerance).
+    options = {"first_step": 0.01 * abs(float(t_end) - float(t_start)), "step_t": t[1:],
+               "norm": _worst_sample_rms}
     with torch.no_grad():
         path = odeint(ProbabilityFlow(sde, counter, reverse), x, t, rtol=rtol, atol=atol,
                       method=solver, options=options)
@@ -208,7 +307,7 @@ class ODESampler(Sampler):
     def run(self, sde, score_fn, x, *, noise, progress=False, callback=None):
         """Decode x_T (B, *D); the report adds the solver's name."""
         x, _ = ode_flow(sde, score_fn, x, sde.T, self.eps, solver=self.solver, rtol=self.rtol,
-                        atol=self.atol, steps=self.steps)
+                        atol=self.atol, steps=self.steps, progress=progress)
         if callback is not None:
             callback(0, torch.full((x.shape[0],), self.eps, device=x.device, dtype=x.dtype), x,
                      None)
@@ -225,4 +324,6 @@ __all__ = [
     "ode_flow",
     "tweedie_denoise",
     "FIXED_STEP_SOLVERS",
+    "TABLEAUS",
+    "Tableau",
 ]
