@@ -6,14 +6,14 @@ per-call SDE arithmetic (which on scalar tensors costs about as much as a 2-D st
 "score alone" row prints what that pass costs; the rest of a step is the sampler's machinery.
 
 Goal (issue 5): <= 80 us and <= 150 us per step for first-order steps, twice that (<= 160 and
-<= 300 us) for higher-order steps. Prints a table and writes
-``benchmarks/out/sampler_cost.png``. Usage: ``OMP_NUM_THREADS=1 python benchmarks/sampler_cost.py``.
+<= 300 us) for higher-order steps, on this 2-core machine. Runs on torch's default number of
+threads (every core; ``--threads 1`` for one). Prints a table and writes
+``benchmarks/out/sampler_cost.png``. Usage: ``python benchmarks/sampler_cost.py [--threads N]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -134,12 +134,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time (default) or process CPU time (for a shared machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's default, every core)")
     parser.add_argument("--only", nargs="*", default=None, metavar="SUBSTRING",
                         help="time only the cases whose name contains one of these (no plot)")
     args = parser.parse_args()
     cases = {name: case for name, case in CASES.items()
              if args.only is None or any(part in name for part in args.only)}
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     sde = sde_lib.VPSDE(N=args.steps)
     results = {}
@@ -184,7 +189,7 @@ def plot(results):
                    label="score alone")
         ax.axvline(results[("noise draw alone", label)], color="tab:green", ls="-.",
                    label="one noise draw alone")
-        ax.set_xlabel("us per step (float32, 1 thread)")
+        ax.set_xlabel(f"us per step (float32, {torch.get_num_threads()} threads)")
         ax.set_title(label)
         ax.invert_yaxis()
         ax.legend(loc="lower right", fontsize=8)
