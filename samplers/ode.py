@@ -135,8 +135,9 @@ def _fixed_step_flow(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor, t_sta
     """x at t_end from x (B, *D) at t_start by ``steps`` uniform steps of the explicit
     Runge-Kutta method ``tableau`` on the probability-flow ODE (eq. 13).
 
-    Preallocated buffers: one copy of x, one stage state and the stage slopes k~, each written
-    once per stage from the score (whose tensor is then free). No host synchronisation in the
+    Preallocated buffers: one copy of x, one stage state and the slopes k~ of all stages but the
+    last, each written once per stage from the score (whose tensor is then free); the last
+    stage's score and state go into the step directly. No host synchronisation in the
     loop: every coefficient is a Python float planned before it. (Keeping the score tensors as
     the slopes would save nothing, and freeing four of them at a step's end lets glibc return
     the memory to the system, so that the next step pays page faults: 3x the step's cost in
@@ -149,7 +150,8 @@ def _fixed_step_flow(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor, t_sta
     times = plan.times.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, B).unbind(0)
     y = x.clone()
     work = torch.empty_like(y)
-    slopes = [torch.empty_like(y) for _ in range(n_stages)]
+    slopes = [torch.empty_like(y) for _ in range(n_stages - 1)]
+    last = n_stages - 1
     for n in progress_bar(range(steps), progress, "ODE"):
         for j in range(n_stages):
             x_j = y
@@ -157,10 +159,18 @@ def _fixed_step_flow(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor, t_sta
                 if w != 0.0:
                     x_j = torch.add(x_j, slope, alpha=w, out=work)
             score = score_fn(x_j, times[n * n_stages + j])
-            torch.add(score, x_j, alpha=plan.ratio[n][j], out=slopes[j])
-        for w, slope in zip(plan.step_weights[n], slopes):
-            if w != 0.0:
-                y.add_(slope, alpha=w)
+            if j < last:
+                torch.add(score, x_j, alpha=plan.ratio[n][j], out=slopes[j])
+        # y += sum_l w_l k~_l, the last slope w (score + r x_last) added in its two parts.
+        w, r = plan.step_weights[n][last], plan.ratio[n][last]
+        if x_j is y:  # one-stage method: y <- (1 + w r) y + w score
+            y.mul_(1.0 + w * r)
+        for w_l, slope in zip(plan.step_weights[n], slopes):
+            if w_l != 0.0:
+                y.add_(slope, alpha=w_l)
+        y.add_(score, alpha=w)
+        if x_j is not y:
+            y.add_(x_j, alpha=w * r)
     return y
 
 
