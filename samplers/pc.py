@@ -224,10 +224,29 @@ class Corrector:
             z = noise.randn_like(x, out=buffer)
             if isinstance(step, torch.Tensor):  # per sample: broadcast over (B, 1, ..., 1)
                 step = step.view(per_sample)
+                if x[0].numel() <= SMALL_D:  # a broadcast over D <= 8 costs 4x a copy
+                    step = step.expand_as(x).contiguous()
                 x.addcmul_(score, step).addcmul_(z, step.mul_(2.0).sqrt_())
             else:  # one step for the batch: scalar passes (a broadcast costs 7x in 2-D)
                 x.add_(score, alpha=step).add_(z, alpha=math.sqrt(2.0 * step))
         return x
+
+
+#: Up to this many entries per sample, per-sample reductions and scalings avoid torch's kernels
+#: over a tiny inner dimension, which in 2-D cost 3-4x a column-by-column pass or a copy.
+SMALL_D = 8
+
+
+def _row_sq_norms(flat: torch.Tensor) -> torch.Tensor:
+    """Squared norms (B,) of the rows of ``flat`` (B, D); row k from row k alone."""
+    if flat.shape[1] > SMALL_D:
+        # Fused (square-then-sum allocates a copy of the score: 2.7x slower for 32x32x3 images).
+        return torch.linalg.vector_norm(flat, dim=1).square_()
+    columns = flat.unbind(1)
+    sq_norm = columns[0].square()
+    for column in columns[1:]:
+        sq_norm.addcmul_(column, column)
+    return sq_norm
 
 
 @register_corrector("langevin")
@@ -280,9 +299,9 @@ class LangevinCorrector(Corrector):
         self._floor = (2.0 * r**2 * (self.snr * s) ** 2).tolist()  # the ald step
 
     def step_size(self, score, i):
-        sq_norm = score.reshape(score.shape[0], -1).square().sum(dim=1)  # (B,)
+        sq_norm = _row_sq_norms(score.reshape(score.shape[0], -1))  # (B,)
         D = score[0].numel()
-        step = (2.0 * self._alpha[i] * self.snr**2 * D) / sq_norm  # inf where the score is 0
+        step = sq_norm.reciprocal_().mul_(2.0 * self._alpha[i] * self.snr**2 * D)  # inf at 0
         return step.clamp_(min=self._floor[i], max=self._step[i])
 
 

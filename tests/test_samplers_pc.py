@@ -30,7 +30,15 @@ import sde_lib
 from oracle import GaussianMixture
 from samplers import SAMPLERS, sample
 from samplers.ode import ode_flow
-from samplers.pc import CORRECTORS, PREDICTORS, Corrector, PCSampler, pc_time_grid
+from samplers.pc import (
+    CORRECTORS,
+    PREDICTORS,
+    SMALL_D,
+    Corrector,
+    PCSampler,
+    _row_sq_norms,
+    pc_time_grid,
+)
 from samplers.reference import get_pc_sampler, get_sampling_fn
 
 F64 = torch.float64
@@ -419,3 +427,11 @@ def test_get_sampling_fn_reads_the_config():
     config.sampling.method = "foo"
     with pytest.raises(ValueError, match="valid: ode, pc"):
         get_sampling_fn(config, sde, (4, 2), lambda x: x, eps=1e-3)
+
+
+@pytest.mark.parametrize("D", [1, 2, SMALL_D, SMALL_D + 1, 100])
+def test_row_squared_norms_on_both_paths(D):
+    """The Langevin step's per-sample ||score||^2: column by column up to SMALL_D entries, fused
+    above; both equal the plain sum of squares."""
+    flat = torch.randn(37, D, dtype=torch.float64, generator=torch.Generator().manual_seed(D))
+    torch.testing.assert_close(_row_sq_norms(flat), flat.square().sum(dim=1), rtol=1e-12, atol=0)
