@@ -54,25 +54,40 @@ class EDMHeun(FastSampler):
         tab = self.table(sde, n_steps, x)
         sigma_T = tab.sigma[0]
         B = x.shape[0]
+        gammas = [0.0] * n_steps
+        if self.churn > 0:
+            for i, sigma_i in enumerate(tab.sigma[:-1]):
+                if self.s_tmin <= sigma_i <= self.s_tmax:
+                    gammas[i] = min(self.churn / n_steps, math.sqrt(2.0) - 1.0,
+                                    sigma_T / sigma_i - 1.0)
+        # The churned levels sigma_hat = sigma_i (1 + gamma_i) and their times, for all steps in
+        # one call (float64, on the host): the generic log_snr_inverse is a 60-step bisection.
+        churned = [i for i, gamma in enumerate(gammas) if gamma > 0]
+        hat = {}
+        if churned:
+            sigma_hat = torch.tensor([tab.sigma[i] * (1 + gammas[i]) for i in churned],
+                                     dtype=torch.float64)
+            t_hat = sde.log_snr_inverse(-2.0 * sigma_hat.log())
+            m_hat, s_hat = sde.marginal_coeffs(t_hat)
+            hat = dict(zip(churned, zip(t_hat.tolist(), m_hat.tolist(), s_hat.tolist())))
+        # The evaluation times (B,) as views of one device tensor: the grid's, churned ones raised.
+        t_eval = tab.t[:-1].clone()
+        if churned:
+            t_eval[churned] = torch.tensor([hat[i][0] for i in churned], dtype=torch.float64).to(
+                t_eval)
+        t_eval = t_eval[:, None].expand(-1, B).unbind(0)
+        t_next = tab.t[1:, None].expand(-1, B).unbind(0)
         steps = []
         for i in range(n_steps):
             sigma_i, sigma_next = tab.sigma[i], tab.sigma[i + 1]
-            gamma = 0.0
-            if self.churn > 0 and self.s_tmin <= sigma_i <= self.s_tmax:
-                gamma = min(self.churn / n_steps, math.sqrt(2.0) - 1.0, sigma_T / sigma_i - 1.0)
-            if gamma > 0:
-                sigma_hat = sigma_i * (1 + gamma)
-                t_hat = float(sde.log_snr_inverse(torch.tensor(-2 * math.log(sigma_hat),
-                                                               dtype=torch.float64)))
-                m_hat, s_hat = (float(v) for v in sde.marginal_coeffs(
-                    torch.tensor(t_hat, dtype=torch.float64)))
+            if i in hat:
+                _, m_hat, s_hat = hat[i]
                 sigma_hat = s_hat / m_hat
                 noise_a = m_hat / tab.m[i]
                 noise_c = m_hat * math.sqrt(max(sigma_hat**2 - sigma_i**2, 0.0)) * self.s_noise
-                t_hat_b = torch.full((B,), t_hat, device=x.device, dtype=x.dtype)
             else:
                 sigma_hat, m_hat, s_hat = sigma_i, tab.m[i], tab.s[i]
-                noise_a, noise_c, t_hat_b = 1.0, 0.0, tab.t[i].expand(B)
+                noise_a, noise_c = 1.0, 0.0
             m_next, s_next = tab.m[i + 1], tab.s[i + 1]
             heun = 2 * (i + 1) <= self.nfe
             a = m_next / m_hat
@@ -83,7 +98,7 @@ class EDMHeun(FastSampler):
                 b1, b2 = b1 / 2, b2 / 2
             else:
                 b2 = 0.0
-            steps.append((t_hat_b, noise_a, noise_c, tab.t[i + 1].expand(B), a, b1, b2))
+            steps.append((t_eval[i], noise_a, noise_c, t_next[i], a, b1, b2))
         return steps
 
     def run(self, sde, score_fn, x, *, noise: NoiseSource, progress=False, callback=None):
