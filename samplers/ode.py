@@ -10,9 +10,9 @@ has under those names, same steps and nodes).
 The fixed-step methods run in a loop of their own rather than torchdiffeq's general one: every
 SDE here has a drift linear in x, f(x, t) = f(t) x, so the right-hand side is
 F(x, t) = f(t) x + c(t) score(x, t) with c = -g^2 / 2, and all f, c at the stage times are known
-before the loop (float64, on the host). A stage then costs the score and two passes over the
-state, where torchdiffeq's wrappers and the per-call SDE arithmetic cost several times that
-(``benchmarks/sampler_cost.py``, ``ode euler``).
+before the loop (float64, on the host). A step then costs its scores and one pass over the state
+per tableau entry and slope, where torchdiffeq's wrappers and the per-call SDE arithmetic cost
+several times that (``benchmarks/sampler_cost.py``, ``ode euler``: 4x).
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ class ProbabilityFlow(torch.nn.Module):
 
 class _Plan(NamedTuple):
     """Coefficients of a fixed-step run: the float64 stage times (flat) and, per step n and
-    stage j, the factor f / c of the stage slope k~ = score + (f / c) x_j, the weights of
-    earlier slopes k~ in the stage's state, and the weights of the step."""
+    stage j, the factor r = f / c of the stage slope k~ = score + r x_j (None where g = 0 and
+    the slope is k~ = x_j, F = f x_j), the weights of earlier slopes k~ in the stage's state,
+    and the weights of the step."""
 
     times: torch.Tensor
-    ratio: list[list[float]]
+    ratio: list[list[float | None]]
     stage_weights: list[list[list[float]]]
     step_weights: list[list[float]]
 
@@ -106,7 +107,8 @@ class _Plan(NamedTuple):
 def _plan(sde: sde_lib.SDE, tableau: Tableau, t_start: float, t_end: float, steps: int) -> _Plan:
     """All coefficients of ``steps`` uniform steps from t_start to t_end, in float64 on the host,
     once: F(x, t) = f(t) x + c(t) score with c = -g(t)^2 / 2 (eq. 13 with a linear drift). The
-    slope of stage j is kept as k~_j = k_j / c_j, so c_j goes into the weights."""
+    slope of stage j is kept as k~_j = k_j / c_j, so c_j goes into the weights; where g = 0
+    (sub-VP at t = 0), as k~_j = x_j with f_j in the weights."""
     n_stages = len(tableau.b)
     grid = torch.linspace(float(t_start), float(t_end), steps + 1, dtype=torch.float64)
     dt = (grid[1:] - grid[:-1]).tolist()
@@ -115,17 +117,19 @@ def _plan(sde: sde_lib.SDE, tableau: Tableau, t_start: float, t_end: float, step
     drift, diffusion = sde.sde(torch.ones(times.shape[0], 1, dtype=torch.float64), times)
     f = drift[:, 0].reshape(steps, n_stages).tolist()  # f(t) at every stage time
     c = -0.5 * diffusion.square()
-    bad = ~(c < 0)  # g = 0 or NaN
+    bad = ~(torch.isfinite(c) & torch.isfinite(drift[:, 0]))
     if bool(bad.any()):
-        raise ValueError(f"the SDE's diffusion g(t) must be positive on the integration path, "
-                         f"got g({times[bad][0].item()!r}) = {diffusion[bad][0].item()!r}")
+        raise ValueError(f"the SDE's drift and diffusion must be finite on the integration path, "
+                         f"got f = {drift[bad, 0][0].item()!r}, g = {diffusion[bad][0].item()!r} "
+                         f"at t = {times[bad][0].item()!r}")
     c = c.reshape(steps, n_stages).tolist()
     ratio, stage_weights, step_weights = [], [], []
     for n in range(steps):
-        ratio.append([f_j / c_j for f_j, c_j in zip(f[n], c[n])])
-        stage_weights.append([[dt[n] * a_jl * c[n][l] for l, a_jl in enumerate(row)]
+        ratio.append([f_j / c_j if c_j != 0.0 else None for f_j, c_j in zip(f[n], c[n])])
+        scale = [c_j if c_j != 0.0 else f_j for f_j, c_j in zip(f[n], c[n])]  # k = scale k~
+        stage_weights.append([[dt[n] * a_jl * scale[l] for l, a_jl in enumerate(row)]
                               for row in tableau.a])
-        step_weights.append([dt[n] * b_j * c[n][j] for j, b_j in enumerate(tableau.b)])
+        step_weights.append([dt[n] * b_j * scale[j] for j, b_j in enumerate(tableau.b)])
     return _Plan(times, ratio, stage_weights, step_weights)
 
 
@@ -159,18 +163,28 @@ def _fixed_step_flow(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor, t_sta
                 if w != 0.0:
                     x_j = torch.add(x_j, slope, alpha=w, out=work)
             score = score_fn(x_j, times[n * n_stages + j])
-            if j < last:
-                torch.add(score, x_j, alpha=plan.ratio[n][j], out=slopes[j])
-        # y += sum_l w_l k~_l, the last slope w (score + r x_last) added in its two parts.
-        w, r = plan.step_weights[n][last], plan.ratio[n][last]
-        if x_j is y:  # one-stage method: y <- (1 + w r) y + w score
-            y.mul_(1.0 + w * r)
+            check_fresh_score(score, y)  # y is updated in place below while score is read
+            r = plan.ratio[n][j]
+            if j == last:
+                break
+            if r is None:  # g = 0: the slope is f x_j alone
+                slopes[j].copy_(x_j)
+            elif r == 0.0:  # f = 0 (VE)
+                slopes[j].copy_(score)
+            else:
+                torch.add(score, x_j, alpha=r, out=slopes[j])
+        # y += sum_l w_l k~_l; the last slope, w (score + r x_last), is added in its two parts.
+        w = plan.step_weights[n][last]
+        w_score, w_x = (0.0, w) if r is None else (w, w * r)
+        if x_j is y and w_x != 0.0:  # one-stage method: y <- (1 + w r) y + w score
+            y.mul_(1.0 + w_x)
         for w_l, slope in zip(plan.step_weights[n], slopes):
             if w_l != 0.0:
                 y.add_(slope, alpha=w_l)
-        y.add_(score, alpha=w)
-        if x_j is not y:
-            y.add_(x_j, alpha=w * r)
+        if w_score != 0.0:
+            y.add_(score, alpha=w_score)
+        if x_j is not y and w_x != 0.0:
+            y.add_(x_j, alpha=w_x)
     return y
 
 
@@ -279,8 +293,8 @@ class ODESampler(Sampler):
     """Probability-flow ODE sampler (Song et al. 2021, eq. 13, Sec. 4.3): decode a prior draw.
 
     Options:
-        solver: torchdiffeq method (``'dopri5'`` default; ``'euler'``, ``'midpoint'``, ``'rk4'``
-            with ``steps``).
+        solver: an adaptive torchdiffeq method (``'dopri5'`` default) or a fixed-step tableau
+            (``'euler'``, ``'midpoint'``, ``'rk4'``, with ``steps``).
         rtol, atol: adaptive tolerances (1e-5 each, as the reference).
         steps: steps of a fixed-step solver.
         eps: end time (default 1e-3).

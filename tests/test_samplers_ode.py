@@ -10,7 +10,7 @@ import torchdiffeq
 from test_samplers_pc import MIX100, RING, SDE_NAMES, Counter, assert_matches_exact, make_sde
 
 from samplers import sample
-from samplers.ode import FIXED_STEP_SOLVERS, decode, encode, ode_flow
+from samplers.ode import FIXED_STEP_SOLVERS, TABLEAUS, decode, encode, ode_flow
 
 F64 = torch.float64
 
@@ -44,7 +44,7 @@ def test_encode_then_decode_returns_the_input(sde_name):
 def test_fixed_step_nfe_and_order(solver):
     """NFE = steps x evaluations per step exactly; the error against a tight dopri5 solution
     falls with the solver's order (fitted slope within 0.3 of 1, 2, 4)."""
-    order = {"euler": 1, "midpoint": 2, "rk4": 4}[solver]
+    order = TABLEAUS[solver].order
     sde = make_sde("vp")
     x_T = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     t_end = 0.3  # away from the stiff end, where the asymptotic order shows at small budgets
@@ -64,8 +64,8 @@ def test_fixed_step_nfe_and_order(solver):
 @pytest.mark.parametrize("solver", sorted(FIXED_STEP_SOLVERS))
 def test_fixed_step_solvers_equal_torchdiffeq(solver, sde_name):
     """The tableau loop takes the steps torchdiffeq's method of the same name takes (rk4: the
-    3/8 rule): equal to rounding in float64, decoding and encoding, where any wrong tableau
-    entry or slope factor would differ at the 1e-3 level."""
+    3/8 rule): equal to rounding in float64, decoding and encoding (from t = 0, where sub-VP
+    has g = 0), where any wrong tableau entry or slope factor would differ at the 1e-3 level."""
     sde = make_sde(sde_name)
     score_fn = RING.score_fn(sde)
 
@@ -74,7 +74,7 @@ def test_fixed_step_solvers_equal_torchdiffeq(solver, sde_name):
         return drift - 0.5 * diffusion[:, None] ** 2 * score_fn(x, t.expand(x.shape[0]))
 
     x_T = torch.randn(32, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
-    for t0, t1 in ((1.0, 0.05), (0.05, 1.0)):
+    for t0, t1 in ((1.0, 0.05), (0.0, 1.0)):
         x, _ = ode_flow(sde, score_fn, x_T, t0, t1, solver=solver, steps=7)
         t = torch.tensor([t0, t1], dtype=F64)
         grid = torch.linspace(t0, t1, 8, dtype=F64)
@@ -84,15 +84,42 @@ def test_fixed_step_solvers_equal_torchdiffeq(solver, sde_name):
         assert (x - x_T).abs().max() > 1e-2  # it moved
 
 
-def test_fixed_step_solver_rejects_a_vanishing_diffusion():
-    class Frozen(type(make_sde("vp"))):
+def test_fixed_step_solver_rejects_a_nan_diffusion():
+    class Broken(type(make_sde("vp"))):
         def sde(self, x, t):
             drift, diffusion = super().sde(x, t)
-            return drift, torch.where(t > 0.5, diffusion, 0.0)
+            return drift, torch.where(t > 0.5, diffusion, math.nan)
 
-    sde = Frozen(N=10)
-    with pytest.raises(ValueError, match=r"g\(t\) must be positive.*got g\(0\.4"):
+    sde = Broken(N=10)
+    with pytest.raises(ValueError, match=r"must be finite.*g = nan at t = 0\.4"):
         ode_flow(sde, RING.score_fn(sde), torch.zeros(2, 2), 1.0, 0.1, solver="euler", steps=6)
+
+
+@pytest.mark.parametrize("solver", sorted(FIXED_STEP_SOLVERS))
+def test_fixed_step_solver_refuses_a_score_fn_returning_its_input(solver):
+    """The loop updates the state in place while it reads the score: a score_fn returning its
+    input would be overwritten silently (Euler: a wrong step), so it is a clear error."""
+    sde = make_sde("vp")
+    with pytest.raises(RuntimeError, match="returned its input"):
+        ode_flow(sde, lambda x, t: x, torch.ones(3, 2), 1.0, 0.5, solver=solver, steps=2)
+
+
+@pytest.mark.parametrize("solver", sorted(FIXED_STEP_SOLVERS))
+def test_fixed_step_solver_on_image_shaped_input(solver):
+    """(B, C, H, W) states give the flattened run's numbers (per-sample slopes, no reshape
+    assumptions), from a non-contiguous x_T."""
+    sde = make_sde("subvp")
+    score_fn = RING.score_fn(sde)
+    x_T = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(3))[:, ::2]
+    flat, _ = ode_flow(sde, score_fn, x_T.contiguous(), 1.0, 0.1, solver=solver, steps=5)
+
+    def image_score(x, t):  # (B, 1, 2, 1) <-> (B, 2)
+        return score_fn(x.reshape(len(x), 2), t).reshape(x.shape)
+
+    image, _ = ode_flow(sde, image_score, x_T[:, None, :, None], 1.0, 0.1, solver=solver,
+                        steps=5)
+    assert image.shape == (4, 1, 2, 1)
+    torch.testing.assert_close(image.reshape(4, 2), flat, rtol=0, atol=0)
 
 
 def test_denoise_adds_one_counted_evaluation():
