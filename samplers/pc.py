@@ -218,13 +218,14 @@ class Corrector:
         """Apply ``n_steps`` updates at the i-th grid time t (B,) to x (B, *D) in place
         (``buffer`` shaped like x receives the noise)."""
         per_sample = (-1,) + (1,) * (x.dim() - 1)  # (B,) -> (B, 1, ..., 1)
+        small = math.prod(x.shape[1:]) <= SMALL_D  # a (B, 1) broadcast over D <= 8 costs 4x a copy
         for _ in range(self.n_steps):
             score = _detached(score_fn(x, t), x)
             step = self.step_size(score, i)
             z = noise.randn_like(x, out=buffer)
             if isinstance(step, torch.Tensor):  # per sample: broadcast over (B, 1, ..., 1)
                 step = step.view(per_sample)
-                if x[0].numel() <= SMALL_D:  # a broadcast over D <= 8 costs 4x a copy
+                if small:
                     step = step.expand_as(x).contiguous()
                 x.addcmul_(score, step).addcmul_(z, step.mul_(2.0).sqrt_())
             else:  # one step for the batch: scalar passes (a broadcast costs 7x in 2-D)
