@@ -202,7 +202,7 @@ def main(argv):
     config, data and checkpoints, seed once, then run ``--mode``; user errors end with one line.
     """
     from training import distributed, validation
-    from training.checkpoints import CheckpointWriteError
+    from utils import WriteError
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -220,7 +220,7 @@ def main(argv):
             _fail(e)
         RUNNERS[FLAGS.mode](config, workdir)
     except (FileNotFoundError, NotImplementedError, CheckpointError, validation.DatasetError,
-            FloatingPointError, CheckpointWriteError) as e:
+            FloatingPointError, WriteError) as e:  # WriteError: e.g. a full disk
         _fail(e)
     finally:
         distributed.cleanup()

@@ -25,7 +25,7 @@ from losses import load_optimizer_state
 from models.checkpoint import CheckpointError, safe_load
 from training.nonfinite import check_state_finite
 from training.validation import validate_training_checkpoint
-from utils import atomic_write_bytes
+from utils import WriteError, atomic_write_bytes
 
 META_DIR, META_FILE = "checkpoints-meta", "checkpoint.pth"
 SNAPSHOT_DIR = "checkpoints"
@@ -51,19 +51,23 @@ def list_snapshots(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (e.g. a full disk); the previous one is intact."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike, what: str = "") -> None:
     """``torch.save`` into memory, then :func:`utils.atomic_write_bytes` (temporary file beside
     ``path``, flush + fsync, ``os.replace``, fsync of the directory).
 
     A crash leaves either the old file or the new one, never a partial file.
+
+    Raises:
+        utils.WriteError: the write failed; its message names ``what``.
     """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getbuffer())  # no copy of a large checkpoint
+    atomic_write_bytes(path, buffer.getbuffer(), what=what,  # no copy of a large checkpoint
+                       hint="Free space and run again to resume.")
 
 
 def remove_stale_temporaries(workdir: str | os.PathLike) -> list[Path]:
@@ -117,21 +121,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             ``path`` is still the previous checkpoint and no temporary file is left.
     """
     check_state_finite(state)
+    step = int(state["step"])
     try:
         atomic_save({
             "model": state["model"].state_dict(),
             "ema": state["ema"].state_dict(),
             "optimizer": state["optimizer"].state_dict(),
-            "step": int(state["step"]),
+            "step": step,
             "rng": rng_state(state["generators"]),
             "data": {name: it.state_dict() for name, it in state["iterators"].items()},
-        }, path)
-    except OSError as e:
-        reason = e.strerror or str(e)  # "No space left on device" for ENOSPC
-        kept = f"the previous {path} is intact" if Path(path).is_file() else "nothing was written"
-        raise CheckpointWriteError(
-            e.errno, f"cannot write the checkpoint of step {int(state['step'])} to {path}: "
-            f"{reason}; {kept}. Free space and run again to resume.") from e
+        }, path, what=f"the checkpoint of step {step}")
+    except WriteError as e:
+        raise CheckpointWriteError(e.errno, e.strerror) from e.__cause__
 
 
 def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from utils import atomic_write_bytes
+
+
+def _write_png(image: Image.Image, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue(), what="a PNG image")
 
 
 def make_grid(
@@ -40,9 +49,9 @@ def make_grid(
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write an (H, W, 1 or 3) uint8 array as a PNG (grey-scale for one channel)."""
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    image.save(path, format="PNG")
+    """Write an (H, W, 1 or 3) uint8 array as a PNG (grey-scale for one channel), atomically
+    (:func:`utils.atomic_write_bytes`: a failed write raises ``utils.WriteError``)."""
+    _write_png(Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array), path)
 
 
 def save_image_grid(
@@ -57,7 +66,8 @@ def save_image_grid(
 
 def save_scatter(points: torch.Tensor, path: str | os.PathLike, size: int = 512,
                  extent: float | None = None) -> None:
-    """Scatter plot of 2-D points (N, 2) as a PNG (white background, dark dots, axes at 0)."""
+    """Scatter plot of 2-D points (N, 2) as a PNG (white background, dark dots, axes at 0),
+    written atomically like :func:`save_png`."""
     if points.dim() != 2 or points.shape[1] != 2:
         raise ValueError(f"points must be (N, 2), got {tuple(points.shape)}")
     p = points.detach().float().cpu().numpy()
@@ -72,4 +82,4 @@ def save_scatter(points: torch.Tensor, path: str | os.PathLike, size: int = 512,
     for u, v in pixels:
         v = size - 1 - v  # y up
         draw.ellipse([u - 1, v - 1, u + 1, v + 1], fill=(20, 40, 120))
-    image.save(path, format="PNG")
+    _write_png(image, path)

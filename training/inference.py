@@ -7,6 +7,7 @@ as the reference does for sampling and evaluation, and write their results into
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from models.utils import create_model, get_score_fn
 from training import checkpoints
 from training.loop import write_samples
 from training.sampling import generate, get_sde
+from utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +102,30 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
                            generator=generator, progress=progress)
         chunks.append(x.cpu())
         nfe += info["nfe"]
-    folder = Path(workdir) / eval_folder / f"samples_step_{step}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(workdir) / eval_folder / f"samples_step_{step}"  # made by the first write
     write_samples(torch.cat(chunks), folder)
     record = {"checkpoint": str(path), "step": step, "num_samples": num_samples, "nfe": nfe,
               "sampling": config.sampling.to_dict()}
-    (folder / "info.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_bytes(folder / "info.json", (json.dumps(record, indent=2) + "\n").encode(),
+                       what="the sampling record")
     log.info("%d samples from %s (step %d, %d NFE) in %s", num_samples, path, step, nfe, folder)
     return folder
+
+
+def write_likelihood_record(stem: Path, bpd: np.ndarray, labels: np.ndarray,
+                            summary: dict) -> None:
+    """``stem.npz`` (per-image ``bpd`` (N,) and ``labels`` (N,)) then the ``stem.json`` summary,
+    each atomically; the summary is written last, so it exists only beside its values.
+
+    Raises:
+        utils.WriteError: a file could not be written (e.g. a full disk); none is partial.
+    """
+    buffer = io.BytesIO()
+    np.savez(buffer, bpd=bpd, labels=labels)
+    atomic_write_bytes(stem.with_suffix(".npz"), buffer.getvalue(),
+                       what="the per-image bits/dim")
+    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(summary, indent=2) + "\n").encode(),
+                       what="the likelihood summary")
 
 
 def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
@@ -151,17 +169,14 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
         nfe += info["nfe"]
     bpd = torch.cat(bpds).double().numpy()
-    folder = Path(workdir) / eval_folder
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"likelihood_{split}_step_{step}"
-    np.savez(stem.with_suffix(".npz"), bpd=bpd, labels=dataset.labels.numpy())
+    stem = Path(workdir) / eval_folder / f"likelihood_{split}_step_{step}"
     summary = {
         "checkpoint": str(path), "step": step, "split": split, "num_images": len(bpd),
         "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
         if len(bpd) > 1 else float("nan"),
         "levels": dataset.levels, "nfe": nfe, **options,
     }
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_likelihood_record(stem, bpd, dataset.labels.numpy(), summary)
     log.info("%s bits/dim %.4f +- %.4f over %d images (step %d)", split, summary["bpd"],
              summary["bpd_stderr"], len(bpd), step)
     return stem.with_suffix(".json")

@@ -10,6 +10,7 @@ checkpoint of ``workdir`` automatically.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -28,9 +29,11 @@ import losses
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
 from training import checkpoints, distributed, validation
+from training.events import EventLog
 from training.images import save_image_grid, save_scatter
 from training.nonfinite import NonFiniteGuard
 from training.sampling import ema_weights, generate, get_sde
+from utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def write_config(config, workdir: str | Path) -> Path:
-    """Write the resolved config as ``workdir/config.json`` (beside the results it produced);
-    a resumed run whose config differs from the saved one logs the changed keys."""
+    """Write the resolved config as ``workdir/config.json`` (beside the results it produced),
+    atomically; a resumed run whose config differs from the saved one logs the changed keys.
+
+    Raises:
+        utils.WriteError: the file could not be written (e.g. a full disk).
+    """
     path = Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     if path.is_file():
         old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(text))
@@ -57,7 +63,7 @@ def write_config(config, workdir: str | Path) -> Path:
         if changed:
             log.warning("config differs from the saved %s in: %s", path, ", ".join(
                 f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed))
-    path.write_text(text)
+    atomic_write_bytes(path, text.encode(), what="the resolved config")
     return path
 
 
@@ -110,8 +116,7 @@ def log_scalars(writer, step: int, **scalars: float) -> None:
 def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     """Sample a batch with the EMA weights into ``workdir/samples/iter_{step}/``
     (``sample.png`` grid or scatter plot, ``sample.npz``)."""
-    folder = workdir / "samples" / f"iter_{step}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = workdir / "samples" / f"iter_{step}"  # made by the first write
     model = state["model"]
     shape = (config.training.batch_size, *datasets.data_shape(config))
     generator = torch.Generator(device=config.device).manual_seed(config.seed + step)
@@ -123,19 +128,25 @@ def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
 
 
 def write_samples(x: torch.Tensor, folder: Path) -> None:
-    """``sample.png`` (image grid, or scatter for 2-D points) and ``sample.npz`` of ``x``.
+    """``sample.png`` (image grid, or scatter for 2-D points) and ``sample.npz`` of ``x``, each
+    written atomically.
 
     Images are stored as uint8 (B, H, W, C) like the reference; points as float32 (B, D).
+
+    Raises:
+        utils.WriteError: a file could not be written (e.g. a full disk); none is partial.
     """
     x = x.detach().cpu()
     if x.dim() == 4:
         save_image_grid(x, folder / "sample.png")
-        images = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        np.savez_compressed(folder / "sample.npz", samples=images)
+        samples = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     else:
         if x.shape[1] == 2:
             save_scatter(x, folder / "sample.png")
-        np.savez_compressed(folder / "sample.npz", samples=x.float().numpy())
+        samples = x.float().numpy()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, samples=samples)
+    atomic_write_bytes(folder / "sample.npz", buffer.getvalue(), what="the samples")
 
 
 def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float) -> None:
@@ -186,8 +197,6 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
     Returns:
         the final state.
     """
-    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
-
     workdir = Path(workdir)
     t = config.training
     ctx = distributed.context()
@@ -209,7 +218,7 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
     train_step, eval_step = get_step_fns(config, sde)
     train_step = distributed.data_parallel_step(train_step, state["model"], t.batch_size, ctx)
     scaler = datasets.get_data_scaler(config)
-    writer = SummaryWriter(str(workdir / "tensorboard")) if ctx.is_main else None
+    writer = EventLog(workdir / "tensorboard") if ctx.is_main else None
     bar = tqdm(total=t.n_iters, initial=state["step"], disable=not (progress and ctx.is_main),
                desc="train")
     window_start, window_images = time.perf_counter(), 0

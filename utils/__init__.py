@@ -1,6 +1,6 @@
 """Registry, type aliases and tensor helpers: the bottom layer, importing nothing of ours."""
 
-from utils.io import atomic_write_bytes
+from utils.io import WriteError, atomic_write_bytes, write_error
 from utils.registry import Registry
 from utils.tensor import append_dims, as_batch_time, batch_mul, sum_except_batch
 from utils.types import InverseScaler, ScoreFn
@@ -12,6 +12,8 @@ __all__ = [
     "InverseScaler",
     "append_dims",
     "atomic_write_bytes",
+    "WriteError",
+    "write_error",
     "as_batch_time",
     "batch_mul",
     "sum_except_batch",
