@@ -1,11 +1,13 @@
-"""Safety of a training workdir: every output file is atomic with a one-line error on a full
-disk (config.json, samples, likelihood records, TensorBoard)."""
+"""Safety of a training workdir: a snapshot killed mid-write is redone on resume, and every
+output file is atomic with a one-line error on a full disk (config.json, samples, likelihood
+records, TensorBoard)."""
 
 from __future__ import annotations
 
 import errno
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +17,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from training import distributed
+from models.checkpoint import safe_load
+from training import checkpoints, distributed
 from training.inference import write_likelihood_record
 from training.loop import train, write_config, write_samples
 from utils import WriteError
@@ -65,6 +68,38 @@ def _toy_config(n_iters=2):
     t.snapshot_freq = t.snapshot_freq_for_preemption = t.log_freq = t.eval_freq = 100
     return config
 
+
+
+# -- a snapshot killed mid-write ------------------------------------------------------------------
+
+
+def test_a_kill_during_the_final_snapshot_is_redone_on_resume(tmp_path):
+    """SIGKILL when the last numbered checkpoint is renamed into place: the preemption
+    checkpoint of that step must not exist yet, so the rerun redoes the step and writes the
+    numbered checkpoint and its sample grid."""
+    workdir = tmp_path / "run"
+    args = [*TOY, "--config.training.n_iters=6", "--config.training.snapshot_freq=3",
+            "--config.training.snapshot_freq_for_preemption=2",
+            "--config.training.snapshot_sampling=True", f"--workdir={workdir}"]
+    kill = FULL_DISK.format(action="os.kill(os.getpid(), 9)")
+    killed = _main(*args, prelude=kill, names="checkpoint_2.pth")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [n for n, _ in checkpoints.list_snapshots(workdir)] == [1]
+    assert safe_load(checkpoints.meta_path(workdir))["step"] == 4  # step 6 is not marked done
+
+    rerun = _main(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    snapshots = dict(checkpoints.list_snapshots(workdir))
+    assert sorted(snapshots) == [1, 2]
+    final = torch.load(snapshots[2], weights_only=True)
+    meta = torch.load(checkpoints.meta_path(workdir), weights_only=True)
+    assert final["step"] == meta["step"] == 6
+    assert all(torch.equal(final["model"][k], meta["model"][k]) for k in meta["model"])
+    for step in (3, 6):
+        assert (workdir / "samples" / f"iter_{step}" / "sample.png").is_file()
+        assert np.load(workdir / "samples" / f"iter_{step}" / "sample.npz")["samples"].shape \
+            == (16, 2)
+    assert not _temporaries(workdir)
 
 
 # -- a full disk ----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Training checkpoints in the reference's two kinds, written atomically, read weights-only.
 
 * ``checkpoints-meta/checkpoint.pth`` — the frequent preemption checkpoint, overwritten
-  every ``training.snapshot_freq_for_preemption`` steps;
+  every ``training.snapshot_freq_for_preemption`` steps and at every snapshot step, after the
+  snapshot and its sample grid: it marks its step done, and training resumes from it alone;
 * ``checkpoints/checkpoint_{n}.pth`` — numbered snapshots every ``training.snapshot_freq`` steps
   (n = step / snapshot_freq) and at the end.
 
@@ -160,6 +161,14 @@ def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[s
         raise CheckpointError(f"{path}: unusable RNG state or data position: {e}") from e
     state["step"] = int(ckpt["step"])
     return state
+
+
+def resume_checkpoint(workdir: str | os.PathLike) -> Path | None:
+    """The checkpoint a training run resumes from: the preemption checkpoint, written after the
+    outputs of its step (numbered snapshot, sample grid), so it marks that step done; ``None``
+    when there is none (a numbered snapshot newer than it belongs to a step to redo)."""
+    path = meta_path(workdir)
+    return path if path.is_file() else None
 
 
 def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:

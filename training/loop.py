@@ -181,7 +181,11 @@ def save_snapshot(config, state, sde, workdir: Path, step: int) -> None:
 def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
           progress: bool = True) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` until ``config.training.n_iters`` steps, resuming from the
-    latest checkpoint there (see :mod:`training.checkpoints`).
+    preemption checkpoint there (see :mod:`training.checkpoints`).
+
+    At a snapshot step the numbered checkpoint and the sample grid are written before the
+    preemption checkpoint, which marks the step done: a run killed in between redoes the step
+    when resumed.
 
     Under ``torchrun`` (a process group from :func:`training.distributed.setup`) every rank
     trains on its rows of the global batch; rank 0 alone logs, evaluates, samples and writes
@@ -206,11 +210,14 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
         checkpoints.remove_stale_temporaries(workdir)  # left by a killed run
     distributed.barrier(ctx, config.device)
     state, sde = build(config)
-    resume = checkpoints.latest_checkpoint(workdir)
+    resume = checkpoints.resume_checkpoint(workdir)
     if resume is not None:
         checkpoints.restore_checkpoint(resume, state)
         distributed.reseed_after_resume(config.seed, state["step"], ctx)
         log.info("resumed from %s at step %d", resume, state["step"])
+    elif checkpoints.list_snapshots(workdir):
+        log.warning("no %s in %s: training starts at step 0 and rewrites the numbered "
+                    "snapshots", checkpoints.meta_path(workdir).relative_to(workdir), workdir)
     distributed.check_same(state["step"], ctx, "the step to resume from",
                            "Is --workdir on a file system that every node sees?", config.device)
     guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False))
@@ -239,15 +246,16 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
                 window_start, window_images = time.perf_counter(), 0
             if step % t.eval_freq == 0 and ctx.is_main:
                 evaluate(state, eval_step, scaler, writer, step)
-            if step % t.snapshot_freq_for_preemption == 0 or last:
+            snapshot = step % t.snapshot_freq == 0 or last
+            if snapshot:  # first the step's outputs ...
+                guard.check(ctx)
+                distributed.on_main(partial(save_snapshot, config, state, sde, workdir, step),
+                                    ctx, "snapshot", config.device)
+            if snapshot or step % t.snapshot_freq_for_preemption == 0:  # ... then "step done"
                 guard.check(ctx)
                 distributed.on_main(partial(checkpoints.save_checkpoint,
                                             checkpoints.meta_path(workdir), state),
                                     ctx, "checkpoint", config.device)
-            if step % t.snapshot_freq == 0 or last:
-                guard.check(ctx)
-                distributed.on_main(partial(save_snapshot, config, state, sde, workdir, step),
-                                    ctx, "snapshot", config.device)
             for hook in hooks:
                 hook(state)
     finally:
