@@ -202,6 +202,7 @@ def main(argv):
     config, data and checkpoints, seed once, then run ``--mode``; user errors end with one line.
     """
     from training import distributed, validation
+    from training.lock import WorkdirLockedError
     from utils import WriteError
 
     if len(argv) > 1:
@@ -220,7 +221,7 @@ def main(argv):
             _fail(e)
         RUNNERS[FLAGS.mode](config, workdir)
     except (FileNotFoundError, NotImplementedError, CheckpointError, validation.DatasetError,
-            FloatingPointError, WriteError) as e:  # WriteError: e.g. a full disk
+            FloatingPointError, WriteError, WorkdirLockedError) as e:  # WriteError: a full disk
         _fail(e)
     finally:
         distributed.cleanup()

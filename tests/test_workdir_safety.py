@@ -1,25 +1,31 @@
-"""Safety of a training workdir: a snapshot killed mid-write is redone on resume, and every
-output file is atomic with a one-line error on a full disk (config.json, samples, likelihood
-records, TensorBoard)."""
+"""Safety of a training workdir: one writer at a time (the workdir lock), a snapshot killed
+mid-write is redone on resume, and every output file is atomic with a one-line error on a full
+disk (config.json, samples, likelihood records, TensorBoard)."""
 
 from __future__ import annotations
 
 import errno
 import importlib
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import REPO
 
+import training.lock as lock_module
 from models.checkpoint import safe_load
 from training import checkpoints, distributed
 from training.inference import write_likelihood_record
+from training.lock import WorkdirLock, WorkdirLockedError
 from training.loop import train, write_config, write_samples
 from utils import WriteError
 
@@ -68,6 +74,69 @@ def _toy_config(n_iters=2):
     t.snapshot_freq = t.snapshot_freq_for_preemption = t.log_freq = t.eval_freq = 100
     return config
 
+
+
+# -- one writer per workdir -----------------------------------------------------------------------
+
+
+def test_a_second_trainer_is_refused_while_the_first_runs_and_accepted_once_it_is_killed(
+        tmp_path):
+    workdir = tmp_path / "run"
+    long_run = [*TOY, "--config.training.n_iters=1000000", "--config.training.snapshot_freq=500000",
+                "--config.training.snapshot_freq_for_preemption=1", f"--workdir={workdir}"]
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, str(REPO / "main.py"), *long_run], cwd=REPO,
+                                 env=_env(), stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        meta = checkpoints.meta_path(workdir)
+        while not meta.exists() and first.poll() is None:
+            time.sleep(0.01)  # the first run trains (holds the lock) once it wrote a checkpoint
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        second = _main(*long_run[:-1], "--config.training.n_iters=7", f"--workdir={workdir}")
+        assert second.returncode == 1
+        last_line = second.stderr.strip().splitlines()[-1]
+        assert "is in use by another training run" in last_line
+        assert f"PID {first.pid} on host {socket.gethostname()}" in last_line
+        assert "Traceback" not in second.stderr
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["training"]["n_iters"] == 1000000  # the live run's config, untouched
+    finally:
+        first.send_signal(signal.SIGKILL)  # the OS releases its lock
+        first.wait(timeout=30)
+    step = safe_load(checkpoints.meta_path(workdir))["step"]
+    third = _main(*long_run[:-1], f"--config.training.n_iters={step + 2}",
+                  f"--workdir={workdir}")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert safe_load(checkpoints.meta_path(workdir))["step"] == step + 2
+    assert json.loads((workdir / "config.json").read_text())["training"]["n_iters"] == step + 2
+
+
+def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path):
+    holder = WorkdirLock(tmp_path).acquire()
+    assert holder.held and (tmp_path / lock_module.LOCK_FILE).is_file()
+    with pytest.raises(WorkdirLockedError,
+                       match=f"in use by another training run \\(PID {os.getpid()} on host "):
+        WorkdirLock(tmp_path).acquire()
+    with pytest.raises(WorkdirLockedError):  # train() refuses before writing anything
+        train(_toy_config(), tmp_path, progress=False)
+    assert not (tmp_path / "config.json").exists()
+    holder.release()
+    assert train(_toy_config(), tmp_path, progress=False)["step"] == 2
+    with WorkdirLock(tmp_path) as again:  # train() released it
+        assert again.held
+
+
+def test_a_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_locks)
+    monkeypatch.setattr(lock_module, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger=lock_module.__name__):
+        first, second = WorkdirLock(tmp_path).acquire(), WorkdirLock(tmp_path).acquire()
+    assert not first.held and not second.held
+    warnings = [r for r in caplog.records if "does not support locks" in r.getMessage()]
+    assert len(warnings) == 1 and "No locks available" in warnings[0].getMessage()
 
 
 # -- a snapshot killed mid-write ------------------------------------------------------------------

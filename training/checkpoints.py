@@ -73,7 +73,8 @@ def atomic_save(obj: Any, path: str | os.PathLike, what: str = "") -> None:
 
 def remove_stale_temporaries(workdir: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed writer left in the checkpoint folders (names
-    ``.<file>.<...>.tmp``); returns them. Call only while no other process writes there."""
+    ``.<file>.<...>.tmp``); returns them. Call only while holding the workdir's lock
+    (:class:`training.lock.WorkdirLock`), so that no other process writes there."""
     removed = []
     for folder in (Path(workdir) / META_DIR, Path(workdir) / SNAPSHOT_DIR):
         if folder.is_dir():

@@ -31,6 +31,7 @@ from models.utils import create_model
 from training import checkpoints, distributed, validation
 from training.events import EventLog
 from training.images import save_image_grid, save_scatter
+from training.lock import WorkdirLock
 from training.nonfinite import NonFiniteGuard
 from training.sampling import ema_weights, generate, get_sde
 from utils import atomic_write_bytes
@@ -183,15 +184,16 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
     """Train ``config`` in ``workdir`` until ``config.training.n_iters`` steps, resuming from the
     preemption checkpoint there (see :mod:`training.checkpoints`).
 
-    At a snapshot step the numbered checkpoint and the sample grid are written before the
-    preemption checkpoint, which marks the step done: a run killed in between redoes the step
-    when resumed.
+    The run holds the workdir's lock (:mod:`training.lock`) for its life; a second training run
+    into the same workdir is refused. At a snapshot step the numbered checkpoint and the sample
+    grid are written before the preemption checkpoint, which marks the step done: a run killed
+    in between redoes the step when resumed.
 
     Under ``torchrun`` (a process group from :func:`training.distributed.setup`) every rank
-    trains on its rows of the global batch; rank 0 alone logs, evaluates, samples and writes
-    checkpoints while the others wait. A NaN/inf loss or gradient stops the run naming the step,
-    before any checkpoint of it, or skips the step with ``training.skip_nonfinite = True``
-    (:mod:`training.nonfinite`).
+    trains on its rows of the global batch; rank 0 alone holds the lock, logs, evaluates,
+    samples and writes checkpoints while the others wait. A NaN/inf loss or gradient stops the
+    run naming the step, before any checkpoint of it, or skips the step with
+    ``training.skip_nonfinite = True`` (:mod:`training.nonfinite`).
 
     Args:
         config: a resolved config (``config.device`` a real device).
@@ -200,14 +202,28 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
         progress: show a tqdm bar with the loss and images/s.
     Returns:
         the final state.
+    Raises:
+        training.lock.WorkdirLockedError: another process trains into ``workdir``.
+        FloatingPointError: a non-finite loss or gradient.
+        utils.WriteError: an output could not be written (e.g. a full disk).
     """
     workdir = Path(workdir)
-    t = config.training
     ctx = distributed.context()
     validation.validate_config(config, ctx.world_size)
+    lock = WorkdirLock(workdir)
+    distributed.on_main(lock.acquire, ctx, "taking the workdir lock", config.device)
+    try:
+        return _train_locked(config, workdir, ctx, hooks, progress)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequence[Hook],
+                  progress: bool) -> dict[str, Any]:
+    t = config.training
     if ctx.is_main:
         write_config(config, workdir)
-        checkpoints.remove_stale_temporaries(workdir)  # left by a killed run
+        checkpoints.remove_stale_temporaries(workdir)  # left by a killed run: we hold the lock
     distributed.barrier(ctx, config.device)
     state, sde = build(config)
     resume = checkpoints.resume_checkpoint(workdir)
