@@ -22,6 +22,7 @@ def get_default_configs():
     training.reduce_mean = False
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
+    training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
 
     # sampling
     config.sampling = sampling = ml_collections.ConfigDict()

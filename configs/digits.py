@@ -19,6 +19,7 @@ def get_config():
     training.likelihood_weighting = False
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
+    training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
     training.batch_size = 64
     training.n_iters = 2000
     training.snapshot_freq = 1000

@@ -193,7 +193,8 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
     trains on its rows of the global batch; rank 0 alone holds the lock, logs, evaluates,
     samples and writes checkpoints while the others wait. A NaN/inf loss or gradient stops the
     run naming the step, before any checkpoint of it, or skips the step with
-    ``training.skip_nonfinite = True`` (:mod:`training.nonfinite`).
+    ``training.skip_nonfinite = True`` up to ``training.max_skip_fraction`` of recent steps
+    (:mod:`training.nonfinite`).
 
     Args:
         config: a resolved config (``config.device`` a real device).
@@ -204,7 +205,7 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
         the final state.
     Raises:
         training.lock.WorkdirLockedError: another process trains into ``workdir``.
-        FloatingPointError: a non-finite loss or gradient.
+        FloatingPointError: a non-finite loss or gradient (or too many skipped steps).
         utils.WriteError: an output could not be written (e.g. a full disk).
     """
     workdir = Path(workdir)
@@ -236,7 +237,8 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
                     "snapshots", checkpoints.meta_path(workdir).relative_to(workdir), workdir)
     distributed.check_same(state["step"], ctx, "the step to resume from",
                            "Is --workdir on a file system that every node sees?", config.device)
-    guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False))
+    guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False),
+                           max_skip_fraction=t.get("max_skip_fraction", 0.01))
     guard.protect(state["optimizer"], state)
     train_step, eval_step = get_step_fns(config, sde)
     train_step = distributed.data_parallel_step(train_step, state["model"], t.batch_size, ctx)

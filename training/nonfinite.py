@@ -1,5 +1,8 @@
 """The non-finite guard of training: a NaN/inf loss or gradient stops the run naming its step,
-or, with ``config.training.skip_nonfinite = True``, the step is skipped.
+or, with ``config.training.skip_nonfinite = True``, the step is skipped, up to a cap: more than
+``config.training.max_skip_fraction`` of the last :data:`SKIP_WINDOW` steps, and at least
+:data:`MIN_SKIPS` skips, stop the run as without skipping. (Steps that a mixed-precision gradient
+scaler skips never call ``optimizer.step()`` and do not count.)
 
 Stopping costs no host synchronisation per step: the first bad step is kept in a device tensor
 and read at the loop's side effects (logging, checkpoints), always before a checkpoint is
@@ -11,6 +14,7 @@ every rank takes the same decision.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +24,8 @@ from training import distributed
 log = logging.getLogger(__name__)
 
 _NONE = torch.iinfo(torch.int64).max  # "no bad step yet" (the minimum over ranks ignores it)
+SKIP_WINDOW = 1000  #: the skip cap looks at this many latest steps
+MIN_SKIPS = 10  #: ... and stops a run only from this many skips in them
 
 
 def grads_finite(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
@@ -36,11 +42,20 @@ class NonFiniteGuard:
     Args:
         device: where the bookkeeping tensor lives (the model's device).
         skip: skip steps with a non-finite gradient (logging a warning) instead of stopping.
+        max_skip_fraction: with ``skip``, stop as without it once more than this fraction of
+            the last ``SKIP_WINDOW`` steps (of those taken so far, if fewer) were skipped, and at
+            least ``MIN_SKIPS``.
     """
 
-    def __init__(self, device: torch.device | str, skip: bool = False) -> None:
+    def __init__(self, device: torch.device | str, skip: bool = False,
+                 max_skip_fraction: float = 0.01) -> None:
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must lie in [0, 1], got {max_skip_fraction!r}")
         self.skip = bool(skip)
+        self.max_skip_fraction = float(max_skip_fraction)
         self.skipped = 0
+        self._recent: deque[bool] = deque(maxlen=SKIP_WINDOW)  # skipped?, per step taken
+        self._recent_skips = 0
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
 
     def _record(self, bad: torch.Tensor, step: int) -> None:
@@ -57,7 +72,9 @@ class NonFiniteGuard:
             finite = grads_finite(params)
             number = int(state["step"]) + 1
             if self.skip:
-                if not bool(finite):  # one host sync per step, only in skip mode
+                bad = not bool(finite)  # one host sync per step, only in skip mode
+                self._count(bad, number)
+                if bad:
                     self.skipped += 1
                     log.warning("step %d: non-finite gradient, step skipped (%d so far)",
                                 number, self.skipped)
@@ -68,6 +85,19 @@ class NonFiniteGuard:
             return inner(*args, **kwargs)
 
         optimizer.step = step
+
+    def _count(self, bad: bool, number: int) -> None:
+        """Slide the window by step ``number``; raise when its skips pass the cap."""
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_skips -= self._recent[0]
+        self._recent.append(bad)
+        self._recent_skips += bad
+        steps, skips = len(self._recent), self._recent_skips
+        if bad and skips >= MIN_SKIPS and skips > self.max_skip_fraction * steps:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {number}; the run stopped before writing "
+                f"a checkpoint of it ({skips} of the last {steps} steps were skipped, more than "
+                f"config.training.max_skip_fraction={self.max_skip_fraction:g})")
 
     def observe_loss(self, loss: torch.Tensor, step: int) -> None:
         """Record ``loss`` of step ``step`` (1-based, steps completed); no host sync."""

@@ -160,6 +160,7 @@ def validate_config(config, world_size: int = 1) -> None:
                 "training.snapshot_sampling", "training.skip_nonfinite", "data.centered",
                 "data.random_flip", "data.uniform_dequantization"):
         _bool(config, key)
+    _real(config, "training.max_skip_fraction", 0.0, 1.0)
     _int(config, "seed", low=0)
     _int(config, "num_threads", low=0, optional=True)
     device = _require(config, "device")
