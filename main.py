@@ -81,9 +81,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 FLAGS["config"].parser = NamedConfigParser(FLAGS["config"].parser)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, TensorBoard logs, "
-                    "the resolved config.json and stdout.txt.")
+                    "the resolved config.json, stdout.txt and train.lock (held while training).")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "eval"],
-                  "train: train (resuming from the latest checkpoint in --workdir); sample: "
+                  "train: train (resuming from the preemption checkpoint in --workdir; one "
+                  "training run per workdir, others are refused); sample: "
                   "write a PNG grid and .npz of samples; likelihood: bits/dim of a dataset "
                   "split with per-image values; eval: loss, bits/dim and sample quality "
                   "(FID/IS/KID, or FDD for digits) of checkpoints config.eval.begin_ckpt.."
