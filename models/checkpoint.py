@@ -15,6 +15,10 @@ Our own format is a directory written atomically, file by file::
     ema.safetensors      model.state_dict() with each trainable parameter replaced by its EMA
 
 No pickle is involved in reading it.
+
+Every path that loads tensors into a model (this module, ``models.convert``, the training
+resume and ``--mode sample``) checks them with :func:`check_tensors`: shapes, dtypes against
+the model's (see :data:`FLOAT_DTYPES`) and finiteness of floating tensors.
 """
 
 from __future__ import annotations
