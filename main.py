@@ -93,7 +93,9 @@ flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outp
                     "sample, likelihood and eval modes.")
 flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
                     "'meta' = the preemption checkpoint, n = checkpoints/checkpoint_n.pth, or a "
-                    "file path.")
+                    "file path (a training checkpoint .pth, ours or the reference's, or a "
+                    ".safetensors state dict used as is). Weights with NaN/inf values or of a "
+                    "non-float dtype are refused.")
 flags.DEFINE_integer("num_samples", 64, "sample: number of samples (drawn in batches of "
                      "config.eval.batch_size).", lower_bound=1)
 flags.DEFINE_string("split", "", "likelihood: dataset split ('train' or 'test'); default "

@@ -25,7 +25,7 @@ import torch
 from losses import load_optimizer_state
 from models.checkpoint import CheckpointError, safe_load
 from training.nonfinite import check_state_finite
-from training.validation import validate_training_checkpoint
+from training.validation import check_training_tensors, validate_training_checkpoint
 from utils import WriteError, atomic_write_bytes
 
 META_DIR, META_FILE = "checkpoints-meta", "checkpoint.pth"
@@ -141,11 +141,13 @@ def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[s
     """Load the checkpoint at ``path`` into the live ``state`` (strict keys) and return it.
 
     Raises:
-        CheckpointError: unreadable, unsafe, malformed or for another model (naming the file and
-            the entry).
+        CheckpointError: unreadable, unsafe, malformed, for another model, or holding a tensor
+            of the wrong dtype or with NaN/inf values (naming the file and the entry).
     """
     ckpt = safe_load(path)
     validate_training_checkpoint(ckpt, path, state["generators"], state["iterators"])
+    params = [p for group in state["optimizer"].param_groups for p in group["params"]]
+    check_training_tensors(ckpt, state["model"], path, params)
     try:
         state["model"].load_state_dict(ckpt["model"], strict=True)
         state["ema"].load_state_dict(ckpt["ema"])

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import datasets
 import likelihood
-from models.checkpoint import load_reference_checkpoint
+from models.checkpoint import load_model_state, load_reference_checkpoint, load_safetensors
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
 from training import checkpoints
@@ -68,11 +68,17 @@ def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
 
     ``path`` may be one of ours or a reference training checkpoint (``module.`` prefix, numpy
     learning rate); both are read weights-only (``models.checkpoint.load_reference_checkpoint``).
+    A ``.safetensors`` file is taken as a full state dict whose weights are used as they are
+    (e.g. ``ema.safetensors`` of a ``models.convert`` output). Every tensor is checked against
+    the model (dtype, shape, finiteness; ``models.checkpoint.check_tensors``).
 
     Returns:
         (model on ``config.device``, the checkpoint's step, or 0 if it has none).
     """
     model = create_model(config)
+    if Path(path).suffix == ".safetensors":
+        load_model_state(model, load_safetensors(path), source=path)
+        return model.eval(), 0
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
     ckpt = load_reference_checkpoint(path, model, ema)
     ema.copy_to(model.parameters())

@@ -23,7 +23,13 @@ import datasets
 import losses
 import samplers
 import sde_lib
-from models.checkpoint import CheckpointError, check_state_dict, safe_load
+from models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    check_tensors,
+    name_ema_shadow_params,
+    safe_load,
+)
 from models.utils import get_model
 from training import distributed
 
@@ -349,23 +355,43 @@ def validate_training_checkpoint(ckpt: Any, path: str | os.PathLike,
                                   f"{{'epoch', 'batch', 'seed'}} integers, got {position!r}")
 
 
-def _check_finite(tree: Any, where: str, prefix: str) -> None:
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
-            raise CheckpointError(f"{where}: {prefix} has NaN or inf values")
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            _check_finite(v, where, f"{prefix}.{k}")
-    elif isinstance(tree, (list, tuple)):
-        for k, v in enumerate(tree):
-            _check_finite(v, where, f"{prefix}[{k}]")
+def check_training_tensors(ckpt: Mapping[str, Any], model: torch.nn.Module,
+                           path: str | os.PathLike,
+                           params: list[torch.Tensor] | None = None) -> None:
+    """Dtypes, shapes and finiteness of a training checkpoint's tensors against the live ones,
+    by ``models.checkpoint.check_tensors``: the model's state dict, the EMA's shadow parameters
+    and the optimizer's per-parameter buffers (``exp_avg`` ...; scalar counters such as
+    ``step`` need only be finite if floating).
+
+    Args:
+        ckpt: a checkpoint that passed :func:`validate_training_checkpoint`.
+        model: the live model (may be on the ``meta`` device).
+        path: the file, for the messages.
+        params: the optimizer's parameters in its order; default ``model.parameters()``.
+    Raises:
+        CheckpointError: naming the file and the entry.
+    """
+    check_state_dict(model, ckpt["model"], str(path))
+    name_ema_shadow_params(model, ckpt["ema"], path)
+    params = list(model.parameters()) if params is None else params
+    found, expected = {}, {}
+    state = ckpt["optimizer"].get("state", {})
+    for index, entries in (state.items() if isinstance(state, Mapping) else ()):
+        for key, value in (entries.items() if isinstance(entries, Mapping) else ()):
+            name = f"state.{index}.{key}"
+            found[name] = value
+            if (isinstance(index, int) and 0 <= index < len(params)
+                    and isinstance(value, torch.Tensor) and value.dim() > 0):
+                expected[name] = params[index]  # a buffer with the parameter's shape and dtype
+    check_tensors(found, path, expected, what="optimizer", strict=False,
+                  owner=type(model).__name__)
 
 
 def validate_checkpoint_file(path: str | os.PathLike, config) -> dict:
     """Read a training checkpoint weights-only and check it against ``config``'s model.
 
-    The model is built on the ``meta`` device (no memory) to compare keys and shapes; every
-    floating tensor must be finite.
+    The model is built on the ``meta`` device (no memory) to compare keys, shapes and dtypes;
+    every floating tensor must be finite (:func:`check_training_tensors`).
 
     Returns:
         the loaded checkpoint.
@@ -379,9 +405,7 @@ def validate_checkpoint_file(path: str | os.PathLike, config) -> dict:
     config.device = "meta"
     with torch.device("meta"):
         model = get_model(config.model.name)(config)
-    check_state_dict(model, ckpt["model"], str(path))
-    for key in ("model", "ema", "optimizer"):
-        _check_finite(ckpt[key], str(path), key)
+    check_training_tensors(ckpt, model, path)
     return ckpt
 
 
