@@ -1,6 +1,7 @@
 """Registry, type aliases and tensor helpers: the bottom layer, importing nothing of ours."""
 
 from utils.io import atomic_write_bytes
+from utils.odeint import bounded_odeint_options
 from utils.registry import Registry
 from utils.tensor import append_dims, as_batch_time, batch_mul, sum_except_batch
 from utils.types import InverseScaler, ScoreFn
@@ -12,6 +13,7 @@ __all__ = [
     "InverseScaler",
     "append_dims",
     "atomic_write_bytes",
+    "bounded_odeint_options",
     "as_batch_time",
     "batch_mul",
     "sum_except_batch",
