@@ -205,8 +205,8 @@ def smld_loss(model_fn: ModelFn, vesde: sde_lib.SDE, batch: torch.Tensor, labels
         losses (B,).
     """
     # Label n is the reference's flip(discrete_sigmas)[n], i.e. discrete_sigmas[N - 1 - n].
-    table = vesde.discrete_table("discrete_sigmas", batch.device)
-    sigmas = table[vesde.N - 1 - labels].to(batch.dtype)  # (B,)
+    table = vesde.discrete_table("discrete_sigmas", batch.device, batch.dtype)
+    sigmas = table[vesde.N - 1 - labels]  # (B,)
     noise = batch_mul(sigmas, z)
     score = model_fn(batch + noise, labels)
     target = -batch_mul(1.0 / sigmas**2, noise)
@@ -225,8 +225,8 @@ def ddpm_loss(model_fn: ModelFn, vpsde: sde_lib.SDE, batch: torch.Tensor, labels
     Returns:
         losses (B,).
     """
-    mean_coeff = vpsde.discrete_table("sqrt_alphas_cumprod", batch.device)[labels].to(batch.dtype)
-    std = vpsde.discrete_table("sqrt_1m_alphas_cumprod", batch.device)[labels].to(batch.dtype)
+    mean_coeff = vpsde.discrete_table("sqrt_alphas_cumprod", batch.device, batch.dtype)[labels]
+    std = vpsde.discrete_table("sqrt_1m_alphas_cumprod", batch.device, batch.dtype)[labels]
     x_n = batch_mul(mean_coeff, batch) + batch_mul(std, z)
     return _reduce(torch.square(model_fn(x_n, labels) - z), reduce_mean)
 

@@ -1,13 +1,14 @@
 """In-memory datasets, seeded resumable batch iterators and the data scalers.
 
-Every loader returns an :class:`ArrayDataset`: a tensor of samples in [0, 1] (images as uint8
-or float, toy data as float points) and integer labels. :class:`DataIterator` cuts it into
+Every loader returns an :class:`ArrayDataset`: a tensor of samples in [0, 1] (images as integer
+levels or float, toy data as float points) and integer labels. :class:`DataIterator` cuts it into
 shuffled batches; its position is a small ``state_dict`` so a resumed run sees the same batches
 (and the same flips and dequantisation noise) as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,12 +27,13 @@ class ArrayDataset:
     """Samples held in memory.
 
     Attributes:
-        data: (N, C, H, W) images — uint8 in [0, 255] or float in [0, 1] — or (N, D) points;
-            a tensor, or a lazily decoded image collection indexed the same way
-            (``datasets.folder.FolderImages``).
+        data: (N, C, H, W) images — integer levels in [0, levels - 1] (uint8 for 8 bits, int32
+            for 16) or float in [0, 1] — or (N, D) points; a tensor, or a lazily decoded image
+            collection indexed the same way (``datasets.folder.FolderImages``).
         labels: (N,) int64 class labels (all 0 without classes).
-        levels: number of intensity levels of the stored images (256 for uint8, 17 for the 8x8
-            digits), used by uniform dequantisation; ``None`` for continuous data.
+        levels: number of intensity levels of the stored images (256 for 8-bit, 65536 for 16-bit,
+            17 for the 8x8 digits), used by uniform dequantisation and bits/dim; ``None`` for
+            continuous data.
         classes: class names, index = label.
     """
 
@@ -47,6 +49,9 @@ class ArrayDataset:
             )
         if self.data.shape[0] == 0:
             raise ValueError("the dataset is empty")
+        integer = not self.data.dtype.is_floating_point
+        if integer and self.data.dtype != torch.uint8 and self.levels is None:
+            raise ValueError(f"{self.data.dtype} levels need the number of levels (levels=None)")
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -56,12 +61,33 @@ class ArrayDataset:
         """True for (N, C, H, W) image data."""
         return self.data.dim() == 4
 
+    @property
+    def bit_depth(self) -> float | None:
+        """Bits per sample value, log2(levels) (8, 16; 4.09 for 17 levels); None if continuous."""
+        return None if self.levels is None else math.log2(self.levels)
+
+    def summary(self) -> str:
+        """One line: the sample count and shape, the bit depth (levels) and the classes."""
+        kind = "images" if self.is_image else "points"
+        bits = self.bit_depth
+        if bits is None:
+            depth = "continuous values"
+        else:
+            shown = f"{bits:.0f}" if bits.is_integer() else f"{bits:.2f}"
+            depth = f"{shown}-bit ({self.levels} levels)"
+        classes = f"{len(self.classes)} classes" if self.classes else "no classes"
+        return f"{len(self)} {kind} of shape {tuple(self.data.shape[1:])}, {depth}, {classes}"
+
     def as_float(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """Samples ``index`` as float32 in [0, 1] (images) or as stored (points)."""
+        """Samples ``index`` as float32 in [0, 1] (integer levels k -> k / (levels - 1)) or as
+        stored (float images and points)."""
         if isinstance(index, slice):
             index = torch.arange(len(self))[index]
         x = self.data[index]
-        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if x.dtype.is_floating_point:
+            return x.float()
+        top = 255 if self.levels is None else self.levels - 1  # uint8 without levels: 8-bit
+        return x.float() / top
 
 
 def _seed_of(*keys: int) -> int:

@@ -117,8 +117,8 @@ class VPDiscreteAdapter(_ScoreAdapter):
     def __call__(self, x, t):
         t = as_batch_time(t, x)
         labels = self.labels(t)
-        table = self.sde.discrete_table("sqrt_1m_alphas_cumprod", x.device)
-        std = table[labels.long()].to(x.dtype)
+        table = self.sde.discrete_table("sqrt_1m_alphas_cumprod", x.device, x.dtype)
+        std = table[labels.long()]
         return batch_mul(-1.0 / std, self.model_fn(x, labels))
 
 

@@ -84,8 +84,10 @@ def build(config) -> tuple[dict[str, Any], Any]:
         name: torch.Generator(device=device).manual_seed(config.seed + k)
         for k, name in enumerate(("train", "eval"))
     }
-    train_data = distributed.shard_dataset(datasets.get_dataset(config, "train"),
-                                           config.training.batch_size, distributed.context())
+    train_data = datasets.get_dataset(config, "train")
+    log.info("training data: %s", train_data.summary())
+    train_data = distributed.shard_dataset(train_data, config.training.batch_size,
+                                           distributed.context())
     iterators = {
         "train": datasets.get_data_iterator(config, "train", device=device, dataset=train_data),
         "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device),

@@ -1,6 +1,7 @@
 """Registry, type aliases and tensor helpers: the bottom layer, importing nothing of ours."""
 
 from utils.io import WriteError, atomic_write_bytes, write_error
+from utils.odeint import bounded_odeint_options
 from utils.registry import Registry
 from utils.tensor import append_dims, as_batch_time, batch_mul, sum_except_batch
 from utils.types import InverseScaler, ScoreFn
@@ -14,6 +15,7 @@ __all__ = [
     "atomic_write_bytes",
     "WriteError",
     "write_error",
+    "bounded_odeint_options",
     "as_batch_time",
     "batch_mul",
     "sum_except_batch",
