@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from configs.sampling import add_fast_sampler_options
+
 
 def get_default_configs():
     """Defaults shared by every CIFAR-10 config (Song et al. 2021, appendix H)."""
@@ -30,6 +32,8 @@ def get_default_configs():
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.16
+    # every fast sampler's option, None = that sampler's default (configs/sampling.py)
+    add_fast_sampler_options(sampling)
 
     # evaluation
     config.eval = evaluate = ml_collections.ConfigDict()

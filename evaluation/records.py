@@ -92,26 +92,6 @@ def read_record(path: str | os.PathLike) -> dict:
 # -- sampler configuration ---------------------------------------------------------------------
 
 
-def sampler_options(method: str, options: Mapping[str, Any]) -> dict:
-    """Every keyword option of sampler ``method``: the given ones, then the defaults declared by
-    the ``__init__`` of each class along its MRO (so unspecified options are recorded too).
-
-    Raises:
-        ValueError: unknown method (listing the registered ones).
-    """
-    cls = samplers.SAMPLERS.get(method)
-    full = dict(options)
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for name, param in inspect.signature(init).parameters.items():
-            if (param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-                    and param.default is not param.empty and name not in full):
-                full[name] = param.default
-    return dict(sorted(full.items()))
-
-
 def seed_range(base_seed: int, num_samples: int) -> dict:
     """The record's description of the seeds of ``num_samples`` samples from ``base_seed``."""
     return {"base": int(base_seed), "first": int(base_seed),
@@ -239,7 +219,7 @@ def sample_for_eval(
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     sampler = {
-        "method": method, "options": sampler_options(method, options),
+        "method": method, "options": samplers.resolved_options(method, options),
         "shape_per_sample": list(shape), "batch_size": batch_size,
         "dtype": str(dtype or torch.get_default_dtype()),
         # per-sample generators live on this device; CPU and CUDA streams differ

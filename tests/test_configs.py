@@ -136,7 +136,8 @@ def _config_modules():
     return sorted(
         ".".join(p.relative_to(REPO).with_suffix("").parts)
         for p in (REPO / "configs").rglob("*.py")
-        if p.name not in ("__init__.py", "registry.py") and not p.name.startswith("default_")
+        if p.name not in ("__init__.py", "registry.py", "sampling.py")
+        and not p.name.startswith("default_")
     )
 
 
@@ -176,3 +177,36 @@ def test_every_config_builds_and_takes_a_training_step(module):
     samples, info = generate(config, sde, model, tuple(x.shape), inverse_scaler=lambda y: y,
                              generator=torch.Generator().manual_seed(0))
     assert samples.shape == x.shape and torch.isfinite(samples).all() and info["nfe"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_carries_the_full_sampling_section(name):
+    """The reference's sampling keys and a key for every option of every registered sampler (by
+    its name or the reference's alias), so that any swap the README shows works on any config."""
+    import samplers
+    from configs.sampling import REFERENCE_KEYS
+    from training.sampling import ALIASES
+
+    sampling = _load(name).sampling
+    missing = [k for k in REFERENCE_KEYS if k not in sampling]
+    for method in samplers.SAMPLERS.names():
+        missing += [f"{ALIASES.get(o, o)} ({method})" for o in samplers.option_defaults(method)
+                    if ALIASES.get(o, o) not in sampling]
+    assert not missing, f"{name}: config.sampling lacks {sorted(set(missing))}"
+
+
+def test_a_placeholder_option_is_left_to_the_sampler_and_a_set_one_is_passed():
+    from training.sampling import sampling_options, sampling_record
+
+    config = _load("digits")
+    config.sampling.method = "ddim"
+    method, options = sampling_options(config)
+    assert method == "ddim" and "eta" not in options and options["nfe"] == 30
+    config.sampling.eta = 0.5
+    assert sampling_options(config)[1]["eta"] == 0.5
+    record = sampling_record(config, {"nfe": 30})
+    # the options as the sampler ran them, its own defaults filled in
+    assert record["options"] == {"eta": 0.5, "nfe": 30, "eps": 1e-3, "grid": "logsnr"}
+    # set for PC, which this method does not run: recorded as not applied
+    assert record["not_applied"]["predictor"] == config.sampling.predictor
+    assert "nfe" not in record["not_applied"] and "eta" not in record["not_applied"]

@@ -7,6 +7,7 @@ as the reference does for sampling and evaluation, and write their results into
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -25,10 +26,28 @@ from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
 from training import checkpoints
 from training.loop import write_samples
-from training.sampling import generate, get_sde
-from utils import atomic_write_bytes
+from training.sampling import generate, get_sde, sampling_record
+from utils import __version__, atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+def run_facts(config, path: Path, step: int) -> dict:
+    """The facts every sample / likelihood record holds: the checkpoint file and its training
+    step, the seed, the device and the versions that ran."""
+    return {"checkpoint": str(path), "step": step, "seed": config.seed,
+            "device": str(config.device),
+            "versions": {"toolkit": __version__, "torch": torch.__version__}}
+
+
+def likelihood_options(config) -> dict:
+    """Every option of :func:`likelihood.log_likelihood` as a likelihood run uses it: the
+    function's defaults, with ``config.eval.rtol`` / ``atol`` where the config sets them."""
+    options = {name: p.default for name, p in
+               inspect.signature(likelihood.log_likelihood).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and name != "generator"}
+    options.update({k: config.eval[k] for k in ("rtol", "atol") if k in config.eval})
+    return options
 
 
 def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
@@ -107,11 +126,11 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
         x, info = generate(config, sde, model, shape, inverse_scaler=inverse_scaler,
                            generator=generator, progress=progress)
         chunks.append(x.cpu())
-        nfe += info["nfe"]
+        nfe += info["nfe"]  # counted score evaluations, summed over the batches
     folder = Path(workdir) / eval_folder / f"samples_step_{step}"  # made by the first write
     write_samples(torch.cat(chunks), folder)
-    record = {"checkpoint": str(path), "step": step, "num_samples": num_samples, "nfe": nfe,
-              "sampling": config.sampling.to_dict()}
+    record = {**run_facts(config, path, step), "num_samples": num_samples, "batch_size": batch,
+              "nfe": nfe, "sampling": {**sampling_record(config, info), "nfe": nfe}}
     atomic_write_bytes(folder / "info.json", (json.dumps(record, indent=2) + "\n").encode(),
                        what="the sampling record")
     log.info("%d samples from %s (step %d, %d NFE) in %s", num_samples, path, step, nfe, folder)
@@ -165,7 +184,7 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     a, _ = likelihood.affine_scaler(datasets.get_data_inverse_scaler(config))
     offset = math.log2(dataset.levels) if dataset.levels is not None else 0.0
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
+    options = likelihood_options(config)
     bpds, nfe = [], 0
     for v in tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
                   desc=f"bits/dim ({split})"):
@@ -177,10 +196,10 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     bpd = torch.cat(bpds).double().numpy()
     stem = Path(workdir) / eval_folder / f"likelihood_{split}_step_{step}"
     summary = {
-        "checkpoint": str(path), "step": step, "split": split, "num_images": len(bpd),
+        **run_facts(config, path, step), "split": split, "num_images": len(bpd),
         "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
         if len(bpd) > 1 else float("nan"),
-        "levels": dataset.levels, "nfe": nfe, **options,
+        "levels": dataset.levels, "nfe": nfe, "likelihood": options,
     }
     write_likelihood_record(stem, bpd, dataset.labels.numpy(), summary)
     log.info("%s bits/dim %.4f +- %.4f over %d images (step %d)", split, summary["bpd"],

@@ -45,30 +45,37 @@ def sampling_eps(config) -> float:
     return SAMPLING_EPS.get(config.training.sde, 1e-3)
 
 
-def _accepted_options(sampler_cls: type) -> set[str]:
-    names: set[str] = set()
-    for cls in sampler_cls.__mro__:
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
-                names.add(p.name)
-    return names
-
-
 def sampling_options(config) -> tuple[str, dict[str, Any]]:
-    """``(method, options)`` for :func:`samplers.sample` from ``config.sampling``."""
+    """``(method, options)`` for :func:`samplers.sample` from ``config.sampling``: each option
+    the method accepts, from its key (or the reference's alias) where that is not ``None``."""
     method = config.sampling.method
-    accepted = _accepted_options(samplers.SAMPLERS.get(method))
+    accepted = samplers.option_defaults(method)
     options = {}
     for name in sorted(accepted):
         key = ALIASES.get(name, name)
-        if key in config.sampling and key != "method":
+        if key != "method" and config.sampling.get(key) is not None:
             options[name] = config.sampling[key]
     if "eps" in accepted and "eps" not in options:
         options["eps"] = sampling_eps(config)
     return method, options
+
+
+def sampling_record(config, info: dict) -> dict[str, Any]:
+    """What a sampling run did, for its record: the method, every option as it ran (given or the
+    sampler's default), the counted NFE from the sampler's report ``info``, and the
+    ``config.sampling`` keys set for a method that does not read them (``not_applied``)."""
+    method, options = sampling_options(config)
+    resolved = samplers.resolved_options(method, options)
+    if "N" in resolved and resolved["N"] is None:  # PC's default: the SDE's number of steps
+        resolved["N"] = get_sde(config).N
+    read = {ALIASES.get(name, name) for name in resolved} | {"method"}
+    return {
+        "method": method,
+        "options": resolved,
+        "nfe": info["nfe"],
+        "not_applied": {k: v for k, v in sorted(config.sampling.items())
+                        if k not in read and v is not None},
+    }
 
 
 @contextlib.contextmanager

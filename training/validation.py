@@ -64,7 +64,7 @@ def _require(config, key: str) -> Any:
 
 def _int(config, key: str, low: int = 1, *, optional: bool = False) -> None:
     present, value = _get(config, key)
-    if not present:
+    if not present or (optional and value is None):  # None: the default applies
         if optional:
             return
         raise ValueError(f"config.{key} is missing; expected an integer >= {low}")
@@ -84,7 +84,7 @@ def _real(config, key: str, low: float = -math.inf, high: float = math.inf, *,
     else:
         lb, hb = "(" if low_open else "[", ")" if high_open else "]"
         allowed = f"a number in {lb}{low}, {high}{hb}"
-    if not present:
+    if not present or (optional and value is None):  # None: the default applies
         if optional:
             return
         raise ValueError(f"config.{key} is missing; expected {allowed}")
@@ -105,7 +105,7 @@ def _bool(config, key: str) -> None:
 
 def _name(config, key: str, registry, *, optional: bool = False) -> None:
     present, value = _get(config, key)
-    if not present:
+    if not present or (optional and value is None):  # None: the default applies
         if optional:
             return
         raise ValueError(f"config.{key} is missing; valid: {', '.join(registry.names())}")
