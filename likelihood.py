@@ -30,8 +30,8 @@ import torch
 from torchdiffeq import odeint
 
 import sde_lib
-from divergence import DIVERGENCES, batched_vjp, get_divergence
-from utils import InverseScaler, ScoreFn, bounded_odeint_options
+from score_sde.divergence import DIVERGENCES, batched_vjp, get_divergence
+from score_sde.utils import InverseScaler, ScoreFn, bounded_odeint_options
 
 #: Adaptive torchdiffeq solvers, and the scipy names the reference uses for them.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")

@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from utils import Registry, ScoreFn, as_batch_time, batch_mul
+from score_sde.utils import Registry, ScoreFn, as_batch_time, batch_mul
 
 SDES = Registry("SDE")
 register_sde = SDES.register

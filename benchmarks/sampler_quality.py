@@ -39,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import oracle  # noqa: E402
 import sde_lib  # noqa: E402
 from samplers import sample, tune_time_grid  # noqa: E402
+from score_sde import oracle  # noqa: E402
 
 EPS = 1e-3
 OUT = Path(__file__).resolve().parent / "out"

@@ -41,7 +41,7 @@ from torch import nn
 
 from models.ema import ExponentialMovingAverage, trainable_parameter_names
 from models.utils import create_model, strip_module_prefix
-from utils import atomic_write_bytes
+from score_sde.utils import atomic_write_bytes
 
 FORMAT = "score-sde-toolkit/inference-v1"
 CONFIG_FILE = "config.json"

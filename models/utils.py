@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import sde_lib
-from utils import Registry, ScoreFn, as_batch_time, batch_mul
+from score_sde.utils import Registry, ScoreFn, as_batch_time, batch_mul
 
 MODELS = Registry("model")
 register_model = MODELS.register

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sde_lib
-from utils import Registry, ScoreFn
+from score_sde.utils import Registry, ScoreFn
 
 SAMPLERS = Registry("sampler")
 register_sampler = SAMPLERS.register

@@ -24,7 +24,7 @@ from torchdiffeq import odeint
 
 import sde_lib
 from samplers.base import CountingScore, Sampler, check_fresh_score, progress_bar, register_sampler
-from utils import ScoreFn, as_batch_time, batch_mul, bounded_odeint_options
+from score_sde.utils import ScoreFn, as_batch_time, batch_mul, bounded_odeint_options
 
 
 class Tableau(NamedTuple):

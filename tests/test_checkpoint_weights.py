@@ -34,8 +34,8 @@ from models.checkpoint import (
 from models.convert import main as convert_main
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
-from training import checkpoints, loop, validation
-from training.inference import load_ema_model
+from score_sde.training import checkpoints, loop, validation
+from score_sde.training.inference import load_ema_model
 
 NAME = "Dense_in.weight"  # a float32 parameter of the toy MLP, the 5th in parameters() order
 INDEX = 4

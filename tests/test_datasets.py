@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
-from datasets import cifar10, toy
-from datasets.base import ArrayDataset, DataIterator
+from score_sde import datasets
+from score_sde.datasets import cifar10, toy
+from score_sde.datasets.base import ArrayDataset, DataIterator
 
 
 def _config(**data):

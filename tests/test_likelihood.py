@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import likelihood
-import oracle
 import sde_lib
-from divergence import DIVERGENCES
+from score_sde import oracle
+from score_sde.divergence import DIVERGENCES
 
 EPS = 1e-5
 SDES = {

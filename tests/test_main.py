@@ -15,8 +15,8 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from training import checkpoints
-from training.loop import train
+from score_sde.training import checkpoints
+from score_sde.training.loop import train
 
 TINY_DIGITS = [  # a tiny DDPM++ on the 8x8 digits: a few steps, a few samples
     "--config=digits", "--config.model.nf=8", "--config.training.n_iters=4",
@@ -184,7 +184,7 @@ def test_a_resumed_run_reports_config_changes(tmp_path, caplog):
 
 
 def test_make_grid_tiles_images_row_major_with_padding():
-    from training.images import make_grid
+    from score_sde.training.images import make_grid
 
     images = torch.zeros(5, 1, 2, 3)
     for k in range(5):
@@ -200,8 +200,8 @@ def test_make_grid_tiles_images_row_major_with_padding():
 
 
 def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, monkeypatch):
-    import training.loop
 
+    from score_sde import training
     real = training.loop.get_step_fns
 
     def nan_at_step_2(config, sde):
@@ -227,8 +227,8 @@ def test_sampling_from_a_reference_checkpoint(tmp_path, reference_dir):
     import safetensors.torch
 
     from models.utils import get_score_fn
-    from training.inference import load_ema_model, run_sample
-    from training.sampling import get_sde
+    from score_sde.training.inference import load_ema_model, run_sample
+    from score_sde.training.sampling import get_sde
 
     record = json.loads((reference_dir / "ncsnpp_ve.json").read_text())
     config = importlib.import_module("configs.ve.cifar10_ncsnpp_continuous").get_config()

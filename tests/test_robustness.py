@@ -17,12 +17,12 @@ import pytest
 import torch
 from conftest import REPO
 
-import utils.io
 from models.checkpoint import safe_load
-from training import checkpoints, distributed, loop, validation
-from training.checkpoints import CheckpointWriteError
-from training.loop import train
-from training.nonfinite import NonFiniteGuard
+from score_sde import utils
+from score_sde.training import checkpoints, distributed, loop, validation
+from score_sde.training.checkpoints import CheckpointWriteError
+from score_sde.training.loop import train
+from score_sde.training.nonfinite import NonFiniteGuard
 
 STEPS = 150
 TOY = [

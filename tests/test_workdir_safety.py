@@ -21,13 +21,13 @@ import pytest
 import torch
 from conftest import REPO
 
-import training.lock as lock_module
 from models.checkpoint import safe_load
-from training import checkpoints, distributed
-from training.inference import write_likelihood_record
-from training.lock import WorkdirLock, WorkdirLockedError
-from training.loop import train, write_config, write_samples
-from utils import WriteError
+from score_sde.training import checkpoints, distributed
+from score_sde.training import lock as lock_module
+from score_sde.training.inference import write_likelihood_record
+from score_sde.training.lock import WorkdirLock, WorkdirLockedError
+from score_sde.training.loop import train, write_config, write_samples
+from score_sde.utils import WriteError
 
 TOY = [  # a tiny MLP on 2-D points: a step takes about a millisecond
     "--config=toy_2d", "--config.model.nf=8", "--config.training.batch_size=16",

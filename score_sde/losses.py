@@ -19,7 +19,7 @@ from torch import nn
 
 import sde_lib
 from models.utils import ModelFn, get_model_fn, get_score_fn
-from utils import Registry, ScoreFn, batch_mul
+from score_sde.utils import Registry, ScoreFn, batch_mul
 
 #: ``loss_fn(model, batch, *, generator=None, shard=None) -> loss`` (a scalar tensor); ``shard``
 #: (a slice of rows) draws the noise for the whole batch and averages over those rows only.

@@ -24,17 +24,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import datasets
-import losses
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
-from training import checkpoints, distributed, validation
-from training.events import EventLog
-from training.images import save_image_grid, save_scatter
-from training.lock import WorkdirLock
-from training.nonfinite import NonFiniteGuard
-from training.sampling import ema_weights, generate, get_sde
-from utils import atomic_write_bytes
+from score_sde import datasets, losses
+from score_sde.training import checkpoints, distributed, validation
+from score_sde.training.events import EventLog
+from score_sde.training.images import save_image_grid, save_scatter
+from score_sde.training.lock import WorkdirLock
+from score_sde.training.nonfinite import NonFiniteGuard
+from score_sde.training.sampling import ema_weights, generate, get_sde
+from score_sde.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

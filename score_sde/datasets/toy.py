@@ -10,9 +10,9 @@ import math
 
 import torch
 
-import oracle
-from datasets.base import ArrayDataset, register_dataset
-from utils import Registry
+from score_sde import oracle
+from score_sde.datasets.base import ArrayDataset, register_dataset
+from score_sde.utils import Registry
 
 TOYS = Registry("toy distribution")
 _SPLIT_SEEDS = {"train": 0, "test": 1}

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.inception import FEATURE_DIM, FIDInceptionV3, cache_dir, inception_outputs
-from evaluation.metrics import (
+from score_sde.evaluation.inception import FEATURE_DIM, FIDInceptionV3, cache_dir, inception_outputs
+from score_sde.evaluation.metrics import (
     feature_statistics,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
 )
-from evaluation.records import atomic_write_bytes
+from score_sde.evaluation.records import atomic_write_bytes
 
 
 @torch.no_grad()

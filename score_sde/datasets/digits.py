@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datasets.base import ArrayDataset, register_dataset
+from score_sde.datasets.base import ArrayDataset, register_dataset
 
 N_TRAIN = 1500
 

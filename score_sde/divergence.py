@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from utils import Registry
+from score_sde.utils import Registry
 
 DIVERGENCES = Registry("divergence estimator")
 register_divergence = DIVERGENCES.register

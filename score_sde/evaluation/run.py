@@ -37,12 +37,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import datasets
 import likelihood
 import sde_lib
-from evaluation import digits_metric, fid, inception, metrics, records
 from models.utils import get_score_fn
-from utils import InverseScaler, ScoreFn
+from score_sde import datasets
+from score_sde.evaluation import digits_metric, fid, inception, metrics, records
+from score_sde.utils import InverseScaler, ScoreFn
 
 log = logging.getLogger(__name__)
 

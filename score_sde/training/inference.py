@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import datasets
 import likelihood
 from models.checkpoint import load_model_state, load_reference_checkpoint, load_safetensors
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
-from training import checkpoints
-from training.loop import write_samples
-from training.sampling import generate, get_sde, sampling_record
-from utils import __version__, atomic_write_bytes
+from score_sde import datasets
+from score_sde.training import checkpoints
+from score_sde.training.loop import write_samples
+from score_sde.training.sampling import generate, get_sde, sampling_record
+from score_sde.utils import __version__, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

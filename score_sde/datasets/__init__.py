@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from datasets import cifar10, digits, folder, toy  # noqa: F401  (registers the loaders)
-from datasets.base import (
+from score_sde.datasets import cifar10, digits, folder, toy  # noqa: F401  (registers the loaders)
+from score_sde.datasets.base import (
     DATASETS,
     ArrayDataset,
     DataIterator,

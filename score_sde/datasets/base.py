@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils import Registry
+from score_sde.utils import Registry
 
 #: name -> ``loader(config, split) -> ArrayDataset`` (``config.data.dataset`` names a loader).
 DATASETS = Registry("dataset")

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from losses import load_optimizer_state
 from models.checkpoint import CheckpointError, safe_load
-from training.nonfinite import check_state_finite
-from training.validation import check_training_tensors, validate_training_checkpoint
-from utils import WriteError, atomic_write_bytes
+from score_sde.losses import load_optimizer_state
+from score_sde.training.nonfinite import check_state_finite
+from score_sde.training.validation import check_training_tensors, validate_training_checkpoint
+from score_sde.utils import WriteError, atomic_write_bytes
 
 META_DIR, META_FILE = "checkpoints-meta", "checkpoint.pth"
 SNAPSHOT_DIR = "checkpoints"

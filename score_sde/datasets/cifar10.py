@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.base import ArrayDataset, register_dataset
+from score_sde.datasets.base import ArrayDataset, register_dataset
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FILENAME = "cifar-10-python.tar.gz"

@@ -10,9 +10,10 @@ here, once, on the digits' train split (the first 1500 images, as in ``datasets.
 * classifier score: exp(E_x KL(p(y|x) || p(y))) over the 10 classes, between 1 and 10.
 
 The trained weights and the training digits' feature statistics ship in
-``digits_classifier.safetensors`` (about 200 KB) beside this file; :func:`build_digits_classifier`
-retrains them deterministically (fixed seed, one thread, deterministic algorithms) in a few
-seconds, and ``python -m evaluation.digits_metric --rebuild`` rewrites the file. Numbers are only
+``digits_classifier.safetensors`` (about 200 KB) beside this file;
+:func:`build_digits_classifier` retrains them deterministically (fixed seed, one thread,
+deterministic algorithms) in a few seconds, and
+``python -m score_sde.evaluation.digits_metric --rebuild`` rewrites the file. Numbers are only
 comparable between runs that use the same file (its sha256 is in :func:`classifier_info`).
 """
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.metrics import feature_statistics, frechet_distance, inception_score
+from score_sde.evaluation.metrics import feature_statistics, frechet_distance, inception_score
 
 WEIGHTS_FILE = Path(__file__).with_name("digits_classifier.safetensors")
 N_TRAIN = 1500  # datasets.digits: the first 1500 images are 'train', the other 297 'test'
@@ -293,7 +294,7 @@ def evaluate_digits(images: torch.Tensor, path: str | os.PathLike = WEIGHTS_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m evaluation.digits_metric --rebuild [--out FILE]``: retrain and store."""
+    """``python -m score_sde.evaluation.digits_metric --rebuild [--out FILE]``: retrain, store."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rebuild", action="store_true", help="retrain and write the weights")
     parser.add_argument("--out", default=str(WEIGHTS_FILE), help="weights file to write")

@@ -37,8 +37,8 @@ import torch
 
 import samplers
 import sde_lib
-from utils import ScoreFn, __version__
-from utils.io import atomic_write_bytes
+from score_sde.utils import ScoreFn, __version__
+from score_sde.utils.io import atomic_write_bytes
 
 RECORD_FORMAT = "score-sde-toolkit/eval-record-v1"
 SEED_RULE = "sample k uses seed base + k"

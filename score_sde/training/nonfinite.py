@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from training import distributed
+from score_sde.training import distributed
 
 log = logging.getLogger(__name__)
 

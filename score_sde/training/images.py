@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from utils import atomic_write_bytes
+from score_sde.utils import atomic_write_bytes
 
 
 def _write_png(image: Image.Image, path: str | os.PathLike) -> None:

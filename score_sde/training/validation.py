@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-import datasets
-import losses
 import samplers
 import sde_lib
 from models.checkpoint import (
@@ -31,7 +29,8 @@ from models.checkpoint import (
     safe_load,
 )
 from models.utils import get_model
-from training import distributed
+from score_sde import datasets, losses
+from score_sde.training import distributed
 
 #: top-level entries of a training checkpoint (``training.checkpoints.save_checkpoint``)
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "data")
@@ -278,7 +277,7 @@ def _decode_images(files: list[Path], verified: str | os.PathLike | None) -> Non
 
     from PIL import Image
 
-    from utils import atomic_write_bytes
+    from score_sde.utils import atomic_write_bytes
 
     known: dict[str, list[int]] = {}
     if verified is not None and Path(verified).is_file():
@@ -419,7 +418,7 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
         DatasetError: dataset files.
         CheckpointError: the checkpoints of ``workdir``.
     """
-    from training import checkpoints  # imports this module
+    from score_sde.training import checkpoints  # imports this module
 
     if world_size > 1 and mode != "train":
         raise ValueError(f"--mode {mode} runs in one process; only --mode train is "

@@ -1,9 +1,9 @@
 """Training: one model-agnostic loop (``training.loop.train``), its checkpoints, sampling from a
 config and image output."""
 
-from training.checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
-from training.loop import build, train, write_config
-from training.sampling import generate, get_sde, sampling_options
+from score_sde.training.checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
+from score_sde.training.loop import build, train, write_config
+from score_sde.training.sampling import generate, get_sde, sampling_options
 
 __all__ = [
     "build",

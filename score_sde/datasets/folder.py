@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.base import ArrayDataset, register_dataset
+from score_sde.datasets.base import ArrayDataset, register_dataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 #: Pillow modes of 16-bit grey-scale images (a 16-bit PNG opens as ``I;16``; ``I`` in old Pillow).

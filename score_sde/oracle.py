@@ -15,7 +15,7 @@ import math
 import torch
 
 import sde_lib
-from utils import ScoreFn, as_batch_time
+from score_sde.utils import ScoreFn, as_batch_time
 
 
 class GaussianMixture:

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from utils import WriteError, write_error
+from score_sde.utils import WriteError, write_error
 
 _COUNTER = itertools.count()
 
