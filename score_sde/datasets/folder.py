@@ -31,18 +31,24 @@ def bit_depth(path: Path) -> int:
     """Bits per sample of an image file, 8 or 16, from its header (nothing is decoded).
 
     Raises:
-        ValueError: for a 16-bit colour PNG, which Pillow decodes at 8 bits only.
+        ValueError: for a 16-bit colour PNG, which Pillow decodes at 8 bits only, and for a file
+            whose header cannot be read (naming it as corrupt).
     """
-    with Image.open(path) as im:
-        if im.mode in GREY16_MODES:
-            return 16
-        rawmode = im.tile[0][3] if im.tile else ""
-        rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
-        if isinstance(rawmode, str) and rawmode.endswith(";16B"):
-            raise ValueError(f"{path} is a 16-bit colour image ({im.mode} with 16 bits per "
-                             f"channel), which Pillow reads at 8 bits only; convert it to 8-bit "
-                             f"colour or to 16-bit grey-scale")
-        return 8
+    try:
+        with Image.open(path) as im:
+            mode, tile = im.mode, im.tile
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... on bad headers
+        raise ValueError(f"image {path} is corrupt or not an image: {type(e).__name__}: {e}") \
+            from e
+    if mode in GREY16_MODES:
+        return 16
+    rawmode = tile[0][3] if tile else ""
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+    if isinstance(rawmode, str) and rawmode.endswith(";16B"):
+        raise ValueError(f"{path} is a 16-bit colour image ({mode} with 16 bits per channel), "
+                         f"which Pillow reads at 8 bits only; convert it to 8-bit colour or to "
+                         f"16-bit grey-scale")
+    return 8
 
 
 def load_image(path: Path, size: int, channels: int, bits: int = 8) -> np.ndarray:
