@@ -1,6 +1,7 @@
 """Base config for CIFAR-10 (32x32x3): the reference's ``get_default_configs`` values."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_default_configs():
@@ -29,6 +30,9 @@ def get_default_configs():
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.16
+    # budget of score evaluations of the fast samplers (--config.sampling.method=...); None =
+    # each sampler's default, for 'adaptive' no budget (every step error-controlled)
+    sampling.nfe = config_dict.placeholder(int)
 
     # evaluation
     config.eval = evaluate = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ shorter side is ``data.image_size`` and centre-cropped, as the reference's LSUN 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_default_configs():
@@ -35,6 +36,9 @@ def get_default_configs():
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.075
+    # budget of score evaluations of the fast samplers (--config.sampling.method=...); None =
+    # each sampler's default, for 'adaptive' no budget (every step error-controlled)
+    sampling.nfe = config_dict.placeholder(int)
 
     # evaluation
     config.eval = evaluate = ml_collections.ConfigDict()

@@ -80,6 +80,7 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
         d.pop("device")
     ours["data"].pop("root")  # ours: where the CIFAR-10 tarball lives
     ours["training"].pop("skip_nonfinite")  # ours: the non-finite guard (training.nonfinite)
+    assert ours["sampling"].pop("nfe") is None  # ours: the fast samplers' budget (None: default)
     flat = {k: v for k, v in _flat(ours).items()}
     assert flat == _flat(ref)
 
@@ -175,3 +176,24 @@ def test_every_config_builds_and_takes_a_training_step(module):
     samples, info = generate(config, sde, model, tuple(x.shape), inverse_scaler=lambda y: y,
                              generator=torch.Generator().manual_seed(0))
     assert samples.shape == x.shape and torch.isfinite(samples).all() and info["nfe"] > 0
+    if info.get("corrector") == "langevin":  # the reference's step rule, as get_pc_sampler
+        assert info["step_rule"] == "batch"
+
+
+def test_adaptive_from_a_config_has_no_budget_unless_one_is_given():
+    """sampling.nfe is None in the CIFAR/LSUN bases: --config.sampling.method=adaptive runs
+    without a budget (every step error-controlled); --config.sampling.nfe=n caps it."""
+    from training import validation
+    from training.sampling import sampling_options
+
+    config = _load("ve_cifar")
+    config.sampling.method = "adaptive"
+    validation.validate_config(config)
+    method, options = sampling_options(config)
+    assert method == "adaptive" and options["nfe"] is None and options["eps"] == 1e-5
+    config.sampling.nfe = 400
+    validation.validate_config(config)
+    assert sampling_options(config)[1]["nfe"] == 400
+    config.sampling.nfe = 0
+    with pytest.raises(ValueError, match="sampling.nfe must be an integer >= 1"):
+        validation.validate_config(config)

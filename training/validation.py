@@ -56,10 +56,11 @@ def _require(config, key: str) -> Any:
     return value
 
 
-def _int(config, key: str, low: int = 1, *, optional: bool = False) -> None:
+def _int(config, key: str, low: int = 1, *, optional: bool = False,
+         nullable: bool = False) -> None:
     present, value = _get(config, key)
-    if not present:
-        if optional:
+    if not present or (nullable and value is None):
+        if optional or nullable:
             return
         raise ValueError(f"config.{key} is missing; expected an integer >= {low}")
     if isinstance(value, bool) or not isinstance(value, int):
@@ -212,7 +213,7 @@ def validate_config(config, world_size: int = 1) -> None:
     if config.get("sampling", {}).get("method", "pc") == "pc":
         _name(config, "sampling.predictor", samplers.PREDICTORS, optional=True)
         _name(config, "sampling.corrector", samplers.CORRECTORS, optional=True)
-    _int(config, "sampling.nfe", optional=True)
+    _int(config, "sampling.nfe", optional=True, nullable=True)  # None: the sampler's default
     _real(config, "sampling.snr", 0.0, low_open=True)
 
 
