@@ -4,11 +4,12 @@ diffusion + one corrector step) minus that of exact draws, in nats (+/- two stan
 
 Rules (eps = Langevin step; alpha, r = snr, m, s as in ``samplers/pc.py``):
     old         2 alpha r^2 (m^2 + s^2)                   t only (unit-variance data)
-    ref-batch   2 alpha (r mean||z|| / mean||score||)^2   the reference (ties samples together)
+    ref-batch   2 alpha (r mean||z|| / mean||score||)^2   the reference, transcribed here
+    batch       the same: langevin, step_rule='batch'     the registered corrector's default
     ref-z_k     2 alpha (r ||z_k|| / ||score_k||)^2       per sample, ||z_k|| of the drawn noise
     sqrtD       2 alpha r^2 D / ||score_k||^2             per sample, uncapped
     capped      min(sqrtD, old)                           per sample, capped
-    langevin    max(min(sqrtD, old), ald)                 the registered corrector
+    langevin    max(min(sqrtD, old), ald)                 langevin, step_rule='sample'
     ald         2 alpha (r s)^2                           the reference's AnnealedLangevinDynamics
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/langevin_step.py [--quick]``.
@@ -38,14 +39,14 @@ class Old(Langevin):
 
 
 class SqrtD(Langevin):
-    def step_size(self, score, i):
+    def step_size(self, score, z, i):
         sq_norm = score.reshape(score.shape[0], -1).square().sum(dim=1)
         return 2.0 * self._alpha[i] * self.snr**2 * score[0].numel() / sq_norm
 
 
 class Capped(Langevin):
-    def step_size(self, score, i):
-        return SqrtD.step_size(self, score, i).clamp_(max=self._step[i])
+    def step_size(self, score, z, i):
+        return SqrtD.step_size(self, score, z, i).clamp_(max=self._step[i])
 
 
 class _NoiseNorm(Langevin):
@@ -75,8 +76,10 @@ class RefZk(_NoiseNorm):
     pass
 
 
-RULES = {"old": Old, "ref-batch": RefBatch, "ref-z_k": RefZk, "sqrtD": SqrtD, "capped": Capped,
-         "langevin": "langevin", "ald": "ald"}
+#: rule -> (corrector, its step_rule); the subclasses above ignore step_rule
+RULES = {"old": (Old, None), "ref-batch": (RefBatch, None), "batch": ("langevin", "batch"),
+         "ref-z_k": (RefZk, None), "sqrtD": (SqrtD, None), "capped": (Capped, None),
+         "langevin": ("langevin", "sample"), "ald": ("ald", None)}
 SDES = {"VP": sde_lib.VPSDE, "sub-VP": sde_lib.subVPSDE, "VE": sde_lib.VESDE}
 
 
@@ -93,7 +96,8 @@ def gap(gm, sde, x, exact):
 
 def problems(quick: bool):
     """(name, mixture, n draws, [(snr, N)])."""
-    yield "ring 2-D std 0.3", GaussianMixture.ring(), 2000, [(0.05, 500), (0.16, 500)]
+    yield "ring 2-D std 0.3", GaussianMixture.ring(), 2000, [(0.05, 500), (0.16, 250),
+                                                             (0.16, 500)]
     yield "mix 100-D std .2-.6", GaussianMixture.random(100, 4, seed=0), 500, [
         (0.03, 1000), (0.16, 1000)]
     sharp = [(0.16, 500)] if quick else [(0.16, 500), (0.16, 1000)]
@@ -121,8 +125,10 @@ def main():
                 lp_exact = gm.log_prob(exact, 0.0, sde).mean().item()
                 cells = []
                 for rule in rules:
+                    corrector, step_rule = RULES[rule]
                     x, _ = sample(sde, gm.score_fn(sde), (n, gm.dim), "pc", N=N, snr=snr,
-                                  predictor="reverse_diffusion", corrector=RULES[rule],
+                                  predictor="reverse_diffusion", corrector=corrector,
+                                  step_rule=step_rule,
                                   dtype=torch.float64,
                                   generator=torch.Generator().manual_seed(0))
                     g, two_se = gap(gm, sde, x, exact)

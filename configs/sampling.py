@@ -16,7 +16,8 @@ REFERENCE_KEYS = ('method', 'predictor', 'corrector', 'snr', 'n_steps_each', 'pr
 
 #: the fast samplers' options: key -> type (None = the sampler's default)
 FAST_SAMPLER_OPTIONS = {
-    'nfe': int,                  # score-evaluation budget (fast samplers, adaptive's cap)
+    'nfe': int,                  # score-evaluation budget of the fast samplers
+    'adaptive_nfe': int,         # adaptive: an optional cap (None: no budget, error-controlled)
     'grid': str,                 # time grid name: uniform, karras, logsnr, quadratic
     'eps': float,                # last time (default: 1e-5 for VE, 1e-3 otherwise)
     'N': int,                    # PC steps (default: the SDE's N, model.num_scales)
@@ -35,6 +36,8 @@ FAST_SAMPLER_OPTIONS = {
     'r': float,
     'check_every': int,
     'memory_depth': int,
+    'h_min': float,              # adaptive without a budget: smallest step before an error
+    'step_rule': str,            # PC langevin corrector: 'batch' (the reference's) or 'sample'
 }
 
 

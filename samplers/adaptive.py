@@ -51,13 +51,22 @@ Host synchronisation: the loop is on tensors only (per-sample t, h, accept masks
 ``torch.where``); finished samples take h = 0 steps that leave them unchanged. Whether any sample
 is still running is read on the host only every ``check_every`` iterations (default 4), trading
 at most 2 (check_every - 1) score evaluations of the whole batch after the last sample finishes
-for no device-to-host sync inside the other iterations. ``nfe`` is a hard budget: when one
-iteration is left, every running sample takes a forced, accepted step to eps.
+for no device-to-host sync inside the other iterations.
+
+Budget. By default (``nfe=None``) there is none: every sample runs to eps by error-controlled
+steps. A controller step below ``h_min`` (or not finite: a NaN score) cannot finish in reasonable
+time and stops the run with a ``RuntimeError`` naming the samples and times, read at the same
+host checks, instead of looping. With an ``nfe`` budget, every sample still running when one
+iteration is left takes a step to eps, forced: accepted whatever its error. Forced samples are
+not error-controlled (on the 2-D VE ring at ``nfe=200`` the mean log-density is thousands of
+nats off), so the report counts them (``forced``), gives the time each had reached
+(``t_reached``), and a ``RuntimeWarning`` says so.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -72,8 +81,12 @@ class AdaptiveSDE(Sampler):
     """Gotta-Go-Fast adaptive EM / improved-Euler reverse-SDE sampler (per-sample steps).
 
     Options:
-        nfe: hard budget of score evaluations (2 per iteration over the batch).
+        nfe: None (default) for no budget: every sample reaches eps by error-controlled steps;
+            or a hard budget of score evaluations (2 per iteration over the batch), after which
+            the samples still running take one forced step to eps (counted, with a warning).
         eps: final time; samples are draws of p_eps.
+        h_min: without a budget, a running sample whose next step would be below h_min stops
+            the run with a ``RuntimeError`` (default 1e-6 of the unit time; ignored with nfe).
         rtol, atol: eps_rel and eps_abs of delta (paper: 0.05 and 0.0078 for data in [-1, 1]).
         h_init: first step size (paper: 0.01); theta, r: safety factor and exponent of h.
         check_every: iterations between host-side termination checks.
@@ -82,20 +95,28 @@ class AdaptiveSDE(Sampler):
     ``callback(iteration, t, x, None)`` receives the live state (per-sample times t), which later
     iterations overwrite in place: clone what you keep.
     The report adds ``steps_per_sample`` (B,), the iterations each sample was running,
-    ``rejected`` (B,), its rejected steps, and ``memory_overflows`` (B,), its rejections whose
-    point found the memory full.
+    ``rejected`` (B,), its rejected steps, ``memory_overflows`` (B,), its rejections whose
+    point found the memory full, ``forced`` (int), the samples whose last step to eps failed the
+    error test and was taken anyway when the budget ran out, and ``t_reached`` (float), the
+    smallest time every sample reached by error-controlled steps (the largest time a forced
+    sample was at; eps when none was forced).
     """
 
     order = 1  # strong order of the improved-Euler (extrapolated) pair on additive noise
     nfe_per_step = 2
     stochastic = True
+    # a config's sampling.nfe is the fast samplers' exact budget (30 for digits); this solver's
+    # optional cap is sampling.adaptive_nfe, None by default, so the CLI runs it uncapped
+    config_keys = {"nfe": "adaptive_nfe"}
 
-    def __init__(self, *, nfe: int = 1000, eps: float = 1e-3, rtol: float = 0.05,
+    def __init__(self, *, nfe: int | None = None, eps: float = 1e-3, rtol: float = 0.05,
                  atol: float = 0.0078, h_init: float = 0.01, theta: float = 0.9, r: float = 0.9,
-                 check_every: int = 4, memory_depth: int = 8, **options: Any) -> None:
+                 check_every: int = 4, memory_depth: int = 8, h_min: float = 1e-6,
+                 **options: Any) -> None:
         super().__init__(**options)
-        self.nfe = check_int("nfe", nfe, 2)
+        self.nfe = None if nfe is None else check_int("nfe", nfe, 2)
         self.eps = check_float("eps", eps, 0.0)
+        self.h_min = check_float("h_min", h_min, 0.0)
         self.rtol = check_float("rtol", rtol, 0.0)
         self.atol = check_float("atol", atol, 0.0)
         self.h_init = check_float("h_init", h_init, 0.0)
@@ -142,14 +163,25 @@ class AdaptiveSDE(Sampler):
         x1, x2, work, spare, spare_prev = (torch.empty_like(x) for _ in range(5))
         dw, w_new, w_l, w_r = (x.new_empty(x.shape) for _ in range(4))  # contiguous: viewed (B, -1)
         x_prev, abs_prev = x.clone(), x.abs()
-        n_iter = self.nfe // 2
+        budget = self.nfe is not None
+        n_iter = self.nfe // 2 if budget else None
+        # Without a budget: running samples whose controller step fell below h_min (or is NaN),
+        # OR-ed over iterations and read at the host checks.
+        stalled = torch.zeros(B, device=x.device, dtype=torch.bool)
+        forced, t_forced = torch.zeros_like(stalled), t  # set by the last iteration of a budget
         iterations = 0
-        for it in range(n_iter):
-            if it % self.check_every == 0 and it > 0 and not bool((t > self.eps).any()):
-                break
+        it = 0
+        while n_iter is None or it < n_iter:
+            if it % self.check_every == 0 and it > 0:
+                if not budget and bool(stalled.any()):
+                    raise _stalled_error(stalled, t, h, self.h_min)
+                if not bool((t > self.eps).any()):
+                    break
             iterations += 1
             running = t > self.eps
-            last = it == n_iter - 1  # budget exhausted: forced accepted step to eps
+            last = it == n_iter - 1 if budget else False  # budget exhausted: forced step to eps
+            if last:
+                t_forced = t
             left = t - self.eps
             h = left if last else torch.minimum(h, left)
             h_b = append_dims(h, nd)
@@ -186,6 +218,8 @@ class AdaptiveSDE(Sampler):
             torch.maximum(work, abs_prev, out=work).mul_(self.rtol).clamp_(min=self.atol)
             err = torch.linalg.vector_norm(((x1 - x2) / work).reshape(B, -1), dim=1)
             err = err / math.sqrt(D)
+            if last:
+                forced = running & ~(err <= 1.0)
             accept = (err <= 1.0) | last
             keep = append_dims(accept, nd)
             # Accepted: W(t) <- W(s). Rejected: W(s) joins the remembered points unless it is one
@@ -216,11 +250,39 @@ class AdaptiveSDE(Sampler):
             h = self.theta * h * err.clamp(min=1e-12).log_().mul_(-self.r).exp_()
             steps += running
             rejected += running & ~accept
+            if not budget:
+                stalled |= (t > self.eps) & ~(h >= self.h_min)
             if callback is not None:
                 callback(it, t, x, None)
+            it += 1
+        if not budget and bool(stalled.any()):
+            raise _stalled_error(stalled, t, h, self.h_min)
+        # Read once, after the loop: how many samples the budget forced, and from where.
+        n_forced = int(forced.sum())
+        t_reached = float(torch.where(forced, t_forced, self.eps).max()) if n_forced else self.eps
+        if n_forced:
+            warnings.warn(
+                f"adaptive: the nfe={self.nfe} budget ran out before {n_forced} of {B} samples "
+                f"reached eps={self.eps:g}: they took one forced step to eps, whose error was "
+                f"not controlled, from times up to t={t_reached:.4g} (info['forced'], "
+                f"info['t_reached']); pass nfe=None for no budget, or a larger nfe",
+                RuntimeWarning, stacklevel=2)
         report = {"steps_per_sample": steps, "rejected": rejected, "iterations": iterations,
-                  "memory_overflows": overflows}
+                  "memory_overflows": overflows, "forced": n_forced, "t_reached": t_reached}
         return x, report
+
+
+def _stalled_error(stalled: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
+                   h_min: float) -> RuntimeError:
+    """The error of a run without a budget whose step size fell below h_min (or is NaN)."""
+    n = int(stalled.sum())
+    t_max = float(t[stalled].max())
+    h_small = float(h[stalled].nan_to_num(nan=0.0).min())
+    return RuntimeError(
+        f"adaptive: the step size of {n} of {len(t)} samples fell below h_min={h_min:g} "
+        f"(smallest step {h_small:.3g}, at times up to t={t_max:.4g}): the error control "
+        "cannot meet rtol/atol there (a non-finite or inaccurate score?). Raise rtol/atol, "
+        "lower h_min, or pass an nfe budget to force the remaining steps")
 
 
 __all__ = ["AdaptiveSDE"]

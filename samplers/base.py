@@ -102,11 +102,14 @@ class Sampler:
         order: convergence order of the deterministic part (measured in the tests).
         nfe_per_step: score evaluations per step.
         stochastic: whether the sampler draws noise after x_T.
+        config_keys: option -> its ``config.sampling`` key, where a config shares the option's
+            name with other samplers in another meaning (the CLI reads options by name).
     """
 
     order: int = 1
     nfe_per_step: int = 1
     stochastic: bool = False
+    config_keys: dict[str, str] = {}
 
     def __init__(self, **options: Any) -> None:
         """Subclasses take their options as keyword arguments and validate them here."""

@@ -166,7 +166,7 @@ class Corrector:
     """Base corrector: ``n_steps`` Langevin MCMC updates x <- x + eps score + sqrt(2 eps) z
     targeting p_t at the grid time t_i (Song et al. 2021, Alg. 4-5). Subclasses give the step
     size as data: a table eps_i over the grid (:meth:`step_sizes`), which :meth:`step_size` may
-    adapt per sample to the current score.
+    adapt to the current score and noise, under one of the ``step_rules`` the class declares.
 
     The step size is scaled by alpha_i = (m(t_i) / m(t_{i+1}))^2, the per-step alpha of the
     reference's DDPM table generalised to every SDE (1 for VE, r_i^2 for VP and sub-VP; the
@@ -175,20 +175,27 @@ class Corrector:
     Class attributes:
         nfe_per_step: score calls per corrector step (so n_steps * nfe_per_step per grid time).
         stochastic: whether it draws noise.
+        step_rules: the step-size rules it offers, its default first (empty: one rule). A rule
+            named ``'sample'`` makes sample k's step depend on row k alone; :class:`PCSampler`
+            uses it with per-sample seeds.
 
     Args:
         sde: the forward SDE.
         snr: the target signal-to-noise ratio r of the step size.
         n_steps: corrector steps per grid time.
+        step_rule: one of ``step_rules`` (passed only to correctors that declare some).
     """
 
     nfe_per_step: int = 1
     stochastic: bool = True
+    step_rules: tuple[str, ...] = ()
 
-    def __init__(self, sde: sde_lib.SDE, snr: float, n_steps: int) -> None:
+    def __init__(self, sde: sde_lib.SDE, snr: float, n_steps: int,
+                 step_rule: str | None = None) -> None:
         self.sde = sde
         self.snr = snr
         self.n_steps = n_steps
+        self.step_rule = step_rule
 
     def step_sizes(self, t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """Langevin step sizes eps_i (n,) at grid times t (n,) with per-step alpha (n,)."""
@@ -200,10 +207,11 @@ class Corrector:
         self._alpha = (r**2).tolist()
         self._step = self.step_sizes(grid[:-1], r**2).tolist()
 
-    def step_size(self, score: torch.Tensor, i: int) -> torch.Tensor | float:
-        """Step size at the i-th grid time for the current score (B, *D): the table's eps_i, one
-        float for every sample, unless a subclass adapts it per sample, as a tensor (B,) whose
-        row k depends on row k of ``score`` alone (tensor ops only, no host sync)."""
+    def step_size(self, score: torch.Tensor, z: torch.Tensor, i: int) -> torch.Tensor | float:
+        """Step size at the i-th grid time for the current score and noise z (B, *D): the
+        table's eps_i, one float for every sample, unless a subclass adapts it, as a tensor:
+        () for one step of the whole batch, or (B,) per sample, row k from row k of ``score``
+        and ``z`` alone (tensor ops only, no host sync)."""
         return self._step[i]
 
     def correct(
@@ -221,14 +229,14 @@ class Corrector:
         small = math.prod(x.shape[1:]) <= SMALL_D  # a (B, 1) broadcast over D <= 8 costs 4x a copy
         for _ in range(self.n_steps):
             score = _detached(score_fn(x, t), x)
-            step = self.step_size(score, i)
             z = noise.randn_like(x, out=buffer)
-            if isinstance(step, torch.Tensor):  # per sample: broadcast over (B, 1, ..., 1)
-                step = step.view(per_sample)
+            step = self.step_size(score, z, i)
+            if isinstance(step, torch.Tensor):  # (B,) per sample or () for the batch
+                step = step.view(per_sample) if step.dim() else step
                 if small:
                     step = step.expand_as(x).contiguous()
                 x.addcmul_(score, step).addcmul_(z, step.mul_(2.0).sqrt_())
-            else:  # one step for the batch: scalar passes (a broadcast costs 7x in 2-D)
+            else:  # a table step: scalar passes (a broadcast costs 7x in 2-D)
                 x.add_(score, alpha=step).add_(z, alpha=math.sqrt(2.0 * step))
         return x
 
@@ -252,17 +260,38 @@ def _row_sq_norms(flat: torch.Tensor) -> torch.Tensor:
 
 @register_corrector("langevin")
 class LangevinCorrector(Corrector):
-    """Langevin corrector (Song et al. 2021, Alg. 4) with the step adapted per sample:
+    """Langevin corrector (Song et al. 2021, Alg. 4) with one of two step-size rules.
+
+    ``step_rule='batch'`` (the default; the reference's rule, Alg. 4 line 3-4):
+
+        eps = 2 alpha (r mean_k ||z_k|| / mean_k ||score_k||)^2,
+
+    one step for the whole batch, from the batch means of the drawn noise's and the score's
+    per-sample norms. ``step_rule='sample'`` (used with per-sample seeds, whose contract is that
+    sample k depends on its seed alone):
 
         eps_k = 2 alpha r^2 clamp(D / ||score_k||^2, s^2, m^2 + s^2).
 
-    The reference's eps = 2 alpha (r ||z|| / ||score||)^2 takes both norms as batch averages,
-    which ties sample k to the rest of the batch. Here ||score_k|| is the sample's own score norm
-    and ||z|| its expectation sqrt(D) (the drawn noise's ||z|| adds chi-square noise to the step
-    in low D), so sample k depends on its seed alone; in high D, where norms concentrate, this is
-    the reference's step. It follows the score's magnitude: for sharp data (images; mixtures
-    with component std 0.01-0.03) ||score||^2 ~ D / s(t)^2 near t = 0, and a step that ignores
-    it (the former t-only 2 alpha r^2 (m^2 + s^2)) diverges to NaN at r = 0.16.
+    The trade-off. The batch rule makes every sample's step depend on the rest of the batch, but
+    the step does not follow the sample's own position, so it does not tilt the chain's
+    stationary law (for a large batch it is nearly a constant of the grid time). The
+    sample rule depends on the sample alone, but an x-dependent step biases the chain (below),
+    which matters where ||score|| does not concentrate, i.e. in low dimension. Measured with
+    ``benchmarks/langevin_step.py`` (exact mixture scores, reverse diffusion + one corrector
+    step, r = 0.16; mean log p_0 of 2000 (2-D) or 500 (100-D) samples minus that of exact
+    draws, nats, VP / sub-VP / VE; two standard errors 0.05 in 2-D, 0.5-1.0 in 100-D):
+
+    - the 2-D ring, N = 250: batch -0.01 / -0.02 / -0.02, sample -0.85 / -1.05 / -1.23;
+    - the 100-D mixture, N = 1000: batch -1.6 / -1.5 / -1.1, sample -2.5 / -2.4 / -2.1 (the
+      benchmark's ``ref-batch`` and ``langevin`` columns, measured before the rules were
+      options; ``ref-batch`` is the batch rule, tested equal in tests/test_samplers_pc.py).
+
+    The sample rule. ||score_k|| is the sample's own score norm and ||z|| its expectation
+    sqrt(D) (the drawn noise's ||z|| adds chi-square noise to the step in low D); in high D,
+    where norms concentrate, this is the reference's step. It follows the score's magnitude: for
+    sharp data (images; mixtures with component std 0.01-0.03) ||score||^2 ~ D / s(t)^2 near
+    t = 0, and a step that ignores it (the former t-only 2 alpha r^2 (m^2 + s^2)) diverges to
+    NaN at r = 0.16.
 
     The clamp keeps the step between two t-only rules: below m^2 + s^2 (D / E||score||^2 for
     unit-variance data), so it stays finite where the score vanishes; above s^2, the step of
@@ -270,25 +299,28 @@ class LangevinCorrector(Corrector):
     ||score||) keep moving (without it, corrector-only sampling of the 2-D ring leaves
     stragglers: -1e4 nats/dim under VE, as with the reference's batch rule).
 
-    Bias: an x-dependent step eps(x) makes the Langevin chain target p_t / eps(x), here
-    p_t ||score||^2 where the clamp is inactive (the Ito term grad eps is missing); for any
-    Gaussian this lowers the mean log-density by exactly 1 nat at full mixing, in every D.
+    Bias of the sample rule: an x-dependent step eps(x) makes the Langevin chain target
+    p_t / eps(x), here p_t ||score||^2 where the clamp is inactive (the Ito term grad eps is
+    missing); for any Gaussian this lowers the mean log-density by exactly 1 nat at full mixing,
+    in every D.
     Measured with ``benchmarks/langevin_step.py`` (exact mixture scores, reverse diffusion, one
     corrector step; mean log p_0 of the samples minus that of exact draws for VP / sub-VP / VE,
     in nats; two standard errors are 0.05 in 2-D, 0.5-1.0 from 64-D up):
 
     - sharp 64-D and 192-D data (std 0.01-0.03), r = 0.16, N = 500 and 1000: finite everywhere,
-      within 0.1-1.1 nats of the reference's batch-mean rule (the t-only rule diverges);
+      within 0.1-1.1 nats of the batch rule (the t-only rule diverges);
     - the 100-D mixture of the tests: -1.1 / -1.1 / -0.7 at r = 0.03 (reference -0.8 / -0.5 /
       0.0), -2.5 / -2.4 / -2.1 at r = 0.16 (reference -1.6 / -1.5 / -1.1; t-only -16);
     - the 2-D ring: -0.3 / -0.5 / -0.7 at r = 0.05, -1.0 / -1.2 / -1.2 at r = 0.16 (reference
       and ``ald`` within 0.05; t-only -0.04 and -0.38);
     - corrector-only sampling of the ring (``benchmarks/corrector_only.py``, r = 0.05): -3 to -11
       nats/dim under VP and sub-VP, -7 to -900 under VE, where the t-only rule was within 0.1
-      and the reference's batch rule is as far off (-3 to -9000).
+      and the batch rule is as far off (-3 to -9000): it has no clamp, as the reference.
 
-    In low D prefer ``ald``.
+    With per-sample seeds in low D prefer ``ald``.
     """
+
+    step_rules = ("batch", "sample")
 
     def step_sizes(self, t, alpha):
         m, s = self.sde.marginal_coeffs(t)
@@ -299,8 +331,13 @@ class LangevinCorrector(Corrector):
         r, _, _, s, _, _ = _kernel(self.sde, grid[:-1], grid[1:])
         self._floor = (2.0 * r**2 * (self.snr * s) ** 2).tolist()  # the ald step
 
-    def step_size(self, score, i):
-        sq_norm = _row_sq_norms(score.reshape(score.shape[0], -1))  # (B,)
+    def step_size(self, score, z, i):
+        B = score.shape[0]
+        if self.step_rule != "sample":  # the reference's batch means of the norms: () tensor
+            score_norm = _row_sq_norms(score.reshape(B, -1)).sqrt_().mean()
+            noise_norm = _row_sq_norms(z.reshape(B, -1)).sqrt_().mean()
+            return noise_norm.div_(score_norm).mul_(self.snr).square_().mul_(2.0 * self._alpha[i])
+        sq_norm = _row_sq_norms(score.reshape(B, -1))  # (B,)
         D = score[0].numel()
         step = sq_norm.reciprocal_().mul_(2.0 * self._alpha[i] * self.snr**2 * D)  # inf at 0
         return step.clamp_(min=self._floor[i], max=self._step[i])
@@ -369,6 +406,11 @@ class PCSampler(Sampler):
             ``noise_removal``; with predictor ``'none'``, one Tweedie step
             x0 = (x + s^2 score) / m at eps instead (one more score call, counted).
         eps: the last grid time before 0 (default 1e-3).
+        step_rule: the corrector's step-size rule, for correctors that offer several
+            (``langevin``: ``'batch'``, the reference's, or ``'sample'``; see its docstring).
+            Default: ``'sample'`` with per-sample seeds (sample k then depends on its seed
+            alone), else the corrector's first (``'batch'``). The report records it
+            (``step_rule``, None for a corrector with one rule).
 
     NFE = N (nfe_per_step of the predictor + n_steps x nfe_per_step of the corrector), plus one
     for the Tweedie step of predictor ``'none'`` with ``denoise``; ``sample`` counts it exactly.
@@ -388,6 +430,7 @@ class PCSampler(Sampler):
         probability_flow: bool = False,
         denoise: bool = True,
         eps: float = 1e-3,
+        step_rule: str | None = None,
         **options,
     ) -> None:
         super().__init__(**options)
@@ -407,6 +450,12 @@ class PCSampler(Sampler):
                 f"predictor {predictor!r} with corrector {corrector!r} never calls the score: "
                 "nothing would move x_T; choose a predictor or a corrector"
             )
+        if step_rule is not None and step_rule not in corr.step_rules:
+            raise ValueError(
+                f"step_rule={step_rule!r} is not a step rule of corrector {corrector_name(corr)!r}"
+                f"; valid: {', '.join(corr.step_rules) or 'none (it has one rule: omit it)'}"
+            )
+        self.step_rule = step_rule
         if self.probability_flow and not pred.supports_probability_flow:
             raise ValueError(
                 f"predictor {predictor!r} has no probability-flow variant; use "
@@ -422,7 +471,9 @@ class PCSampler(Sampler):
         N = self.N or sde.N
         grid = pc_time_grid(sde, N, self.eps)  # (N + 1,) float64 on the CPU
         predictor = self.predictor_cls(sde, self.probability_flow)
-        corrector = self.corrector_cls(sde, self.snr, self.n_steps)
+        step_rule = self._step_rule(noise)
+        extra = {} if step_rule is None else {"step_rule": step_rule}
+        corrector = self.corrector_cls(sde, self.snr, self.n_steps, **extra)
         corrector.prepare(grid)
         a, b, c = (v.tolist() for v in predictor.coefficients(grid[:-1], grid[1:]))
         if self.denoise:
@@ -453,7 +504,24 @@ class PCSampler(Sampler):
             "N": N,
             "predictor": predictor_name(self.predictor_cls),
             "corrector": corrector_name(self.corrector_cls),
+            "step_rule": step_rule,
         }
+
+    def _step_rule(self, noise: NoiseSource) -> str | None:
+        """The corrector's step rule: as given, else 'sample' with per-sample generators (where
+        offered), else the corrector's default; None for a corrector with one rule."""
+        rules = self.corrector_cls.step_rules
+        if not rules:
+            return None
+        if self.step_rule is None:
+            return "sample" if noise.per_sample and "sample" in rules else rules[0]
+        if noise.per_sample and self.step_rule != "sample":
+            raise ValueError(
+                f"step_rule={self.step_rule!r} ties each sample's step to the rest of the batch, "
+                "which breaks the contract of per-sample seeds (sample k depends only on "
+                "seeds[k]): use step_rule='sample', or one generator"
+            )
+        return self.step_rule
 
 
 def predictor_name(cls: type[Predictor]) -> str:

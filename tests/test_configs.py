@@ -181,6 +181,8 @@ def test_every_config_builds_and_takes_a_training_step(module):
     samples, info = generate(config, sde, model, tuple(x.shape), inverse_scaler=lambda y: y,
                              generator=torch.Generator().manual_seed(0))
     assert samples.shape == x.shape and torch.isfinite(samples).all() and info["nfe"] > 0
+    if info.get("corrector") == "langevin":  # the reference's step rule, as get_pc_sampler
+        assert info["step_rule"] == "batch"
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -189,13 +191,13 @@ def test_every_config_carries_the_full_sampling_section(name):
     its name or the reference's alias), so that any swap the README shows works on any config."""
     import samplers
     from configs.sampling import REFERENCE_KEYS
-    from score_sde.training.sampling import ALIASES
+    from score_sde.training.sampling import config_key
 
     sampling = _load(name).sampling
     missing = [k for k in REFERENCE_KEYS if k not in sampling]
     for method in samplers.SAMPLERS.names():
-        missing += [f"{ALIASES.get(o, o)} ({method})" for o in samplers.option_defaults(method)
-                    if ALIASES.get(o, o) not in sampling]
+        missing += [f"{config_key(method, o)} ({method})" for o in samplers.option_defaults(method)
+                    if config_key(method, o) not in sampling]
     assert not missing, f"{name}: config.sampling lacks {sorted(set(missing))}"
 
 
@@ -214,3 +216,26 @@ def test_a_placeholder_option_is_left_to_the_sampler_and_a_set_one_is_passed():
     # set for PC, which this method does not run: recorded as not applied
     assert record["not_applied"]["predictor"] == config.sampling.predictor
     assert "nfe" not in record["not_applied"] and "eta" not in record["not_applied"]
+
+
+@pytest.mark.parametrize("name", ["ve_cifar", "digits"])
+def test_adaptive_from_a_config_has_no_budget_unless_one_is_given(name):
+    """sampling.adaptive_nfe is None in every config (digits' sampling.nfe = 30 is the fast
+    samplers' budget): --config.sampling.method=adaptive runs without a budget (every step
+    error-controlled); --config.sampling.adaptive_nfe=n caps it."""
+    from score_sde.training import validation
+    from score_sde.training.sampling import sampling_options, sampling_record
+
+    config = _load(name)
+    config.sampling.method = "adaptive"
+    validation.validate_config(config)
+    method, options = sampling_options(config)
+    assert method == "adaptive" and "nfe" not in options
+    assert options["eps"] == (1e-5 if name == "ve_cifar" else 1e-3)
+    assert sampling_record(config, {"nfe": 0})["options"]["nfe"] is None
+    config.sampling.adaptive_nfe = 400
+    validation.validate_config(config)
+    assert sampling_options(config)[1]["nfe"] == 400
+    config.sampling.adaptive_nfe = 0
+    with pytest.raises(ValueError, match="sampling.adaptive_nfe must be an integer >= 2"):
+        validation.validate_config(config)

@@ -8,6 +8,7 @@ against a torchdiffeq dopri5 solution (rtol 1e-10) of the probability-flow ODE f
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -105,14 +106,73 @@ def test_quality_matches_exact_samples_slow(name, nfe, options, sde_name, proble
 
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_adaptive_quality_high_dimension(sde_name, problems):
-    _quality("adaptive", 4000, {"rtol": 0.05}, sde_name, "mix128", problems)
+    """nfe=None, the default: no budget, every sample error-controlled down to eps."""
+    _quality("adaptive", None, {"rtol": 0.05}, sde_name, "mix128", problems)
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_adaptive_quality_ring(sde_name, problems):
     """Low dimension, where the error norm cannot average the noise out: without the Brownian
     memory, acceptance selected the noise (log-density -8, -11, -27 SE on VP, sub-VP, VE)."""
-    _quality("adaptive", 4000, {"rtol": 0.01}, sde_name, "ring", problems)
+    _quality("adaptive", None, {"rtol": 0.01}, sde_name, "ring", problems)
+
+
+def test_adaptive_budget_reports_and_warns_forced_samples():
+    """Where the budget runs out, the samples still running take an unchecked step to eps: the
+    report counts them and gives the time they had reached, and a warning says so. With
+    atol = rtol ~ 0 the first steps are rejected until h is ~1e-10: all samples are forced from
+    ~T. On the VE ring at nfe = 40: some are, from a time that some sample was at before the
+    last iteration."""
+    gm, sde = oracle.GaussianMixture.ring(), SDES["ve"]
+    with pytest.warns(RuntimeWarning, match="16 of 16 samples .* forced step .* t=1"):
+        x, info = _run("adaptive", sde, gm, 16, nfe=20, rtol=1e-12, atol=1e-12)
+    assert info["forced"] == 16 and 1 - 1e-6 < info["t_reached"] <= sde.T
+    assert info["iterations"] == 10 and (info["rejected"] >= 3).all() and torch.isfinite(x).all()
+    seen = []
+    with pytest.warns(RuntimeWarning, match="budget ran out"):
+        _, info = _run("adaptive", sde, gm, 256, nfe=40,
+                       callback=lambda i, t, x, x0: seen.append(t.clone()))
+    before_last = seen[-2]  # each sample's time before the last (forcing) iteration
+    assert 0 < info["forced"] <= int((before_last > EPS).sum())
+    assert EPS < info["t_reached"] <= before_last.max().item()
+    assert bool((before_last == info["t_reached"]).any())
+    torch.testing.assert_close(seen[-1], torch.full_like(seen[-1], EPS), rtol=0, atol=0)
+
+
+def test_adaptive_without_budget_runs_to_eps_without_forcing():
+    """nfe=None (the default): no forced step, no warning, every sample at eps by its own
+    accepted steps; the same run under a budget it does not exhaust gives the same bits."""
+    gm, sde = oracle.GaussianMixture.ring(), SDES["ve"]
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        x, info = _run("adaptive", sde, gm, 64, callback=lambda i, t, x, x0: seen.append(t))
+        capped, capped_info = _run("adaptive", sde, gm, 64, nfe=info["nfe"] + 100)
+    assert AdaptiveSDE().nfe is None
+    assert info["forced"] == 0 and info["t_reached"] == EPS
+    assert (seen[-1] == EPS).all() and info["nfe"] > 0
+    assert capped_info["forced"] == 0 and torch.equal(x, capped)
+
+
+@pytest.mark.parametrize("score", ["noise", "nan"])
+def test_adaptive_without_budget_stops_when_the_step_size_collapses(score):
+    """A score whose error cannot be controlled (random at each call, or NaN) drives the step
+    size below h_min: without a budget this is a clear error, not an endless loop (the score
+    fails the test after 20 000 calls if the sampler kept going)."""
+    sde = SDES["vp"]
+    g = torch.Generator().manual_seed(0)
+    calls = []
+
+    def bad(x, t):
+        calls.append(1)
+        assert len(calls) < 20000, "the sampler kept looping"
+        if score == "nan":
+            return torch.full_like(x, math.nan)
+        return 1e3 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    with pytest.raises(RuntimeError, match=r"step size of \d+ of 8 samples fell below h_min=1e-06"):
+        sample(sde, bad, (8, 2), "adaptive", dtype=torch.float64)
+    assert len(calls) < 1000
 
 
 class _BrownianSDE:
@@ -415,6 +475,10 @@ def test_errors_name_value_and_choices():
         sample(sde, score, (2, 2), "edm_heun", eps=2.0)
     with pytest.raises(TypeError, match="unknown options: order"):
         sample(sde, score, (2, 2), "dpm_solver++_2m", order=3)
+    with pytest.raises(ValueError, match="nfe must be an integer >= 2"):
+        sample(sde, score, (2, 2), "adaptive", nfe=1)
+    with pytest.raises(ValueError, match="h_min must be a number in"):
+        sample(sde, score, (2, 2), "adaptive", h_min=0.0)
 
 
 def test_fast_samplers_are_registered_on_import():

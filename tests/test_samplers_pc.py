@@ -11,11 +11,13 @@ on the 2-D ring, N = 1000 (2000 for probability-flow steps) with n = 100 in 100-
 grows with D; fewer draws keep the cost N n down while the bias / error ratio falls as
 sqrt(n) / N).
 
-The ``langevin`` corrector's step follows each sample's own score norm, eps(x) ~ 1 / ||score||^2;
-its Langevin chain then targets p_t / eps(x) ~ p_t ||score||^2 instead of p_t, which lowers the
-mean log-density of any Gaussian by exactly 1 nat at full mixing (E||u||^2 goes from D to D + 2
-for u ~ N(0, I) tilted by a quadratic form). Where it mixes (the 2-D ring), its check allows that
-closed-form shift of 1 nat downwards (``LANGEVIN_BIAS``) on top of the 4 standard errors.
+The ``langevin`` corrector's default step rule is the reference's batch rule (one step for the
+batch). Its per-sample rule (``step_rule='sample'``, used with per-sample seeds) follows each
+sample's own score norm, eps(x) ~ 1 / ||score||^2; its Langevin chain then targets
+p_t / eps(x) ~ p_t ||score||^2 instead of p_t, which lowers the mean log-density of any Gaussian
+by exactly 1 nat at full mixing (E||u||^2 goes from D to D + 2 for u ~ N(0, I) tilted by a
+quadratic form). Where it mixes (the 2-D ring), checks of that rule allow the closed-form shift
+of 1 nat downwards (``LANGEVIN_BIAS``) on top of the 4 standard errors.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from scipy.stats import chi2
 
 import sde_lib
 from samplers import SAMPLERS, sample
+from samplers.base import NoiseSource
 from samplers.ode import ode_flow
 from samplers.pc import (
     CORRECTORS,
@@ -109,7 +112,7 @@ def run_pc(gm, sde, n, seed=0, **options):
 def test_ring_every_combination(predictor, corrector, sde_name):
     sde = make_sde(sde_name)
     x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector=corrector, N=500, snr=0.05)
-    assert_matches_exact(RING, x, bias=LANGEVIN_BIAS if corrector == "langevin" else 0.0)
+    assert_matches_exact(RING, x)
 
 
 @pytest.mark.parametrize("sde_name", SDE_NAMES)
@@ -170,7 +173,7 @@ def test_ring_probability_flow_with_corrector(predictor, corrector, sde_name):
     sde = make_sde(sde_name)
     x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector=corrector, N=500, snr=0.05,
                   probability_flow=True)
-    assert_matches_exact(RING, x, bias=LANGEVIN_BIAS if corrector == "langevin" else 0.0)
+    assert_matches_exact(RING, x)
 
 
 class UnitVarianceLangevin(Corrector):
@@ -183,20 +186,136 @@ class UnitVarianceLangevin(Corrector):
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
-@pytest.mark.parametrize("rule", ["langevin", "former t-only step"])
+@pytest.mark.parametrize("rule", ["batch", "sample", "former t-only step"])
 def test_langevin_at_the_reference_snr_on_sharp_data(rule, sde_name):
-    """Regression: at the reference's default snr 0.16 on sharp 64-D data the langevin step
-    follows the score's magnitude and samples p_0 (the former t-only step diverges: NaN under
-    VE, mean log p ~ -1e39 under VP). p_0 is the SDE's t = 0 marginal, which under VE keeps
+    """Regression: at the reference's default snr 0.16 on sharp 64-D data both langevin step
+    rules follow the score's magnitude and sample p_0 (the former t-only step diverges: NaN
+    under VE, mean log p ~ -1e39 under VP). p_0 is the SDE's t = 0 marginal, which under VE keeps
     sigma_min = 0.01 of noise."""
     sde = make_sde(sde_name)
-    corrector = "langevin" if rule == "langevin" else UnitVarianceLangevin
-    x, _ = run_pc(SHARP, sde, 100, corrector=corrector, N=500, snr=0.16)
-    if rule == "langevin":
+    if rule == "former t-only step":
+        options = dict(corrector=UnitVarianceLangevin)
+    else:
+        options = dict(corrector="langevin", step_rule=rule)
+    x, _ = run_pc(SHARP, sde, 100, N=500, snr=0.16, **options)
+    if rule != "former t-only step":
         assert_matches_exact(SHARP, x, sde=sde, bias=LANGEVIN_BIAS)
     else:
         with pytest.raises(AssertionError):
             assert_matches_exact(SHARP, x, sde=sde, bias=LANGEVIN_BIAS)
+
+
+def _ring_default_langevin(sde_name, **options):
+    """The reference's setting: reverse diffusion + one langevin step, snr 0.16, N = 250."""
+    return run_pc(RING, make_sde(sde_name), 2000, N=250, snr=0.16, **options)
+
+
+@pytest.mark.parametrize("sde_name", [
+    pytest.param("vp", marks=pytest.mark.slow), pytest.param("subvp", marks=pytest.mark.slow),
+    "ve"])
+def test_langevin_default_rule_is_unbiased_on_the_ring(sde_name):
+    """The default (batch) rule: mean log p within 3.5 standard errors of exact draws with 2000
+    samples. The per-sample rule's x-dependent step is ~1 nat low here (~18 SE under VE: fails
+    the same check); a missing factor 2 in the step's noise breaks it too."""
+    x, info = _ring_default_langevin(sde_name)
+    assert info["step_rule"] == "batch" and info["corrector"] == "langevin"
+    assert_matches_exact(RING, x, n_se=3.5)
+    if sde_name == "ve":
+        x, info = _ring_default_langevin(sde_name, step_rule="sample")
+        assert info["step_rule"] == "sample"
+        with pytest.raises(AssertionError, match="mean log p off"):
+            assert_matches_exact(RING, x, n_se=3.5)
+
+
+def _reference_langevin_update(score_fn, x, t, alpha, snr, n_steps, generator):
+    """yang-song/score_sde_pytorch ``sampling.LangevinCorrector.update_fn``, transcribed (its
+    torch.randn_like drawn from ``generator``; alpha given: ours is r_i^2, see Corrector)."""
+    for _ in range(n_steps):
+        grad = score_fn(x, t)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+        noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+        x_mean = x + step_size * grad
+        x = x_mean + torch.sqrt(step_size * 2) * noise
+    return x
+
+
+@pytest.mark.parametrize("shape", [(50, 2), (6, 3, 4, 4)])
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+def test_langevin_batch_rule_is_the_reference_update(sde_name, shape):
+    """step_rule='batch' is the reference's step 2 alpha (r mean||z|| / mean||score||)^2 with
+    batch means of the per-sample norms, in 2-D and for (B, C, H, W); the per-sample rule is
+    not (so the comparison can fail)."""
+    sde = make_sde(sde_name, N=20)
+    gm = GaussianMixture.random(math.prod(shape[1:]), 3, seed=1)
+
+    def score_fn(x, t):
+        return gm.score_fn(sde)(x.reshape(len(x), -1), t).reshape(x.shape)
+
+    grid = pc_time_grid(sde, 20, 1e-3)
+    i = 7
+    t = grid[i].expand(shape[0]).to(F64)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    results = {}
+    for rule in ("batch", "sample"):
+        corrector = CORRECTORS.get("langevin")(sde, 0.16, 3, step_rule=rule)
+        corrector.prepare(grid)
+        noise = NoiseSource(torch.Generator().manual_seed(2))
+        results[rule] = corrector.correct(score_fn, x.clone(), t, i, noise, torch.empty_like(x))
+    alpha = corrector._alpha[i]
+    assert alpha == (1.0 if sde_name == "ve" else pytest.approx(
+        (sde.marginal_mean_coeff(grid[i]) / sde.marginal_mean_coeff(grid[i + 1])).item() ** 2))
+    ref = _reference_langevin_update(score_fn, x.clone(), t, alpha, 0.16, 3,
+                                     torch.Generator().manual_seed(2))
+    torch.testing.assert_close(results["batch"], ref, rtol=1e-12, atol=1e-12)
+    assert (results["sample"] - ref).abs().max() > 1e-3
+
+
+def test_reference_entry_points_and_sample_use_the_batch_rule():
+    """get_pc_sampler, get_sampling_fn (a config, as main.py) and samplers.sample default to the
+    batch rule: the same bits as step_rule='batch', other bits than step_rule='sample'."""
+    ml_collections = pytest.importorskip("ml_collections")
+    sde = make_sde("ve", N=30)
+    score = RING.score_fn(sde)
+
+    def run(**options):
+        return sample(sde, score, (64, 2), "pc", generator=torch.Generator().manual_seed(0),
+                      **options)
+
+    batch, info = run(step_rule="batch")
+    default, default_info = run()
+    per_sample, _ = run(step_rule="sample")
+    assert default_info["step_rule"] == info["step_rule"] == "batch"
+    assert torch.equal(default, batch) and not torch.allclose(per_sample, batch)
+    pc = get_pc_sampler(sde, (64, 2), "reverse_diffusion", "langevin", lambda x: x, snr=0.16)
+    assert torch.equal(pc(score, generator=torch.Generator().manual_seed(0))[0], batch)
+    config = ml_collections.ConfigDict()
+    config.training = ml_collections.ConfigDict({"continuous": True})
+    config.sampling = ml_collections.ConfigDict(dict(
+        method="pc", predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+        n_steps_each=1, probability_flow=False, noise_removal=True))
+    fn = get_sampling_fn(config, sde, (64, 2), lambda x: x, eps=1e-3)
+    assert torch.equal(fn(score, generator=torch.Generator().manual_seed(0))[0], batch)
+
+
+def test_seeds_use_the_per_sample_rule():
+    """With seeds= (sample k depends on seeds[k] alone) the per-sample rule is used and recorded;
+    asking for the batch rule with them, or for a rule of a corrector with one, is an error."""
+    sde = make_sde("vp", N=10)
+    score, seeds = RING.score_fn(sde), list(range(20, 36))
+    x, info = sample(sde, score, (16, 2), seeds=seeds, dtype=F64)
+    assert info["step_rule"] == "sample"
+    y, _ = sample(sde, score, (16, 2), seeds=seeds, dtype=F64, step_rule="sample")
+    assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="step_rule='batch' ties each sample's step"):
+        sample(sde, score, (16, 2), seeds=seeds, step_rule="batch")
+    with pytest.raises(ValueError, match="not a step rule of corrector 'ald'"):
+        sample(sde, score, (16, 2), corrector="ald", step_rule="sample")
+    with pytest.raises(ValueError, match="valid: batch, sample"):
+        sample(sde, score, (16, 2), step_rule="mean")
+    _, info = sample(sde, score, (16, 2), corrector="ald", seeds=seeds)
+    assert info["step_rule"] is None
 
 
 @pytest.mark.parametrize("error", ["score x 2", "score of sub-VP under VP"])

@@ -45,6 +45,13 @@ def sampling_eps(config) -> float:
     return SAMPLING_EPS.get(config.training.sde, 1e-3)
 
 
+def config_key(method: str, option: str) -> str:
+    """The ``config.sampling`` key of ``option`` of sampler ``method``: the sampler's own
+    ``config_keys`` entry, else the reference's alias, else the option's name."""
+    keys = samplers.SAMPLERS.get(method).config_keys
+    return keys.get(option, ALIASES.get(option, option))
+
+
 def sampling_options(config) -> tuple[str, dict[str, Any]]:
     """``(method, options)`` for :func:`samplers.sample` from ``config.sampling``: each option
     the method accepts, from its key (or the reference's alias) where that is not ``None``."""
@@ -52,7 +59,7 @@ def sampling_options(config) -> tuple[str, dict[str, Any]]:
     accepted = samplers.option_defaults(method)
     options = {}
     for name in sorted(accepted):
-        key = ALIASES.get(name, name)
+        key = config_key(method, name)
         if key != "method" and config.sampling.get(key) is not None:
             options[name] = config.sampling[key]
     if "eps" in accepted and "eps" not in options:
@@ -68,7 +75,7 @@ def sampling_record(config, info: dict) -> dict[str, Any]:
     resolved = samplers.resolved_options(method, options)
     if "N" in resolved and resolved["N"] is None:  # PC's default: the SDE's number of steps
         resolved["N"] = get_sde(config).N
-    read = {ALIASES.get(name, name) for name in resolved} | {"method"}
+    read = {config_key(method, name) for name in resolved} | {"method"}
     return {
         "method": method,
         "options": resolved,

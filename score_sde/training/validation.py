@@ -61,10 +61,11 @@ def _require(config, key: str) -> Any:
     return value
 
 
-def _int(config, key: str, low: int = 1, *, optional: bool = False) -> None:
+def _int(config, key: str, low: int = 1, *, optional: bool = False,
+         nullable: bool = False) -> None:
     present, value = _get(config, key)
-    if not present or (optional and value is None):  # None: the default applies
-        if optional:
+    if not present or (nullable and value is None):
+        if optional or nullable:
             return
         raise ValueError(f"config.{key} is missing; expected an integer >= {low}")
     if isinstance(value, bool) or not isinstance(value, int):
@@ -83,7 +84,7 @@ def _real(config, key: str, low: float = -math.inf, high: float = math.inf, *,
     else:
         lb, hb = "(" if low_open else "[", ")" if high_open else "]"
         allowed = f"a number in {lb}{low}, {high}{hb}"
-    if not present or (optional and value is None):  # None: the default applies
+    if not present:
         if optional:
             return
         raise ValueError(f"config.{key} is missing; expected {allowed}")
@@ -104,7 +105,7 @@ def _bool(config, key: str) -> None:
 
 def _name(config, key: str, registry, *, optional: bool = False) -> None:
     present, value = _get(config, key)
-    if not present or (optional and value is None):  # None: the default applies
+    if not present:
         if optional:
             return
         raise ValueError(f"config.{key} is missing; valid: {', '.join(registry.names())}")
@@ -218,7 +219,8 @@ def validate_config(config, world_size: int = 1) -> None:
     if config.get("sampling", {}).get("method", "pc") == "pc":
         _name(config, "sampling.predictor", samplers.PREDICTORS, optional=True)
         _name(config, "sampling.corrector", samplers.CORRECTORS, optional=True)
-    _int(config, "sampling.nfe", optional=True)
+    _int(config, "sampling.nfe", optional=True, nullable=True)  # None: the sampler's default
+    _int(config, "sampling.adaptive_nfe", 2, optional=True, nullable=True)  # None: no budget
     _real(config, "sampling.snr", 0.0, low_open=True)
 
 
