@@ -16,6 +16,14 @@ Under ``torchrun`` training is data-parallel (``training.distributed``): the glo
 
 ``--config`` takes a short name (see ``configs/registry.py``) or a config file path;
 ``--config.<section>.<key>=value`` overrides any existing key (a misspelt key is an error).
+
+Output: log lines go to stderr and, once the run has passed validation, to
+``<workdir>/stdout.txt`` (created then, with the workdir: a run refused at the door leaves
+nothing behind). The tqdm bars are drawn only when stderr is a terminal; there every log line is
+written above the bars (tqdm's ``external_write_mode``), so neither breaks the other. When stderr
+is a file or a pipe (``2> log``, ``| tee``, a batch system) the bars are off: a redirected log
+holds whole lines, not carriage-return redraws, and the ``training.log_freq`` lines report the
+progress.
 """
 
 from __future__ import annotations
@@ -145,6 +153,74 @@ def resolve_device(config) -> None:
         torch.set_num_threads(config.num_threads)
 
 
+class TerminalLogHandler(logging.StreamHandler):
+    """Log lines to stderr in absl's format, written above any tqdm bar on stderr (the bar is
+    cleared, the line written, the bar redrawn) instead of through it."""
+
+    def __init__(self) -> None:
+        from absl import logging as absl_logging
+
+        super().__init__(sys.stderr)
+        self.setFormatter(absl_logging.PythonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` with tqdm's bars on stderr out of the way."""
+        from tqdm import tqdm
+
+        self.setStream(sys.stderr)  # the current one (tests and tools swap sys.stderr)
+        with tqdm.external_write_mode(file=sys.stderr):
+            super().emit(record)
+
+
+def _log_to_terminal() -> None:
+    """Replace absl's stderr handler by :class:`TerminalLogHandler` (same format)."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    root.removeHandler(absl_logging.get_absl_handler())
+    if not any(isinstance(h, TerminalLogHandler) for h in root.handlers):
+        root.addHandler(TerminalLogHandler())
+
+
+def show_progress() -> bool:
+    """tqdm bars when ``--progress`` and stderr is a terminal (see the module docstring)."""
+    return FLAGS.progress and sys.stderr.isatty()
+
+
+def check_inputs(config, workdir: Path, mode: str) -> None:
+    """What sample, likelihood and eval read from ``workdir`` exists, checked before the
+    workdir (and ``stdout.txt`` in it) is created.
+
+    Raises:
+        FileNotFoundError: no such checkpoint; the message names the workdir (and says when it
+            does not exist).
+        ValueError: ``config.eval`` incomplete (eval).
+    """
+    from score_sde.evaluation.run import check_eval_config, checkpoints_to_evaluate
+    from score_sde.training.checkpoints import list_snapshots
+    from score_sde.training.inference import find_checkpoint
+
+    if mode == "train":
+        return
+    try:
+        if mode == "eval":
+            check_eval_config(config)
+            snapshots = list_snapshots(workdir)
+            e = config.eval
+            if not any(e.begin_ckpt <= n <= e.end_ckpt for n, _ in snapshots):
+                checkpoints_to_evaluate(config, snapshots, workdir)  # raises, listing them
+        else:
+            find_checkpoint(workdir, FLAGS.checkpoint)
+    except FileNotFoundError:
+        named_file = mode != "eval" and FLAGS.checkpoint not in ("", "meta") \
+            and not FLAGS.checkpoint.isdigit()
+        if workdir.is_dir() or named_file:
+            raise
+        raise FileNotFoundError(f"--workdir {workdir} does not exist: --mode {mode} reads the "
+                                "checkpoints a training run wrote there; train first with "
+                                "--mode train, or check the path") from None
+
+
 def _log_to_file(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(workdir / "stdout.txt")
@@ -158,7 +234,7 @@ def run_train(config, workdir: Path) -> None:
     """``--mode train``."""
     from score_sde.training.loop import train
 
-    train(config, workdir, progress=FLAGS.progress)
+    train(config, workdir, progress=show_progress())
 
 
 def run_sample(config, workdir: Path) -> None:
@@ -166,7 +242,7 @@ def run_sample(config, workdir: Path) -> None:
     from score_sde.training.inference import run_sample
 
     run_sample(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
-               num_samples=FLAGS.num_samples, progress=FLAGS.progress)
+               num_samples=FLAGS.num_samples, progress=show_progress())
 
 
 def run_likelihood(config, workdir: Path) -> None:
@@ -174,7 +250,8 @@ def run_likelihood(config, workdir: Path) -> None:
     from score_sde.training.inference import run_likelihood
 
     run_likelihood(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
-                   split=FLAGS.split, max_images=FLAGS.max_images, progress=FLAGS.progress)
+                   split=FLAGS.split, max_images=FLAGS.max_images,
+                   progress=show_progress())
 
 
 def eval_inputs(config, workdir: Path):
@@ -196,9 +273,11 @@ def eval_inputs(config, workdir: Path):
 def run_eval(config, workdir: Path) -> None:
     """``--mode eval``."""
     from score_sde.evaluation.run import evaluate
+    from score_sde.training.events import EventLog
 
     evaluate(config, eval_inputs(config, workdir), workdir, FLAGS.eval_folder,
-             progress=FLAGS.progress)
+             progress=show_progress(),
+             event_log=lambda: EventLog(workdir / FLAGS.eval_folder / "tensorboard"))
 
 
 RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
@@ -207,7 +286,8 @@ RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihoo
 
 def main(argv):
     """Resolve the device, join torchrun's process group (if launched by torchrun), validate the
-    config, data and checkpoints, seed once, then run ``--mode``; user errors end with one line.
+    config, data and checkpoints, seed once, create the workdir and its ``stdout.txt``, then run
+    ``--mode``; user errors end with one line (on stderr, and in ``stdout.txt`` once it exists).
     """
     from score_sde.training import distributed, validation
     from score_sde.training.lock import WorkdirLockedError
@@ -220,13 +300,15 @@ def main(argv):
     ctx = distributed.setup(config)  # one process per device; rank 0 logs and writes
     torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))  # seeds applied once, here
     workdir = Path(FLAGS.workdir)
-    if ctx.is_main:
-        _log_to_file(workdir)
+    _log_to_terminal()
     try:
         try:
             validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
+            check_inputs(config, workdir, FLAGS.mode)
         except (ValueError, TypeError) as e:  # config values, DatasetError, CheckpointError
             _fail(e)
+        if ctx.is_main:  # only now: a refused run leaves no workdir behind
+            _log_to_file(workdir)
         RUNNERS[FLAGS.mode](config, workdir)
     except (FileNotFoundError, NotImplementedError, CheckpointError, validation.DatasetError,
             FloatingPointError, WriteError, WorkdirLockedError) as e:  # WriteError: a full disk
@@ -236,7 +318,7 @@ def main(argv):
 
 
 def _fail(error: Exception) -> None:
-    logging.error("%s", error)  # one line on stderr and in stdout.txt, no traceback
+    logging.error("%s", error)  # one line on stderr (and in stdout.txt), no traceback
     sys.exit(1)
 
 

@@ -116,10 +116,25 @@ def test_cli_writes_the_record_and_skips_it_on_a_rerun(trained, tmp_path):
     assert record["eval"]["num_samples"] == 20 and record["sampling_config"]["nfe"] == 4
     assert sorted(p.name for p in (workdir / "eval" / "ckpt_1").iterdir()) == [
         "samples_00000.npz", "samples_00001.npz", "samples_00002.npz"]
+    _check_eval_scalars(workdir / "eval" / "tensorboard", metrics, step=2)
     again = subprocess.run([sys.executable, str(REPO / "main.py"), *flags], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already have records" in again.stderr
     assert json.loads(path.read_text()) == record
+    assert len(list((workdir / "eval" / "tensorboard").iterdir())) == 1  # nothing new to log
+
+
+def _check_eval_scalars(folder, metrics, step):
+    """The record's metrics as TensorBoard scalars at the checkpoint's training step, read back
+    with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(metrics)
+    for name, value in metrics.items():
+        (scalar,) = events.Scalars(name)
+        assert scalar.step == step and scalar.value == pytest.approx(value, rel=1e-6)
 
 
 def _samples(workdir):

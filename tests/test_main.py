@@ -32,9 +32,10 @@ TINY_TOY = [
 ]
 
 
-def run_main(*args, check=True):
+def run_main(*args, check=True, progress=False):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(REPO / "main.py"), "--noprogress", *args],
+    flags = [] if progress else ["--noprogress"]
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), *flags, *args],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"main.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
@@ -92,6 +93,72 @@ def test_toy_train_sample_from_a_chosen_snapshot_likelihood(tmp_path):
     _check_likelihood_outputs(workdir / "eval", step, 5)
 
 
+def test_training_starts_with_a_block_and_logs_clean_lines_and_tensorboard_images(tmp_path):
+    """Before step 1 the log says device, threads, parameters, data and workdir; with stderr
+    not a terminal the bar is off, so neither stdout.txt nor stderr holds a carriage return;
+    the snapshot grid is a TensorBoard image of the PNG's size at its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir = tmp_path / "run"
+    result = run_main(*TINY_DIGITS, "--config.training.n_iters=2", f"--workdir={workdir}",
+                      progress=True)
+    log = (workdir / "stdout.txt").read_text()
+    assert "\r" not in log and "\r" not in result.stderr
+    start = log[:log.index("step: 1") if "step: 1" in log else log.index("step: 2")]
+    assert "on cpu, 1 torch threads" in start
+    ema = torch.load(checkpoints.meta_path(workdir), weights_only=True)["ema"]
+    params = sum(p.numel() for p in ema["shadow_params"])  # one shadow per parameter
+    assert f"{params:,} parameters" in start
+    assert "1500 train / 297 eval examples: 1500 images of shape (1, 8, 8)" in start
+    assert f"workdir {workdir.resolve()}" in start and "starting at step 0" in start
+    png = Image.open(workdir / "samples" / "iter_2" / "sample.png")
+    events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("samples")
+    assert (image.step, image.width, image.height) == (2, *png.size)
+    assert image.encoded_image_string == (workdir / "samples" / "iter_2" / "sample.png"
+                                          ).read_bytes()
+    assert {"training_loss", "eval_loss"} <= set(events.Tags()["scalars"])
+
+
+def test_log_lines_are_written_above_the_progress_bar(monkeypatch):
+    """On a terminal each log line clears the bar's line first and the bar is redrawn after."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from score_sde.cli import TerminalLogHandler
+
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    bar = tqdm(total=3, file=sys.stderr, ncols=60, mininterval=0, desc="train")
+    bar.update(1)
+    TerminalLogHandler().handle(logging.makeLogRecord(
+        {"msg": "step: 1, loss 0.5", "levelno": logging.INFO, "levelname": "INFO"}))
+    bar.close()
+    before, line, after = stderr.getvalue().partition("step: 1, loss 0.5\n")
+    assert line and "1/3" in before and "1/3" in after  # the bar before and redrawn after
+    assert before.rsplit("\r", 1)[1].startswith("I")  # the line starts at column 0
+
+
+def test_a_refused_run_leaves_no_workdir(tmp_path):
+    """A run that fails validation (a corrupt CIFAR-10 tarball) and sample / likelihood on a
+    workdir that does not exist create nothing and name the workdir."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")  # no download attempt
+    workdir = tmp_path / "run"
+    cifar = run_main("--config=ddpm_cifar", f"--config.data.root={root}", f"--workdir={workdir}",
+                     check=False)
+    assert cifar.returncode != 0 and "CIFAR-10" in cifar.stderr and "corrupt" in cifar.stderr
+    assert not workdir.exists()
+    for mode in ("sample", "likelihood"):
+        result = run_main(*TINY_DIGITS, f"--workdir={workdir}", f"--mode={mode}", check=False)
+        assert result.returncode != 0 and f"--workdir {workdir} does not exist" in result.stderr
+        assert not workdir.exists()
+
+
 def test_cli_errors_are_clear(tmp_path):
     typo = run_main("--config=digits", f"--workdir={tmp_path}", "--config.training.batch_sise=4",
                     check=False)
@@ -102,6 +169,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert "Unknown config 'vp_cifa'; valid: ddpm_cifar, digits" in unknown.stderr
     evaluate = run_main("--config=digits", f"--workdir={tmp_path}", "--mode=eval", check=False)
     assert evaluate.returncode != 0 and "no checkpoint checkpoints/checkpoint_" in evaluate.stderr
+    assert str(tmp_path) in evaluate.stderr and not any(tmp_path.iterdir())  # nothing created
     helptext = run_main("--helpshort", check=False).stdout
     for flag in ("--config", "--workdir", "--mode", "--eval_folder", "--checkpoint"):
         assert flag in helptext

@@ -353,7 +353,8 @@ def eval_samples(config, trained: Trained, score_fn: ScoreFn,
 
 
 def evaluate(config, trained: Trained, workdir: str | Path, eval_folder: str = "eval", *,
-             progress: bool = True, on_batch: BatchHook | None = None) -> list[Path]:
+             progress: bool = True, on_batch: BatchHook | None = None,
+             event_log: Callable[[], Any] | None = None) -> list[Path]:
     """Evaluate the checkpoints ``[eval.begin_ckpt, eval.end_ckpt]`` of ``workdir``.
 
     Args:
@@ -363,6 +364,11 @@ def evaluate(config, trained: Trained, workdir: str | Path, eval_folder: str = "
         workdir: the training workdir; outputs go to ``workdir/eval_folder/``.
         progress: tqdm bars.
         on_batch: called with every sample batch (B, *D) before it is scored.
+        event_log: opens a TensorBoard writer (``add_scalar(name, value, step)``, ``close()``;
+            ``cli`` passes ``training.events.EventLog`` of ``workdir/eval_folder/tensorboard``),
+            called once if a checkpoint is evaluated: each checkpoint's metrics (the record's
+            ``metrics``: ``eval_loss``, ``bpd``, ``fdd`` / ``fid`` ...) become scalars at the
+            checkpoint's training step.
     Returns:
         the record paths, one per evaluated checkpoint (existing ones included).
     """
@@ -376,33 +382,50 @@ def evaluate(config, trained: Trained, workdir: str | Path, eval_folder: str = "
         log.info("checkpoints %s already have records in %s; skipped (delete one to redo it)",
                  done, folder)
     scorer = get_scorer(config) if e.enable_sampling and todo else None  # fail fast
-    sde = trained.sde
-    for n, path in todo:
-        model, step = trained.load_model(path)
-        score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
-        result, extra, sampling = {}, {}, None
-        if e.enable_loss:
-            extra["loss"] = eval_loss(config, model, trained.eval_step)
-            result["eval_loss"] = extra["loss"]["mean"]
-            log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
-        if e.enable_bpd:
-            out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
-            extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress)
-            result["bpd"], result["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
-            log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
-                     result["bpd_stderr"])
-        if e.enable_sampling:
-            scores, sampling = eval_samples(config, trained, score_fn, scorer,
-                                            folder / f"ckpt_{n}", progress=progress,
-                                            on_batch=on_batch)
-            result.update(scores)
-            extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"])
-            log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))
-        record = records.evaluation_record(
-            metrics=result, sampling=sampling,
-            checkpoint={"n": n, "step": step, **records.file_checkpoint_id(path)},
-            extra={**extra, "seed": config.seed, "eval": e.to_dict(),
-                   "sampling_config": config.sampling.to_dict()})
-        log.info("ckpt %d: record %s", n, records.write_record(record_path(workdir, eval_folder, n),
-                                                        record))
+    writer = event_log() if event_log is not None and todo else None
+    try:
+        for n, path in todo:
+            _evaluate_checkpoint(config, trained, workdir, eval_folder, n, path, scorer, writer,
+                                 progress=progress, on_batch=on_batch)
+    finally:
+        if writer is not None:
+            writer.close()
     return [record_path(workdir, eval_folder, n) for n, _ in chosen]
+
+
+def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_folder: str, n: int,
+                         path: Path, scorer, writer, *, progress: bool,
+                         on_batch: BatchHook | None) -> None:
+    """The record of checkpoint ``n`` (and its TensorBoard scalars when ``writer``)."""
+    e, sde = config.eval, trained.sde
+    folder = Path(workdir) / eval_folder
+    model, step = trained.load_model(path)
+    score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+    result, extra, sampling = {}, {}, None
+    if e.enable_loss:
+        extra["loss"] = eval_loss(config, model, trained.eval_step)
+        result["eval_loss"] = extra["loss"]["mean"]
+        log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
+    if e.enable_bpd:
+        out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
+        extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress)
+        result["bpd"], result["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
+        log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
+                 result["bpd_stderr"])
+    if e.enable_sampling:
+        scores, sampling = eval_samples(config, trained, score_fn, scorer,
+                                        folder / f"ckpt_{n}", progress=progress,
+                                        on_batch=on_batch)
+        result.update(scores)
+        extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"])
+        log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))
+    record = records.evaluation_record(
+        metrics=result, sampling=sampling,
+        checkpoint={"n": n, "step": step, **records.file_checkpoint_id(path)},
+        extra={**extra, "seed": config.seed, "eval": e.to_dict(),
+               "sampling_config": config.sampling.to_dict()})
+    if writer is not None:  # before the record: a rerun redoes a checkpoint without one
+        for name, value in result.items():
+            writer.add_scalar(name, value, step)
+    log.info("ckpt %d: record %s", n,
+             records.write_record(record_path(workdir, eval_folder, n), record))

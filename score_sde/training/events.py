@@ -1,15 +1,17 @@
-"""TensorBoard scalars, appended synchronously so that a write error ends the run with one line.
+"""TensorBoard scalars and images, appended synchronously so that a write error ends the run
+with one line.
 
 ``torch.utils.tensorboard.SummaryWriter`` appends from a background thread; an ``OSError`` there
 (a full disk) is printed as a thread traceback and re-raised, raw, at some later call.
 :class:`EventLog` appends the same records (TensorBoard's ``RecordWriter`` framing of ``Event``
 protos) from the training thread and turns a failed write into a :class:`utils.WriteError` with
 the one-line message of a failed checkpoint. A few scalars every ``log_freq`` steps make the
-synchronous flush cheap.
+synchronous flush cheap; images are the snapshot sample grids, a PNG each.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import socket
@@ -22,7 +24,7 @@ _COUNTER = itertools.count()
 
 
 class EventLog:
-    """Scalars for TensorBoard, appended to a new event file in ``folder``.
+    """Scalars and images for TensorBoard, appended to a new event file in ``folder``.
 
     Raises (from any method):
         utils.WriteError: the event file could not be written, naming it and the reason.
@@ -62,6 +64,19 @@ class EventLog:
 
         self._append(self._event(wall_time=time.time(), step=int(step),
                                  summary=scalar(name, float(value))))
+
+    def add_image(self, name: str, png: bytes, step: int) -> None:
+        """Append image ``name`` at ``step``: ``png`` is a PNG file's bytes, stored as they are
+        (TensorBoard's ``Summary.Image`` holds the encoded image with its size and channels)."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        with Image.open(io.BytesIO(png)) as im:
+            width, height, channels = im.width, im.height, len(im.getbands())
+        image = Summary.Image(height=height, width=width, colorspace=channels,
+                              encoded_image_string=png)
+        self._append(self._event(wall_time=time.time(), step=int(step),
+                                 summary=Summary(value=[Summary.Value(tag=name, image=image)])))
 
     def close(self) -> None:
         """Close the event file (everything was flushed when written)."""

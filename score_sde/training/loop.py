@@ -84,7 +84,6 @@ def build(config) -> tuple[dict[str, Any], Any]:
         for k, name in enumerate(("train", "eval"))
     }
     train_data = datasets.get_dataset(config, "train")
-    log.info("training data: %s", train_data.summary())
     train_data = distributed.shard_dataset(train_data, config.training.batch_size,
                                            distributed.context())
     iterators = {
@@ -107,6 +106,29 @@ def get_step_fns(config, sde) -> tuple[Callable, Callable]:
 
 
 # -- side effects ---------------------------------------------------------------------------------
+
+
+def log_start(config, state, workdir: Path, resume: Path | None, world_size: int = 1) -> None:
+    """One block of log lines before the first step: device and threads, parameter count,
+    dataset sizes and summary (of the iterators' ``dataset``, when they have one), workdir, and
+    the step resumed from (or a fresh start)."""
+    model, iterators = state["model"], state["iterators"]
+    train_data = getattr(iterators["train"], "dataset", None)
+    eval_data = getattr(iterators["eval"], "dataset", None)
+    num_params = sum(p.numel() for p in model.parameters())
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    start = (f"resuming from step {state['step']} ({resume})" if resume is not None
+             else "starting at step 0")
+    lines = [f"start: {config.model.name} on {config.device}{processes}, "
+             f"{torch.get_num_threads()} torch threads",
+             f"start: model {type(model).__name__}, {num_params:,} parameters"]
+    if train_data is not None and eval_data is not None:
+        lines.append(f"start: dataset {config.data.dataset}, {train_data.data.shape[0]} train / "
+                     f"{len(eval_data)} eval examples: {train_data.summary()}")
+    lines += [f"start: workdir {Path(workdir).resolve()}",
+              f"start: {start} of {config.training.n_iters} (training.n_iters)"]
+    for line in lines:
+        log.info("%s", line)
 
 
 def log_scalars(writer, step: int, **scalars: float) -> None:
@@ -167,14 +189,19 @@ def evaluate(state, eval_step, scaler, writer, step: int) -> None:
     log_scalars(writer, step, eval_loss=float(eval_loss))
 
 
-def save_snapshot(config, state, sde, workdir: Path, step: int) -> None:
+def save_snapshot(config, state, sde, workdir: Path, step: int, writer=None) -> None:
     """Numbered snapshot ``checkpoint_{ceil(step / snapshot_freq)}`` and, when
-    ``training.snapshot_sampling``, a sample grid with the EMA weights."""
+    ``training.snapshot_sampling``, a sample grid with the EMA weights, also shown in
+    TensorBoard as image ``samples`` at ``step`` (when ``writer`` is given and a PNG was made:
+    images and 2-D points)."""
     n = math.ceil(step / config.training.snapshot_freq)
     checkpoints.save_checkpoint(checkpoints.snapshot_path(workdir, n), state)
     if config.training.snapshot_sampling:
         folder = snapshot_samples(config, state, sde, workdir, step)
         log.info("step: %d, samples in %s", step, folder)
+        png = folder / "sample.png"
+        if writer is not None and png.is_file():
+            writer.add_image("samples", png.read_bytes(), step)
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -232,10 +259,11 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     if resume is not None:
         checkpoints.restore_checkpoint(resume, state)
         distributed.reseed_after_resume(config.seed, state["step"], ctx)
-        log.info("resumed from %s at step %d", resume, state["step"])
     elif checkpoints.list_snapshots(workdir):
         log.warning("no %s in %s: training starts at step 0 and rewrites the numbered "
                     "snapshots", checkpoints.meta_path(workdir).relative_to(workdir), workdir)
+    if ctx.is_main:
+        log_start(config, state, workdir, resume, ctx.world_size)
     distributed.check_same(state["step"], ctx, "the step to resume from",
                            "Is --workdir on a file system that every node sees?", config.device)
     guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False),
@@ -268,7 +296,8 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
             snapshot = step % t.snapshot_freq == 0 or last
             if snapshot:  # first the step's outputs ...
                 guard.check(ctx)
-                distributed.on_main(partial(save_snapshot, config, state, sde, workdir, step),
+                distributed.on_main(partial(save_snapshot, config, state, sde, workdir, step,
+                                            writer),
                                     ctx, "snapshot", config.device)
             if snapshot or step % t.snapshot_freq_for_preemption == 0:  # ... then "step done"
                 guard.check(ctx)
