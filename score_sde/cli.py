@@ -325,6 +325,11 @@ def _fail(error: Exception) -> None:
 def run() -> None:
     """Entry point of ``python main.py`` and of the installed ``score-sde`` command."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorBoard's optional TensorFlow
+    # --helpshort lists the key flags of the program absl runs (sys.argv[0]: main.py or the
+    # score-sde script); ours are defined here, so they are declared key flags of that program
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    sys.modules["__main__"].__doc__ = __doc__  # the usage text --help prints
     app.run(main, flags_parser=parse_flags)
 
 
