@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from utils.registry import Registry
+from score_sde.utils.registry import Registry
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SKIP = re.compile(r"<!--\s*skip:\s*(.+?)\s*-->")
@@ -33,7 +33,9 @@ def python_blocks(page: Path) -> list[tuple[int, str, str | None]]:
         if not fence:
             i += 1
             continue
-        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+        if end is None:
+            raise ValueError(f"{page}: the code block opened on line {i + 1} is not closed")
         if fence.group(1) == "python":
             previous = next((line for line in reversed(lines[:i]) if line.strip()), "")
             skip = SKIP.fullmatch(previous.strip())
@@ -95,14 +97,24 @@ def test_skip_marked_block(page, line, source, reason):
     pytest.skip(f"{_page_id(page)} line {line}: {reason}")
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of the page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # no code comments
+    headings = re.findall(r"^#+ (.+)$", prose, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
 def test_relative_links_exist(page):
-    """Links to files of the checkout (``docs/samplers.md``, ``../README.md#...``) resolve."""
+    """Links to files of the checkout (``docs/samplers.md#sampling``) and their headings resolve."""
     for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        path = (page.parent / target.split("#")[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
         assert path.exists(), f"{_page_id(page)} links to missing {target}"
+        if anchor and path.suffix == ".md":
+            assert anchor in _anchors(path), f"{_page_id(page)}: no heading for {target}"
 
 
 def _update_docs():
