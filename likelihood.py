@@ -30,8 +30,8 @@ import torch
 from torchdiffeq import odeint
 
 import sde_lib
-from divergence import DIVERGENCES, batched_vjp, get_divergence
-from utils import InverseScaler, ScoreFn
+from score_sde.divergence import DIVERGENCES, batched_vjp, get_divergence
+from score_sde.utils import InverseScaler, ScoreFn, bounded_odeint_options
 
 #: Adaptive torchdiffeq solvers, and the scipy names the reference uses for them.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -114,6 +114,12 @@ def log_likelihood(
         method: an adaptive torchdiffeq method or a scipy name ('RK45' -> 'dopri5').
         eps: start time of the integration (the likelihood is that of p_eps).
         generator: draws the probes (on x's device).
+
+    The score is called only at t in [eps, T], the range a network is trained on: T is a step
+    boundary of the solver and its first step is fixed (``utils.bounded_odeint_options``), so
+    torchdiffeq neither steps past T and interpolates back nor probes beyond T for its first
+    step. The ODE itself is unchanged (no clamping of t), so z = x(T) is the exact flow's.
+
     Returns:
         logp (B,) and ``info`` with ``nfe`` (score evaluations, each one forward pass), ``stderr``
         (B,) (the spread over the K per-probe estimates / sqrt(K); 0 for 'exact', NaN when one
@@ -146,9 +152,12 @@ def log_likelihood(
 
     state = torch.cat([x.reshape(B, D), x.new_zeros(B, K_out)], dim=1)
     time_grid = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
+    # T is a step boundary and the first step is set, so the score is never called outside
+    # [eps, T] (the network's trained range); see utils.bounded_odeint_options.
+    options = {**bounded_odeint_options(time_grid), "norm": _per_sample_norm(D)}
     with torch.no_grad():
         state = odeint(ode_func, state, time_grid, rtol=rtol, atol=atol, method=solver,
-                       options={"norm": _per_sample_norm(D)})[-1]
+                       options=options)[-1]
     z = state[:, :D].reshape(x.shape)
     delta = state[:, D:]  # (B, K_out): one integrated estimate per probe
     prior_logp = sde.prior_logp(z)

@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sde_lib  # noqa: E402
-from oracle import GaussianMixture  # noqa: E402
 from samplers import sample  # noqa: E402
+from score_sde.oracle import GaussianMixture  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 SDES = {"VP": sde_lib.VPSDE, "sub-VP": sde_lib.subVPSDE, "VE": sde_lib.VESDE}

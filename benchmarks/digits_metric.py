@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation import digits_metric as dm  # noqa: E402
-from evaluation.metrics import quantize_images  # noqa: E402
+from score_sde.evaluation import digits_metric as dm  # noqa: E402
+from score_sde.evaluation.metrics import quantize_images  # noqa: E402
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

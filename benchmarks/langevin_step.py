@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sde_lib  # noqa: E402
-from oracle import GaussianMixture  # noqa: E402
 from samplers import sample  # noqa: E402
 from samplers.pc import CORRECTORS, Corrector, _detached  # noqa: E402
+from score_sde.oracle import GaussianMixture  # noqa: E402
 
 Langevin = CORRECTORS.get("langevin")
 

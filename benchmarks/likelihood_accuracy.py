@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import likelihood  # noqa: E402
-import oracle  # noqa: E402
 import sde_lib  # noqa: E402
+from score_sde import oracle  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 EPS = 1e-5

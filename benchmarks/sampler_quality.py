@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from update_docs import markdown_table, write_table  # noqa: E402
 
-import oracle  # noqa: E402
 import sde_lib  # noqa: E402
 from samplers import sample, tune_time_grid  # noqa: E402
+from score_sde import oracle  # noqa: E402
 
 EPS = 1e-3
 OUT = Path(__file__).resolve().parent / "out"

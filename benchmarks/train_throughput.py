@@ -31,18 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from update_docs import markdown_table, write_table  # noqa: E402
 
 from configs.registry import CONFIGS  # noqa: E402
-from datasets import data_shape, get_data_scaler  # noqa: E402
-from training.loop import get_step_fns  # noqa: E402
-from training.sampling import get_sde  # noqa: E402
+from score_sde.datasets import data_shape, get_data_scaler  # noqa: E402
+from score_sde.training.loop import get_step_fns  # noqa: E402
+from score_sde.training.sampling import get_sde  # noqa: E402
 
 REFERENCE_S_PER_STEP = {"vp_cifar": 2.83}  # reference DDPM++, batch 8, this machine
 
 
 def measure(name: str, batch_size: int | None, steps: int, warmup: int) -> dict:
     """Median seconds per training step of config ``name`` (random data in [0, 1])."""
-    import losses
     from models.ema import ExponentialMovingAverage
     from models.utils import create_model
+    from score_sde import losses
 
     config = importlib.import_module(CONFIGS[name]).get_config()
     config.device = "cpu"

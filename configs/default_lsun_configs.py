@@ -8,6 +8,8 @@ shorter side is ``data.image_size`` and centre-cropped, as the reference's LSUN 
 
 import ml_collections
 
+from configs.sampling import add_fast_sampler_options
+
 
 def get_default_configs():
     """Defaults shared by the 256x256 configs (Song et al. 2021, appendix H)."""
@@ -28,6 +30,7 @@ def get_default_configs():
     training.reduce_mean = False
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
+    training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
 
     # sampling
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -35,6 +38,8 @@ def get_default_configs():
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.075
+    # every fast sampler's option, None = that sampler's default (configs/sampling.py)
+    add_fast_sampler_options(sampling)
 
     # evaluation
     config.eval = evaluate = ml_collections.ConfigDict()

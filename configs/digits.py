@@ -7,6 +7,8 @@ rate with EMA 0.999; samples with the second-order multistep DPM-Solver++ in 30 
 
 import ml_collections
 
+from configs.sampling import get_sampling_config
+
 
 def get_config():
     """Config of ``python main.py --config digits``."""
@@ -19,6 +21,7 @@ def get_config():
     training.likelihood_weighting = False
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
+    training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
     training.batch_size = 64
     training.n_iters = 2000
     training.snapshot_freq = 1000
@@ -27,9 +30,9 @@ def get_config():
     training.log_freq = 50
     training.eval_freq = 250
 
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = 'dpm_solver++_2m'
-    sampling.nfe = 30
+    # the reference's full sampling section (predictor, corrector, snr, ...: used when
+    # --config.sampling.method=pc) and every fast sampler's option; this one runs by default
+    config.sampling = get_sampling_config(method='dpm_solver++_2m', nfe=30)
 
     config.eval = evaluate = ml_collections.ConfigDict()
     # --mode eval: the two snapshots of the default run (steps 1000 and 2000), the test loss,

@@ -8,6 +8,8 @@ Gaussian mixture); ``--config.data.dataset=gmm`` draws instead from a seeded ran
 
 import ml_collections
 
+from configs.sampling import get_sampling_config
+
 
 def get_config():
     """Config of ``python main.py --config toy_2d``."""
@@ -20,6 +22,7 @@ def get_config():
     training.likelihood_weighting = False
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
+    training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
     training.batch_size = 512
     training.n_iters = 5000
     training.snapshot_freq = 2500
@@ -28,9 +31,9 @@ def get_config():
     training.log_freq = 100
     training.eval_freq = 500
 
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = 'dpm_solver++_2m'
-    sampling.nfe = 50
+    # the reference's full sampling section (predictor, corrector, snr, ...: used when
+    # --config.sampling.method=pc) and every fast sampler's option; this one runs by default
+    config.sampling = get_sampling_config(method='dpm_solver++_2m', nfe=50)
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1000

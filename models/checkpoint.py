@@ -15,6 +15,10 @@ Our own format is a directory written atomically, file by file::
     ema.safetensors      model.state_dict() with each trainable parameter replaced by its EMA
 
 No pickle is involved in reading it.
+
+Every path that loads tensors into a model (this module, ``models.convert``, the training
+resume and ``--mode sample``) checks them with :func:`check_tensors`: shapes, dtypes against
+the model's (see :data:`FLOAT_DTYPES`) and finiteness of floating tensors.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import nn
 
 from models.ema import ExponentialMovingAverage, trainable_parameter_names
 from models.utils import create_model, strip_module_prefix
-from utils import atomic_write_bytes
+from score_sde.utils import atomic_write_bytes
 
 FORMAT = "score-sde-toolkit/inference-v1"
 CONFIG_FILE = "config.json"
@@ -156,23 +160,90 @@ def _listed(keys: list[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str = "") -> None:
-    """Strict key and shape check of ``state_dict`` against ``model.state_dict()``.
+#: Stored floating dtypes a floating model tensor may be loaded from (``load_state_dict`` casts
+#: them): half-precision exports and float64 runs are routine. Integer, bool and complex tensors
+#: never load into a floating one, and a non-floating model tensor (an integer buffer such as
+#: ``num_batches_tracked``) needs its exact dtype.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-    Raises:
-        CheckpointError: naming ``source`` and listing the missing, unexpected, non-tensor and
-            shape-mismatched keys.
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor_problem(name: str, value: torch.Tensor, expected: torch.Tensor | None) -> str | None:
+    """Why ``value`` cannot be loaded as ``name`` (into ``expected``, if given), or None.
+
+    Dtype: see :data:`FLOAT_DTYPES`. Finiteness: floating values must be finite, and stay
+    finite in the model's dtype (a float64 1e300 is inf in float32).
     """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    not_tensor = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
-    ]
-    problems = [
+    target = expected.dtype if expected is not None else value.dtype
+    if expected is not None and value.dtype != target:
+        allowed = ", ".join(_dtype_name(d) for d in FLOAT_DTYPES) if target.is_floating_point \
+            else _dtype_name(target)
+        if not (target.is_floating_point and value.dtype in FLOAT_DTYPES):
+            return (f"{name} is {_dtype_name(value.dtype)}, the model's is "
+                    f"{_dtype_name(target)} (allowed: {allowed})")
+    if not value.is_floating_point():
+        return None
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        count = int((~finite).sum())
+        return f"{name} has NaN or inf values ({count} of {value.numel()})"
+    if target != value.dtype and target.is_floating_point and \
+            torch.finfo(value.dtype).max > torch.finfo(target).max and \
+            not bool(torch.isfinite(value.to(target)).all()):
+        return (f"{name} has {_dtype_name(value.dtype)} values beyond the range of the model's "
+                f"{_dtype_name(target)}")
+    return None
+
+
+def check_tensors(
+    found: Mapping[str, Any],
+    source: str | os.PathLike = "",
+    expected: Mapping[str, torch.Tensor] | None = None,
+    *,
+    what: str = "model",
+    strict: bool = True,
+    owner: str = "model",
+) -> None:
+    """The one check of loaded tensors, used by every load path: names, shapes, dtypes, finiteness.
+
+    Each entry of ``found`` with a counterpart in ``expected`` must be a tensor of its shape and
+    a dtype it may be loaded as: the same, or for a floating counterpart any of
+    :data:`FLOAT_DTYPES`. Every floating tensor must be finite (also after the cast to its
+    counterpart's dtype). Entries without a counterpart (e.g. optimizer step counters) are only
+    checked for finiteness, and only if floating; integer and bool tensors carry no NaN.
+
+    Args:
+        found: the loaded tensors by name.
+        source: the file they came from, named first in the error.
+        expected: the live tensors by name (e.g. ``model.state_dict()``, or tensors on the
+            ``meta`` device); None checks finiteness only.
+        what: the checkpoint entry ``found`` is (``'model'``, ``'ema'``, ``'optimizer'``); bad
+            tensors are named ``<what>.<name>``.
+        strict: ``found`` must have exactly ``expected``'s names; else only the names present
+            in both are compared.
+        owner: what ``expected`` belongs to (the model's class name), for the message.
+    Raises:
+        CheckpointError: naming ``source`` and listing the missing, unexpected, non-tensor,
+            shape-mismatched, wrong-dtype and non-finite entries.
+    """
+    expected = expected if expected is not None else {}
+    strict = strict and bool(expected)
+    missing = [k for k in expected if k not in found] if strict else []
+    unexpected = [k for k in found if k not in expected] if strict else []
+    not_tensor, mismatched, bad = [], [], []
+    for k, v in found.items():
+        live = expected.get(k)
+        if not isinstance(v, torch.Tensor):
+            if live is not None or strict:
+                not_tensor.append(k)
+        elif live is not None and v.shape != live.shape:
+            mismatched.append(f"{k} {tuple(v.shape)} vs model {tuple(live.shape)}")
+        elif (problem := _tensor_problem(f"{what}.{k}", v, live)) is not None:
+            bad.append(problem)
+    layout = [
         f"{label} ({len(keys)}): {_listed(keys)}"
         for label, keys in (
             ("missing keys", missing),
@@ -182,11 +253,26 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: st
         )
         if keys
     ]
-    if problems:
+    where = source or "state dict"
+    if layout:
         raise CheckpointError(
-            f"{source or 'state dict'}: does not fit {type(model).__name__} "
-            f"(wrong architecture or config?): " + "; ".join(problems)
+            f"{where}: {what} does not fit {owner} (wrong architecture or config?): "
+            + "; ".join(layout)
         )
+    if bad:
+        raise CheckpointError(f"{where}: refused to load {len(bad)} bad tensor(s): {_listed(bad)}")
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str = "") -> None:
+    """Strict check of ``state_dict`` against ``model.state_dict()`` by :func:`check_tensors`:
+    keys, shapes, dtypes and finiteness.
+
+    Raises:
+        CheckpointError: naming ``source`` and listing the missing, unexpected, non-tensor,
+            shape-mismatched, wrong-dtype and non-finite keys.
+    """
+    check_tensors(state_dict, source, model.state_dict(), what="model",
+                  owner=type(model).__name__)
 
 
 def load_model_state(
@@ -215,10 +301,11 @@ def name_ema_shadow_params(
     """Map a reference ``ema['shadow_params']`` list to ``model``'s trainable parameter names.
 
     The list follows ``model.parameters()`` and skips non-trainable parameters (e.g. the
-    Gaussian-Fourier ``W``); count and shapes are checked name by name.
+    Gaussian-Fourier ``W``); count, then shapes, dtypes and finiteness name by name
+    (:func:`check_tensors`).
 
     Raises:
-        CheckpointError: naming ``source`` and the mismatching parameters.
+        CheckpointError: naming ``source`` and the mismatching or bad parameters.
     """
     shadows = ema_state.get("shadow_params") if isinstance(ema_state, Mapping) else None
     if not isinstance(shadows, (list, tuple)):
@@ -230,14 +317,10 @@ def name_ema_shadow_params(
             f"{len(names)} trainable parameters (wrong architecture or config?)"
         )
     params = dict(model.named_parameters())
-    bad = [
-        f"{n} {tuple(getattr(s, 'shape', ()))} vs model {tuple(params[n].shape)}"
-        for n, s in zip(names, shadows)
-        if not isinstance(s, torch.Tensor) or s.shape != params[n].shape
-    ]
-    if bad:
-        raise CheckpointError(f"{source}: ema shadow parameters do not fit: {_listed(bad)}")
-    return dict(zip(names, shadows))
+    named = dict(zip(names, shadows))
+    check_tensors(named, source, {n: params[n] for n in names}, what="ema",
+                  owner=type(model).__name__)
+    return named
 
 
 def load_reference_checkpoint(
@@ -369,6 +452,34 @@ def read_inference_record(directory: str | os.PathLike) -> dict:
     return record
 
 
+def load_safetensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on CPU (no pickle involved).
+
+    Args:
+        path: the ``.safetensors`` file.
+        sha256: if given, the file's bytes must have this hex digest.
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable, not safetensors, or a different sha256.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read weights: {e}") from e
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(
+            f"{path}: sha256 differs from the one recorded in {CONFIG_FILE} "
+            "(file changed, truncated or from another save)"
+        )
+    try:
+        return safetensors.torch.load(data)
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from e
+
+
 def load_inference(
     directory: str | os.PathLike,
     weights: str | None = None,
@@ -383,7 +494,9 @@ def load_inference(
     Returns:
         ``(model in eval mode, config)``.
     Raises:
-        FileNotFoundError, CheckpointError (corrupt file, hash or architecture mismatch).
+        FileNotFoundError, CheckpointError (corrupt file, hash or architecture mismatch, or a
+        tensor of the wrong dtype or with NaN/inf values, see :func:`check_tensors`; the
+        sha256 in ``config.json`` only detects damage, not bad weights saved as such).
     """
     directory = Path(directory)
     record = read_inference_record(directory)
@@ -401,20 +514,7 @@ def load_inference(
             f"{WEIGHT_FILES.get(weights)!r}, got {available[weights]!r}"
         )
     path = directory / available[weights]
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read weights: {e}") from e
-    expected = record.get("sha256", {}).get(available[weights])
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise CheckpointError(
-            f"{path}: sha256 differs from the one recorded in {CONFIG_FILE} "
-            "(file changed, truncated or from another save)"
-        )
-    try:
-        state = safetensors.torch.load(data)
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from e
+    state = load_safetensors(path, sha256=record.get("sha256", {}).get(available[weights]))
     config = ml_collections.ConfigDict(record["config"])
     config.device = str(device)
     model = create_model(config)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from utils import Registry
+from score_sde.utils import Registry
 
 NORMALIZATIONS = Registry("normalization")
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import sde_lib
-from utils import Registry, ScoreFn, as_batch_time, batch_mul
+from score_sde.utils import Registry, ScoreFn, as_batch_time, batch_mul
 
 MODELS = Registry("model")
 register_model = MODELS.register
@@ -117,8 +117,8 @@ class VPDiscreteAdapter(_ScoreAdapter):
     def __call__(self, x, t):
         t = as_batch_time(t, x)
         labels = self.labels(t)
-        table = self.sde.discrete_table("sqrt_1m_alphas_cumprod", x.device)
-        std = table[labels.long()].to(x.dtype)
+        table = self.sde.discrete_table("sqrt_1m_alphas_cumprod", x.device, x.dtype)
+        std = table[labels.long()]
         return batch_mul(-1.0 / std, self.model_fn(x, labels))
 
 

@@ -4,9 +4,19 @@ Every sampler is reached through :func:`samplers.sample` by its registered name;
 ``samplers.base`` for the calling convention.
 """
 
-from samplers.base import SAMPLERS, CountingScore, NoiseSource, Sampler, register_sampler, sample
+from samplers.base import (
+    SAMPLERS,
+    CountingScore,
+    NoiseSource,
+    Sampler,
+    option_defaults,
+    register_sampler,
+    resolved_options,
+    sample,
+)
 
-__all__ = ["SAMPLERS", "CountingScore", "NoiseSource", "Sampler", "register_sampler", "sample"]
+__all__ = ["SAMPLERS", "CountingScore", "NoiseSource", "Sampler", "option_defaults",
+           "register_sampler", "resolved_options", "sample"]
 
 # Fast samplers (issue 5, part 2): importing them registers them.
 from samplers.adaptive import AdaptiveSDE  # noqa: E402

@@ -64,7 +64,7 @@ import torch
 
 from samplers.base import NoiseSource, Sampler, register_sampler
 from samplers.fast_base import check_float, check_int
-from utils import append_dims
+from score_sde.utils import append_dims
 
 
 @register_sampler("adaptive")

@@ -8,6 +8,7 @@ draws x_T from the prior, counts every score evaluation and returns the samples 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sde_lib
-from utils import Registry, ScoreFn
+from score_sde.utils import Registry, ScoreFn
 
 SAMPLERS = Registry("sampler")
 register_sampler = SAMPLERS.register
@@ -129,6 +130,35 @@ class Sampler:
     ) -> tuple[torch.Tensor, dict]:
         """Integrate from x_T (B, *D) to data; returns samples and extra report entries."""
         raise NotImplementedError
+
+
+def option_defaults(method: str) -> dict[str, Any]:
+    """Every keyword option of the sampler registered as ``method``, with its default (the
+    first ``__init__`` along the class's MRO that declares it wins; ``None`` where it has none).
+
+    Raises:
+        ValueError: unknown method (listing the registered ones).
+    """
+    defaults: dict[str, Any] = {}
+    for klass in SAMPLERS.get(method).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, param in inspect.signature(init).parameters.items():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) \
+                    and name != "self" and name not in defaults:
+                defaults[name] = None if param.default is param.empty else param.default
+    return defaults
+
+
+def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of sampler ``method`` as an instance built from ``options`` holds it: the
+    given values, the defaults the sampler fills in (e.g. a fast sampler's ``grid``, ``nfe`` and
+    ``eps``), and the declared default of an option it keeps under another name. An option that
+    is only known once the SDE is (PC's ``N``) stays ``None``."""
+    sampler = SAMPLERS.get(method)(**options)
+    return {name: getattr(sampler, name, options.get(name, default))
+            for name, default in sorted(option_defaults(method).items())}
 
 
 def progress_bar(iterable, enabled: bool, desc: str):

@@ -21,7 +21,7 @@ import torch
 
 import sde_lib
 from samplers.base import NoiseSource, _initial_state, make_generators, sample
-from utils import ScoreFn, as_batch_time, batch_mul
+from score_sde.utils import ScoreFn, as_batch_time, batch_mul
 
 #: ``log_prob_fn(x, t, y) -> log p_t(y | x)`` (B,): a time-dependent classifier.
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

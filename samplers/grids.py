@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import sde_lib
-from utils import Registry
+from score_sde.utils import Registry
 
 TIME_GRIDS = Registry("time grid")
 register_time_grid = TIME_GRIDS.register

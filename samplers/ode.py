@@ -24,7 +24,7 @@ from torchdiffeq import odeint
 
 import sde_lib
 from samplers.base import CountingScore, Sampler, check_fresh_score, progress_bar, register_sampler
-from utils import ScoreFn, as_batch_time, batch_mul
+from score_sde.utils import ScoreFn, as_batch_time, batch_mul, bounded_odeint_options
 
 
 class Tableau(NamedTuple):
@@ -239,13 +239,11 @@ def ode_flow(
     sign = -1.0 if reverse else 1.0
     t = torch.tensor([sign * float(t_start), sign * float(t_end)], device=x.device,
                      dtype=x.dtype)
-    # torchdiffeq steps past the end and interpolates, and its initial-step probe can jump far
-    # ahead: both leave [0, T] (NaN for VP at t < 0). Start at 1% of the interval and make the
-    # end time a step boundary, so every evaluation lies inside the interval. Error norm: the
+    # Every evaluation inside the interval (torchdiffeq's overshoot and initial-step probe would
+    # leave [0, T]: NaN for VP at t < 0); see utils.bounded_odeint_options. Error norm: the
     # worst sample's RMS (torchdiffeq's default is the RMS over the whole batch, which lets a
     # few samples carry errors far above the tolerance).
-    options = {"first_step": 0.01 * abs(float(t_end) - float(t_start)), "step_t": t[1:],
-               "norm": _worst_sample_rms}
+    options = {**bounded_odeint_options(t), "norm": _worst_sample_rms}
     with torch.no_grad():
         path = odeint(ProbabilityFlow(sde, counter, reverse), x, t, rtol=rtol, atol=atol,
                       method=solver, options=options)

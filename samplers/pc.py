@@ -19,7 +19,7 @@ import torch
 
 import sde_lib
 from samplers.base import NoiseSource, Sampler, progress_bar, register_sampler
-from utils import Registry, ScoreFn
+from score_sde.utils import Registry, ScoreFn
 
 PREDICTORS = Registry("predictor")
 CORRECTORS = Registry("corrector")

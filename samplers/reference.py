@@ -21,7 +21,7 @@ from samplers.base import sample
 from samplers.controllable import colorize, inpaint
 from samplers.ode import ODESampler  # noqa: F401  (registers 'ode')
 from samplers.pc import CORRECTORS, PREDICTORS, Corrector, Predictor
-from utils import InverseScaler, ScoreFn
+from score_sde.utils import InverseScaler, ScoreFn
 
 #: ``to_score_fn(model, continuous=...) -> score_fn``: the adapter from a network to a score.
 ToScoreFn = Callable[..., ScoreFn]

@@ -36,7 +36,7 @@ import sde_lib
 from samplers.base import SAMPLERS, sample
 from samplers.fast_base import FastSampler, check_float, check_int, check_time_grid
 from samplers.grids import TIME_GRIDS, get_time_grid
-from utils import ScoreFn
+from score_sde.utils import ScoreFn
 
 #: Log-error of a candidate whose steps collapse in float64 or whose samples are not finite
 #: (finite: the line search takes differences of objective values).

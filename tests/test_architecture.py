@@ -9,27 +9,38 @@ from conftest import REPO
 # Layer of each top-level name of ours; a module may import from a strictly lower layer, or from
 # its own package. losses | samplers | likelihood | datasets are siblings and never import each
 # other; samplers and likelihood never import models.
+PACKAGE = "score_sde"
 LAYERS = {
-    "utils": 0,
+    "score_sde.__init__": 0,  # imports nothing of ours (importing a layer there would cycle)
+    "score_sde.utils": 0,
     "sde_lib": 1,
-    "oracle": 2,
+    "score_sde.oracle": 2,
     "models": 2,
-    "divergence": 2,
-    "losses": 3,
+    "score_sde.divergence": 2,
+    "score_sde.losses": 3,
     "samplers": 3,
     "likelihood": 3,
-    "datasets": 3,
-    "training": 4,
-    "evaluation": 4,
-    "main": 5,
+    "score_sde.datasets": 3,
+    "score_sde.training": 4,
+    "score_sde.evaluation": 4,
+    "score_sde.cli": 5,
+    "main": 6,
 }
-FORBIDDEN = {("samplers", "models"), ("likelihood", "models"), ("samplers", "oracle"),
-             ("likelihood", "oracle"), ("losses", "oracle")}
+FORBIDDEN = {("samplers", "models"), ("likelihood", "models"), ("samplers", "score_sde.oracle"),
+             ("likelihood", "score_sde.oracle"), ("score_sde.losses", "score_sde.oracle")}
+
+
+def _layer_name(module: str) -> str:
+    """``score_sde.training.loop`` -> ``score_sde.training``; ``models.utils`` -> ``models``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == PACKAGE and len(parts) > 1 else parts[0]
 
 
 def _top(path) -> str:
-    rel = path.relative_to(REPO)
-    return rel.parts[0].removesuffix(".py")
+    """The layer name of a module: its top-level name, or ``score_sde.<name>`` inside the
+    toolkit's package."""
+    parts = [p.removesuffix(".py") for p in path.relative_to(REPO).parts]
+    return ".".join(parts[:2]) if parts[0] == PACKAGE and len(parts) > 1 else parts[0]
 
 
 def _imports(path):
@@ -37,9 +48,13 @@ def _imports(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name.split(".")[0]
+                yield _layer_name(alias.name)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module.split(".")[0]
+            if node.module == PACKAGE:  # from score_sde import losses, datasets
+                for alias in node.names:
+                    yield f"{PACKAGE}.{alias.name}"
+            else:
+                yield _layer_name(node.module)
 
 
 def _checked_files():

@@ -420,3 +420,51 @@ def test_converter_config_errors(tmp_path, reference_dir):
     (tmp_path / "bad.json").write_text(json.dumps({"data": {}}))
     assert convert_main([str(path), str(tmp_path), "--config", str(tmp_path / "bad.json")]) == 1
     assert convert_main([str(path), str(tmp_path), "--config", "no_such_config_name"]) == 1
+
+
+def test_converter_with_a_config_name_reproduces_the_reference_ema_score(
+    reference_dir, ckpt_io, tmp_path, capsys
+):
+    """``--config ve_cifar`` plus the fixture's shrinking overrides (its JSON's ``overrides``)
+    converts the reference checkpoint; the EMA score matches the reference's ``score_ema``
+    within the fixture README's 2e-5 of max|ref|."""
+    overrides = json.loads((reference_dir / "ncsnpp_ve.json").read_text())["overrides"]
+    flags = [f"--config.{key}={v['fixture']}" for key, v in overrides.items()]
+    out = tmp_path / "ve"
+    assert convert_main([str(reference_dir / CKPT), str(out), "--config", "ve_cifar", *flags]) == 0
+    assert "step 2" in capsys.readouterr().out
+    model, config = load_inference(out)
+    assert config.model.nf == 16 and config.model.name == "ncsnpp"
+    score = _score(model, ckpt_io["x"], ckpt_io["t"])
+    ref = ckpt_io["score_ema"]
+    assert (score - ref).abs().max() <= 2e-5 * ref.abs().max()
+    assert convert_main([str(reference_dir / CKPT), str(tmp_path / "x"), "--config", "ve_cifar",
+                         "--config.model.nff=16"]) == 1
+    assert "unknown key 'nff'; valid: " in capsys.readouterr().err
+
+
+def test_converter_refuses_a_taken_output_path_unless_overwrite(tmp_path, capsys):
+    model, config = _mlp()
+    ema = ExponentialMovingAverage(model.parameters(), decay=0.99)
+    path = tmp_path / "checkpoint_1.pth"
+    _reference_style_checkpoint(path, model, ema, step=1)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+
+    def convert(out, *extra):
+        status = convert_main([str(path), str(out), "--config", str(tmp_path / "config.json"),
+                               *extra])
+        return status, capsys.readouterr().err
+
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("keep me")
+    assert convert(a_file) == (1, f"error: output {a_file} exists and is not a directory; "
+                                  "choose another path\n")
+    assert convert(a_file, "--overwrite")[0] == 1 and a_file.read_text() == "keep me"
+    assert convert(tmp_path / "out") == (0, "")
+    status, error = convert(tmp_path / "out")
+    assert status == 1 and "is not empty; pass --overwrite" in error
+    assert convert(tmp_path / "out", "--overwrite") == (0, "")
+    # a directory that is not an earlier conversion (e.g. a workdir) is never written into
+    status, error = convert(tmp_path, "--overwrite")
+    assert status == 1 and "is not an inference directory" in error
+    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()

@@ -9,8 +9,8 @@ import re
 import pytest
 from conftest import REPO
 
-import main
 from configs.registry import CONFIGS, module_path
+from score_sde import cli as main
 
 # Keys no code reads yet, each with the reason; the test fails when one is read (remove it here)
 # or when a new unread key appears.
@@ -79,7 +79,12 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     for d in (ours, ref):
         d.pop("device")
     ours["data"].pop("root")  # ours: where the CIFAR-10 tarball lives
-    ours["training"].pop("skip_nonfinite")  # ours: the non-finite guard (training.nonfinite)
+    for key in ("skip_nonfinite", "max_skip_fraction"):  # ours: the non-finite guard
+        ours["training"].pop(key)  # (training.nonfinite)
+    from configs.sampling import FAST_SAMPLER_OPTIONS
+
+    for key in FAST_SAMPLER_OPTIONS:  # ours: the fast samplers' options, None = their default
+        assert ours["sampling"].pop(key) is None, key
     flat = {k: v for k, v in _flat(ours).items()}
     assert flat == _flat(ref)
 
@@ -135,7 +140,8 @@ def _config_modules():
     return sorted(
         ".".join(p.relative_to(REPO).with_suffix("").parts)
         for p in (REPO / "configs").rglob("*.py")
-        if p.name not in ("__init__.py", "registry.py") and not p.name.startswith("default_")
+        if p.name not in ("__init__.py", "registry.py", "sampling.py")
+        and not p.name.startswith("default_")
     )
 
 
@@ -146,11 +152,11 @@ def test_every_config_builds_and_takes_a_training_step(module):
     its own sampler."""
     import torch
 
-    import losses
-    from datasets import data_shape, get_data_scaler
     from models.utils import create_model
-    from training.loop import get_step_fns
-    from training.sampling import generate, get_sde, sampling_options
+    from score_sde import losses
+    from score_sde.datasets import data_shape, get_data_scaler
+    from score_sde.training.loop import get_step_fns
+    from score_sde.training.sampling import generate, get_sde, sampling_options
 
     config = importlib.import_module(module).get_config()
     config.device = "cpu"
@@ -175,3 +181,36 @@ def test_every_config_builds_and_takes_a_training_step(module):
     samples, info = generate(config, sde, model, tuple(x.shape), inverse_scaler=lambda y: y,
                              generator=torch.Generator().manual_seed(0))
     assert samples.shape == x.shape and torch.isfinite(samples).all() and info["nfe"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_carries_the_full_sampling_section(name):
+    """The reference's sampling keys and a key for every option of every registered sampler (by
+    its name or the reference's alias), so that any swap the README shows works on any config."""
+    import samplers
+    from configs.sampling import REFERENCE_KEYS
+    from score_sde.training.sampling import ALIASES
+
+    sampling = _load(name).sampling
+    missing = [k for k in REFERENCE_KEYS if k not in sampling]
+    for method in samplers.SAMPLERS.names():
+        missing += [f"{ALIASES.get(o, o)} ({method})" for o in samplers.option_defaults(method)
+                    if ALIASES.get(o, o) not in sampling]
+    assert not missing, f"{name}: config.sampling lacks {sorted(set(missing))}"
+
+
+def test_a_placeholder_option_is_left_to_the_sampler_and_a_set_one_is_passed():
+    from score_sde.training.sampling import sampling_options, sampling_record
+
+    config = _load("digits")
+    config.sampling.method = "ddim"
+    method, options = sampling_options(config)
+    assert method == "ddim" and "eta" not in options and options["nfe"] == 30
+    config.sampling.eta = 0.5
+    assert sampling_options(config)[1]["eta"] == 0.5
+    record = sampling_record(config, {"nfe": 30})
+    # the options as the sampler ran them, its own defaults filled in
+    assert record["options"] == {"eta": 0.5, "nfe": 30, "eps": 1e-3, "grid": "logsnr"}
+    # set for PC, which this method does not run: recorded as not applied
+    assert record["not_applied"]["predictor"] == config.sampling.predictor
+    assert "nfe" not in record["not_applied"] and "eta" not in record["not_applied"]

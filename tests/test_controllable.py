@@ -9,7 +9,6 @@ import pytest
 import torch
 from test_samplers_pc import RING, SDE_NAMES, Counter, assert_matches_exact, make_sde
 
-from oracle import GaussianMixture
 from samplers import sample
 from samplers.controllable import (
     COLOR_TRANSFORM,
@@ -21,6 +20,7 @@ from samplers.controllable import (
     inpaint,
 )
 from samplers.reference import get_pc_colorizer, get_pc_inpainter
+from score_sde.oracle import GaussianMixture
 
 F64 = torch.float64
 #: Independent coordinates: a one-component mixture with distinct means and stds.

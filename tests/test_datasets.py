@@ -8,6 +8,7 @@ import io
 import pickle
 import tarfile
 import urllib.error
+import zlib
 
 import ml_collections
 import numpy as np
@@ -15,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
-from datasets import cifar10, toy
-from datasets.base import ArrayDataset, DataIterator
+from score_sde import datasets
+from score_sde.datasets import cifar10, toy
+from score_sde.datasets.base import ArrayDataset, DataIterator
 
 
 def _config(**data):
@@ -142,6 +143,61 @@ def test_image_folder_errors_name_the_folder(tmp_path):
         datasets.get_dataset(config, "train")
     config.data.root = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="no .png/.jpg/.jpeg images"):
+        datasets.get_dataset(config, "train")
+
+
+def test_image_folder_reads_16_bit_pngs_at_their_depth(tmp_path):
+    """A 16-bit grey PNG (mode I;16) gives its levels k / 65535 in [0, 1], not convert('L')'s
+    clip at 255 (white); 8-bit folders are unchanged; the summary states the depth."""
+    ramp = np.arange(16, dtype=np.int64).reshape(4, 4) * 4369  # 0, 4369, ..., 65535
+    levels = {"ramp": ramp, "dark": ramp // 256, "flat": np.full((4, 4), 40000)}
+    folder16 = tmp_path / "grey16"
+    folder16.mkdir()
+    for name, k in levels.items():
+        Image.fromarray(k.astype(np.uint16)).save(folder16 / f"{name}.png")
+        assert Image.open(folder16 / f"{name}.png").mode == "I;16"
+    config = _config(dataset="folder", root=str(folder16), image_size=4, num_channels=1)
+    ds = datasets.get_dataset(config, "train")
+    assert ds.levels == 65536 and ds.bit_depth == 16
+    assert "16-bit (65536 levels)" in ds.summary() and "3 images" in ds.summary()
+    x = ds.as_float(torch.arange(3)).double()  # files sorted: dark, flat, ramp
+    expected = [levels[name] / 65535 for name in ("dark", "flat", "ramp")]
+    for image, k in zip(x, expected):
+        torch.testing.assert_close(image[0], torch.from_numpy(k), rtol=0, atol=1e-7)
+    batch = next(datasets.get_data_iterator(config, batch_size=3, train=False))
+    torch.testing.assert_close(datasets.get_data_scaler(config)(batch).double(),
+                               x * 2 - 1, rtol=0, atol=1e-6)  # model range [-1, 1]
+    # Grey to three channels at 16 bits, as 'RGB' does for 8-bit grey.
+    config3 = _config(dataset="folder", root=str(folder16), image_size=4, num_channels=3)
+    rgb = datasets.get_dataset(config3, "train").as_float(torch.arange(3)).double()
+    assert torch.equal(rgb, x.expand(-1, 3, -1, -1))
+    # 8-bit images of the same scene: uint8 levels / 255, as before.
+    folder8 = tmp_path / "grey8"
+    folder8.mkdir()
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(folder8 / "ramp.png")
+    config.data.root = str(folder8)
+    ds8 = datasets.get_dataset(config, "train")
+    assert ds8.levels == 256 and ds8.data.dtype == torch.uint8
+    assert "8-bit (256 levels)" in ds8.summary()
+    torch.testing.assert_close(ds8.as_float(torch.arange(1))[0, 0].double(),
+                               torch.from_numpy(ramp // 257 / 255), rtol=0, atol=1e-7)
+    # One depth per folder; 16-bit colour (decoded at 8 bits by Pillow) is refused.
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(folder16 / "z8.png")
+    config.data.root = str(folder16)
+    with pytest.raises(ValueError, match="mixed bit depth.*z8.png is 8-bit"):
+        datasets.get_dataset(config, "train")
+
+
+def test_image_folder_refuses_16_bit_colour(tmp_path):
+    rows = b"".join(b"\x00" + np.full((2, 3), 40000, ">u2").tobytes() for _ in range(2))
+    chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data  # noqa: E731
+                                + zlib.crc32(kind + data).to_bytes(4, "big"))
+    header = (2).to_bytes(4, "big") * 2 + bytes([16, 2, 0, 0, 0])  # 2x2, 16-bit RGB
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+           + chunk(b"IEND", b""))
+    (tmp_path / "rgb16.png").write_bytes(png)
+    config = _config(dataset="folder", root=str(tmp_path), image_size=2, num_channels=3)
+    with pytest.raises(ValueError, match="rgb16.png is a 16-bit colour image"):
         datasets.get_dataset(config, "train")
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation import digits_metric as dm
-from evaluation.metrics import feature_statistics, quantize_images
+from score_sde.evaluation import digits_metric as dm
+from score_sde.evaluation.metrics import feature_statistics, quantize_images
 
 
 @pytest.fixture(scope="module")

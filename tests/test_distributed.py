@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import REPO
 
-import losses
-from training import checkpoints, distributed
-from training.sampling import get_sde
+from score_sde import losses
+from score_sde.training import checkpoints, distributed
+from score_sde.training.sampling import get_sde
 
 # A tiny toy run. Adam with eps = 10 above every |gradient| acts like SGD, so a wrong gradient
 # scale (a sum over ranks instead of a mean, a missing 1/W) changes the result by a factor ~2
@@ -164,7 +164,7 @@ class _ToyConfig:
 
 
 def test_a_sharded_dataset_reads_only_its_rows_of_the_global_batch():
-    from datasets import ArrayDataset, DataIterator
+    from score_sde.datasets import ArrayDataset, DataIterator
 
     images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
     dataset = ArrayDataset(images, torch.zeros(40, dtype=torch.int64), levels=256)
@@ -222,7 +222,7 @@ def test_without_torchrun_there_is_no_process_group(monkeypatch):
 def _collectives_worker(rank, port, results):
     import torch.distributed as dist
 
-    from training.nonfinite import NonFiniteGuard
+    from score_sde.training.nonfinite import NonFiniteGuard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)

@@ -19,14 +19,14 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-import datasets
-import main
 import samplers
 import sde_lib
-from evaluation import inception, run
-from evaluation.inception import FID_WEIGHTS_NAME, FIDInceptionV3
-from training import checkpoints
-from training.loop import build, get_step_fns
+from score_sde import cli as main
+from score_sde import datasets
+from score_sde.evaluation import inception, run
+from score_sde.evaluation.inception import FID_WEIGHTS_NAME, FIDInceptionV3
+from score_sde.training import checkpoints
+from score_sde.training.loop import build, get_step_fns
 
 OVERRIDES = {"model.nf": 8, "sampling.nfe": 4, "eval.batch_size": 8, "eval.num_samples": 20,
              "eval.begin_ckpt": 1, "eval.end_ckpt": 1, "eval.enable_sampling": True,

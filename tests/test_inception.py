@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation import inception
-from evaluation.inception import (
+from models.checkpoint import CheckpointError
+from score_sde.evaluation import inception
+from score_sde.evaluation.inception import (
     FID_WEIGHTS_NAME,
     FID_WEIGHTS_URL,
     FIDInceptionV3,
@@ -21,8 +22,7 @@ from evaluation.inception import (
     load_fid_inception,
     preprocess,
 )
-from evaluation.metrics import quantize_images
-from models.checkpoint import CheckpointError
+from score_sde.evaluation.metrics import quantize_images
 
 BLOCKS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
           "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
@@ -306,7 +306,7 @@ def test_real_weights_known_outputs():
 
 
 def test_reference_statistics_are_cached_and_fid_of_the_same_set_is_zero(model, tmp_path):
-    from evaluation import fid
+    from score_sde.evaluation import fid
 
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "stats.npz"

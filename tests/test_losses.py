@@ -10,11 +10,11 @@ import torch
 from scipy import integrate
 from torch import nn
 
-import losses
 import sde_lib
 from models.ema import ExponentialMovingAverage
 from models.utils import get_score_fn
-from oracle import GaussianMixture
+from score_sde import losses
+from score_sde.oracle import GaussianMixture
 
 REFERENCE_SDES = {"VPSDE": sde_lib.VPSDE, "subVPSDE": sde_lib.subVPSDE, "VESDE": sde_lib.VESDE}
 ALL_SDES = [sde_lib.get_sde(name) for name in sde_lib.SDES.names()]  # every registered SDE

@@ -15,8 +15,8 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from training import checkpoints
-from training.loop import train
+from score_sde.training import checkpoints
+from score_sde.training.loop import train
 
 TINY_DIGITS = [  # a tiny DDPM++ on the 8x8 digits: a few steps, a few samples
     "--config=digits", "--config.model.nf=8", "--config.training.n_iters=4",
@@ -184,7 +184,7 @@ def test_a_resumed_run_reports_config_changes(tmp_path, caplog):
 
 
 def test_make_grid_tiles_images_row_major_with_padding():
-    from training.images import make_grid
+    from score_sde.training.images import make_grid
 
     images = torch.zeros(5, 1, 2, 3)
     for k in range(5):
@@ -200,8 +200,8 @@ def test_make_grid_tiles_images_row_major_with_padding():
 
 
 def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, monkeypatch):
-    import training.loop
 
+    from score_sde import training
     real = training.loop.get_step_fns
 
     def nan_at_step_2(config, sde):
@@ -227,8 +227,8 @@ def test_sampling_from_a_reference_checkpoint(tmp_path, reference_dir):
     import safetensors.torch
 
     from models.utils import get_score_fn
-    from training.inference import load_ema_model, run_sample
-    from training.sampling import get_sde
+    from score_sde.training.inference import load_ema_model, run_sample
+    from score_sde.training.sampling import get_sde
 
     record = json.loads((reference_dir / "ncsnpp_ve.json").read_text())
     config = importlib.import_module("configs.ve.cifar10_ncsnpp_continuous").get_config()
@@ -247,3 +247,42 @@ def test_sampling_from_a_reference_checkpoint(tmp_path, reference_dir):
     folder = run_sample(config, tmp_path, checkpoint=str(path), num_samples=2, progress=False)
     assert np.load(folder / "sample.npz")["samples"].shape == (2, 16, 16, 3)
     assert json.loads((folder / "info.json").read_text())["nfe"] == 3 * 2
+
+
+def test_sampler_swaps_on_digits_and_records_that_say_what_ran(tmp_path):
+    """The README's pc / ode / fast-sampler swaps work on ``digits`` as written, and each
+    ``info.json`` holds the counted NFE, every option as it ran, what the method ignored, the
+    checkpoint step, seed, device and versions."""
+    workdir = tmp_path / "run"
+    tiny = [*TINY_DIGITS, "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
+            f"--workdir={workdir}"]
+    run_main(*tiny)
+    swaps = {
+        "pc": (["--config.sampling.method=pc", "--config.sampling.predictor=reverse_diffusion",
+                "--config.sampling.corrector=langevin", "--config.sampling.N=5"],
+               5 * (1 + 1), {"N": 5, "predictor": "reverse_diffusion", "corrector": "langevin",
+                             "n_steps": 1, "snr": 0.16}),
+        "ode": (["--config.sampling.method=ode", "--config.sampling.solver=euler",
+                 "--config.sampling.steps=3"],
+                3 + 1, {"solver": "euler", "steps": 3, "denoise": True}),  # + noise_removal
+        "ddim": (["--config.sampling.method=ddim", "--config.sampling.eta=1.0"],
+                 4, {"eta": 1.0, "nfe": 4, "grid": "logsnr"}),
+    }
+    for method, (flags, nfe, options) in swaps.items():
+        folder = tmp_path / method
+        run_main(*tiny, *flags, "--mode=sample", "--num_samples=2", f"--eval_folder={folder}")
+        record = json.loads((folder / "samples_step_2" / "info.json").read_text())
+        assert record["nfe"] == record["sampling"]["nfe"] == nfe, method
+        assert record["sampling"]["method"] == method
+        assert options.items() <= record["sampling"]["options"].items(), record["sampling"]
+        assert (record["step"], record["seed"], record["device"]) == (2, 42, "cpu")
+        assert record["versions"]["torch"] == torch.__version__
+        if method != "pc":  # the digits config's PC keys are set, but not applied
+            assert record["sampling"]["not_applied"]["predictor"] == "euler_maruyama"
+        else:
+            assert record["sampling"]["not_applied"] == {"nfe": 4}
+    run_main(*tiny, "--mode=likelihood", "--max_images=2")
+    record = json.loads((workdir / "eval" / "likelihood_test_step_2.json").read_text())
+    assert record["likelihood"]["rtol"] == record["likelihood"]["atol"] == 1e-2
+    assert record["likelihood"]["divergence"] == "rademacher" and record["nfe"] > 0
+    assert (record["step"], record["seed"], record["device"]) == (2, 42, "cpu")

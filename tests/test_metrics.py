@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.metrics import (
+from score_sde.evaluation.metrics import (
     fid_from_features,
     frechet_distance,
     inception_score,

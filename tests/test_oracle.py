@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sde_lib
-from oracle import GaussianMixture
+from score_sde.oracle import GaussianMixture
 
 SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(), sde_lib.CosineVPSDE()]
 

@@ -9,9 +9,14 @@ import pytest
 import torch
 
 import sde_lib
-from evaluation import records
-from evaluation.records import evaluation_record, read_record, sample_for_eval, write_record
 from samplers.base import SAMPLERS, Sampler
+from score_sde.evaluation import records
+from score_sde.evaluation.records import (
+    evaluation_record,
+    read_record,
+    sample_for_eval,
+    write_record,
+)
 
 # Data N(0, I) under the VP SDE stays N(0, I) at every t, so the exact score is -x.
 SDE = sde_lib.VPSDE()

@@ -17,11 +17,12 @@ import pytest
 import torch
 from conftest import REPO
 
-import utils.io
 from models.checkpoint import safe_load
-from training import checkpoints, distributed, loop, validation
-from training.checkpoints import CheckpointWriteError
-from training.loop import train
+from score_sde import utils
+from score_sde.training import checkpoints, distributed, loop, validation
+from score_sde.training.checkpoints import CheckpointWriteError
+from score_sde.training.loop import train
+from score_sde.training.nonfinite import NonFiniteGuard
 
 STEPS = 150
 TOY = [
@@ -218,6 +219,89 @@ def test_skip_nonfinite_skips_the_step_and_finishes(tmp_path, monkeypatch, caplo
     assert "step 3: non-finite gradient, step skipped (1 so far)" in caplog.text
     assert state["step"] == 6
     _assert_finite_checkpoint(checkpoints.meta_path(tmp_path), 6)
+
+
+def _poison_from(monkeypatch, first_batch):
+    """Every training batch from the ``first_batch``-th (1-based) on holds a NaN."""
+    real_build = loop.build
+
+    def build(config):
+        state, sde = real_build(config)
+        iterator = state["iterators"]["train"]
+
+        class Poisoned:
+            count = 0
+
+            def __next__(self):
+                Poisoned.count += 1
+                batch = next(iterator)
+                if Poisoned.count >= first_batch:
+                    batch = batch.clone()
+                    batch[0, 0] = float("nan")
+                return batch
+
+            def state_dict(self):
+                return iterator.state_dict()
+
+            def load_state_dict(self, s):
+                iterator.load_state_dict(s)
+
+        state["iterators"]["train"] = Poisoned()
+        return state, sde
+
+    monkeypatch.setattr(loop, "build", build)
+
+
+def test_skipping_stops_once_too_many_recent_steps_were_skipped(tmp_path, monkeypatch):
+    _poison_from(monkeypatch, first_batch=3)  # steps 3, 4, ... are skipped
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 12; the "
+                       r"run stopped before writing a checkpoint of it \(10 of the last 12 steps "
+                       r"were skipped, more than config.training.max_skip_fraction=0.01\)"):
+        train(_tiny(40, skip_nonfinite=True), tmp_path, progress=False)
+    _assert_finite_checkpoint(checkpoints.meta_path(tmp_path), 10)  # the last even step
+
+
+def _guarded_optimizer(max_skip_fraction):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    state = {"step": 0}
+    NonFiniteGuard("cpu", skip=True, max_skip_fraction=max_skip_fraction).protect(
+        optimizer, state)
+
+    def take(bad):
+        param.grad = torch.full((1,), float("nan") if bad else 1.0)
+        optimizer.step()
+        state["step"] += 1
+
+    return take, param
+
+
+def test_the_skip_cap_counts_the_last_1000_steps_and_at_least_10_skips():
+    take, param = _guarded_optimizer(0.01)
+    for _ in range(990):
+        take(False)
+    for _ in range(10):  # 10 of the last 1000: not more than 1%
+        take(True)
+    with pytest.raises(FloatingPointError, match="at step 1001;.*11 of the last 1000 steps"):
+        take(True)  # the window dropped a good step: 11 of 1000
+    assert float(param.detach()) == pytest.approx(-0.1 * 990, rel=1e-4)  # skips: no update
+
+    take, _ = _guarded_optimizer(0.01)
+    for _ in range(9):  # 9 of 9 steps: fewer than 10 skips never stop a run
+        take(True)
+    with pytest.raises(FloatingPointError, match="at step 10;.*10 of the last 10 steps"):
+        take(True)
+
+    take, _ = _guarded_optimizer(1.0)  # a fraction of 1 never stops
+    for _ in range(20):
+        take(True)
+
+
+def test_max_skip_fraction_is_validated():
+    config = _tiny(skip_nonfinite=True, max_skip_fraction=1.5)
+    with pytest.raises(ValueError, match=r"config.training.max_skip_fraction must be a number in "
+                                         r"\[0.0, 1.0\], got 1.5"):
+        validation.validate_config(config)
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):

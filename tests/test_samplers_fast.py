@@ -13,7 +13,6 @@ import pytest
 import torch
 import torchdiffeq
 
-import oracle
 import samplers
 import sde_lib
 from samplers import SAMPLERS, sample
@@ -21,6 +20,7 @@ from samplers.adaptive import AdaptiveSDE
 from samplers.dpm_solver import DPMSolver, _weights, phi
 from samplers.fast_base import FastSampler
 from samplers.grids import TIME_GRIDS, get_time_grid
+from score_sde import oracle
 
 EPS = 1e-3
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE()}

@@ -27,7 +27,6 @@ import torch
 from scipy.stats import chi2
 
 import sde_lib
-from oracle import GaussianMixture
 from samplers import SAMPLERS, sample
 from samplers.ode import ode_flow
 from samplers.pc import (
@@ -40,6 +39,7 @@ from samplers.pc import (
     pc_time_grid,
 )
 from samplers.reference import get_pc_sampler, get_sampling_fn
+from score_sde.oracle import GaussianMixture
 
 F64 = torch.float64
 SDE_NAMES = ["vp", "subvp", "ve"]

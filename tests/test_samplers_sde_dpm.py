@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_samplers_fast import SDES, _compare, _exact
 
-import oracle
 from samplers import sample
 from samplers.sde_dpm_solver import sde_weights
+from score_sde import oracle
 
 NAMES = ["dpm_solver++_2m_sde", "dpm_solver++_3m_sde"]
 

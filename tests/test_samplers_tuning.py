@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-import oracle
 import sde_lib
 from samplers import CountingScore, sample, tune_time_grid
 from samplers.grids import get_time_grid
+from score_sde import oracle
 
 EPS = 1e-3
 F64 = torch.float64

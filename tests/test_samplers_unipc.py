@@ -14,12 +14,12 @@ import pytest
 import torch
 import torchdiffeq
 
-import oracle
 import sde_lib
 from samplers import SAMPLERS, sample
 from samplers.dpm_solver import _weights
 from samplers.grids import get_time_grid
 from samplers.unipc import UniPC, unipc_weights
+from score_sde import oracle
 
 EPS = 1e-3
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE()}

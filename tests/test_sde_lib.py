@@ -307,3 +307,97 @@ def test_constructor_accepts_any_real_number_but_not_bool():
     assert (sde.beta_0, sde.beta_1) == (0.5, 10.0)
     with pytest.raises(ValueError, match="sigma_min.*True"):
         sde_lib.VESDE(sigma_min=True)
+
+
+# -- discrete steps in float64 ---------------------------------------------------------------------
+
+# Indices n = floor(t (N - 1) / T) with t a quarter step past n (safe from rounding), and t = T.
+STEP_INDICES = [0, 1, 2, 10, 500, 998]
+N_STEPS = 1000
+
+
+def _step_times(dtype):
+    t = [(n + 0.25) / (N_STEPS - 1) for n in STEP_INDICES] + [1.0]
+    return torch.tensor(t, dtype=dtype), [*STEP_INDICES, N_STEPS - 1]
+
+
+def _step_state(dtype):
+    x = torch.tensor([0.3, -1.7, 2.5, 1.0, -0.4, 0.9, -2.2], dtype=torch.float64)
+    return x.reshape(-1, 1).expand(-1, 2).mul(torch.tensor([1.0, -0.5], dtype=torch.float64)
+                                               ).to(dtype)  # (7, 2)
+
+
+def _closed_form_step(name, t, n, x):
+    """(f, G) of one forward step at times t (list) and indices n (list), state x (B, 2) numpy
+    float64, from the schedule formulas with math (no torch, no tables)."""
+    if name == "vesde":  # SMLD: sigma_n = s_min (s_max / s_min)^(n / (N - 1)), sigma_{-1} = 0
+        s_min, s_max = 0.01, 50.0
+        spacing = math.log(s_max / s_min) / (N_STEPS - 1)
+        sigma = [s_min * math.exp(k * spacing) for k in n]
+        # sigma_n^2 - sigma_{n-1}^2 = sigma_n^2 (1 - exp(-2 spacing)): no cancellation.
+        G = [s if k == 0 else s * math.sqrt(-math.expm1(-2 * spacing)) for s, k in zip(sigma, n)]
+        return np.zeros_like(x), np.array(G)
+    b0, b1 = 0.1, 20.0
+    if name == "vpsde":  # DDPM: beta_n = b0 / N + n (b1 - b0) / (N (N - 1))
+        beta = [b0 / N_STEPS + k * (b1 - b0) / (N_STEPS * (N_STEPS - 1)) for k in n]
+        # sqrt(1 - beta) - 1 = expm1(log1p(-beta) / 2)
+        f = [math.expm1(0.5 * math.log1p(-b)) for b in beta]
+        return np.array(f)[:, None] * x, np.sqrt(np.array(beta))
+    # sub-VP, Euler-Maruyama with dt = 1 / N: f = -beta(t) x dt / 2, G = g(t) sqrt(dt) (eq. 12)
+    dt = 1.0 / N_STEPS
+    beta = [b0 + s * (b1 - b0) for s in t]
+    integral = [b0 * s + 0.5 * s * s * (b1 - b0) for s in t]
+    g = [math.sqrt(b * -math.expm1(-2 * i)) for b, i in zip(beta, integral)]
+    return -0.5 * dt * np.array(beta)[:, None] * x, np.array(g) * math.sqrt(dt)
+
+
+def _assert_relative(ours, ref, rtol, what):
+    ref = torch.as_tensor(ref, dtype=torch.float64)
+    scale = ref.abs().clamp(min=1e-300)
+    err = ((ours.double() - ref).abs() / scale).max().item()
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("name", ["vesde", "vpsde", "subvpsde"])
+def test_discrete_steps_are_exact_in_float64(name):
+    """Forward discretisation (SMLD eq. 8 / DDPM eq. 2 / Euler-Maruyama) and the reverse-diffusion
+    step f - G^2 score (eq. 46) in float64 to 1e-12 of the closed forms. The float32 tables gave
+    1e-6 (VE, cancellation in sigma_n^2 - sigma_{n-1}^2) and 1e-3 (DDPM drift
+    sqrt(alpha_n) x - x near n = 0) relative errors."""
+    sde = _build(name)
+    assert sde.N == N_STEPS
+    t, n = _step_times(torch.float64)
+    x = _step_state(torch.float64)
+    f_ref, G_ref = _closed_form_step(name, t.tolist(), n, x.numpy())
+    f, G = sde.discretize(x, t)
+    assert f.dtype == G.dtype == torch.float64
+    if name == "vesde":
+        assert torch.equal(f, torch.zeros_like(x))
+    else:
+        _assert_relative(f, f_ref, 1e-12, f"{name} f")
+    _assert_relative(G, G_ref, 1e-12, f"{name} G")
+    score = _ref_score(x, t)
+    rev_f, rev_G = sde.reverse(_ref_score).discretize(x, t)
+    rev_f_ref = f_ref - G_ref[:, None] ** 2 * score.numpy()
+    _assert_relative(rev_f, rev_f_ref, 1e-12, f"{name} reverse f")
+    _assert_relative(rev_G, G_ref, 1e-12, f"{name} reverse G")
+    # float32 in, float32 out, within float32 accuracy (VE: the entries' rounding, amplified).
+    f32, G32 = sde.discretize(x.float(), t.float())
+    assert f32.dtype == G32.dtype == torch.float32
+    _assert_relative(G32, G_ref, 1e-4 if name == "vesde" else 1e-6, f"{name} float32 G")
+    if name != "vesde":
+        _assert_relative(f32, f_ref, 1e-6, f"{name} float32 f")
+
+
+def test_discrete_tables_are_float64_and_cast_on_use():
+    """Tables are kept in float64; a float32 request gets the table rounded once, cached per
+    (device, dtype), so a device without float64 (MPS) never receives a float64 buffer."""
+    for sde, name in ((sde_lib.VPSDE(), "sqrt_1m_alphas_cumprod"),
+                      (sde_lib.CosineVPSDE(), "discrete_betas"),
+                      (sde_lib.VESDE(), "discrete_sigmas")):
+        table = getattr(sde, name)
+        assert table.dtype == torch.float64
+        as32 = sde.discrete_table(name, "cpu", torch.float32)
+        assert as32.dtype == torch.float32 and torch.equal(as32, table.float())
+        assert sde.discrete_table(name, "cpu", torch.float32) is as32
+        assert sde.discrete_table(name, "meta", torch.float32).dtype == torch.float32

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from utils import Registry, append_dims, as_batch_time, atomic_write_bytes, batch_mul
+from score_sde.utils import Registry, append_dims, as_batch_time, atomic_write_bytes, batch_mul
 
 
 def test_registry_names_the_unknown_value_and_the_choices():

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import cifar10
 from models.checkpoint import CheckpointError
-from training import checkpoints, validation
-from training.loop import build, train
-from training.validation import DatasetError
+from score_sde.datasets import cifar10
+from score_sde.training import checkpoints, validation
+from score_sde.training.loop import build, train
+from score_sde.training.validation import DatasetError
 
 OUR_CONFIG_ERRORS = (TypeError, ValueError)
 
@@ -388,7 +388,7 @@ def test_validate_run_checks_mode_config_data_and_the_resume_checkpoint(trained,
 def test_fuzz_corrupted_images_are_refused_or_decode(tmp_path, monkeypatch):
     """PIL's ``verify`` passes many damaged JPEGs; validation decodes each file once, so every
     image it accepts also decodes in training."""
-    from datasets.folder import load_image
+    from score_sde.datasets.folder import load_image
 
     folder = tmp_path / "images"
     folder.mkdir()

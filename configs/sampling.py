@@ -1,0 +1,63 @@
+"""The ``sampling`` section every config carries (pure data, no imports of ours).
+
+The reference's keys (``method``, ``predictor``, ``corrector``, ``snr``, ``n_steps_each``,
+``probability_flow``, ``noise_removal``) with the reference's values, plus one key per option of
+the fast samplers. Those are typed placeholders whose ``None`` means "the sampler's own default"
+(``samplers.sample`` documents them), so that ``--config.sampling.<key>=value`` can set any of them
+on any config and a swap of ``--config.sampling.method`` needs no other change.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+#: the reference's sampling keys (yang-song/score_sde_pytorch configs/default_*_configs.py)
+REFERENCE_KEYS = ('method', 'predictor', 'corrector', 'snr', 'n_steps_each', 'probability_flow',
+                  'noise_removal')
+
+#: the fast samplers' options: key -> type (None = the sampler's default)
+FAST_SAMPLER_OPTIONS = {
+    'nfe': int,                  # score-evaluation budget (fast samplers, adaptive's cap)
+    'grid': str,                 # time grid name: uniform, karras, logsnr, quadratic
+    'eps': float,                # last time (default: 1e-5 for VE, 1e-3 otherwise)
+    'N': int,                    # PC steps (default: the SDE's N, model.num_scales)
+    'lower_order_final': bool,   # DPM-Solver / UniPC: lower order on the last steps
+    'eta': float,                # DDIM stochasticity
+    'churn': float,              # EDM Heun: S_churn
+    's_noise': float,
+    's_tmin': float,
+    's_tmax': float,
+    'solver': str,               # ode: torchdiffeq method or euler / midpoint / rk4
+    'steps': int,                # ode: fixed-step count
+    'rtol': float,               # ode / adaptive tolerances
+    'atol': float,
+    'h_init': float,             # adaptive (Jolicoeur-Martineau et al. 2021)
+    'theta': float,
+    'r': float,
+    'check_every': int,
+    'memory_depth': int,
+}
+
+
+def add_fast_sampler_options(sampling: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add every fast-sampler option ``sampling`` lacks, as a typed ``None`` placeholder."""
+    for key, kind in FAST_SAMPLER_OPTIONS.items():
+        if key not in sampling:
+            sampling[key] = placeholder(kind)
+    return sampling
+
+
+def get_sampling_config(method='pc', predictor='euler_maruyama', corrector='none', snr=0.16,
+                        n_steps_each=1, probability_flow=False, noise_removal=True, **options):
+    """A full sampling section: the reference's keys (its CIFAR-10 VP values by default), then
+    ``options`` (e.g. ``nfe=30``) and a placeholder for every other fast-sampler option."""
+    sampling = ml_collections.ConfigDict()
+    sampling.method = method
+    sampling.predictor = predictor
+    sampling.corrector = corrector
+    sampling.snr = snr
+    sampling.n_steps_each = n_steps_each
+    sampling.probability_flow = probability_flow
+    sampling.noise_removal = noise_removal
+    for key, value in options.items():
+        sampling[key] = value
+    return add_fast_sampler_options(sampling)

@@ -1,0 +1,250 @@
+"""Command line of the toolkit (the reference's ``main.py``): flags -> config -> dispatch.
+
+Run as ``python main.py ...`` from a checkout or as ``score-sde ...`` (installed) from
+anywhere; both call :func:`run`.
+
+    python main.py --config digits --mode train --workdir runs/digits
+    python main.py --config configs/vp/cifar10_ddpmpp_continuous.py --mode train \\
+        --workdir runs/vp_cifar --config.training.batch_size=64
+    python main.py --config digits --mode sample --workdir runs/digits
+    python main.py --config digits --mode likelihood --workdir runs/digits
+    python main.py --config digits --mode eval --workdir runs/digits
+    torchrun --standalone --nproc_per_node 4 main.py --config vp_cifar --workdir runs/vp_cifar
+
+Under ``torchrun`` training is data-parallel (``training.distributed``): the global batch
+``training.batch_size`` is split over the processes; rank 0 logs and writes checkpoints.
+
+``--config`` takes a short name (see ``configs/registry.py``) or a config file path;
+``--config.<section>.<key>=value`` overrides any existing key (a misspelt key is an error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from absl import app, flags
+from ml_collections import config_flags
+
+import configs
+from configs.registry import CONFIGS, module_path
+from models.checkpoint import CheckpointError
+from score_sde.utils import Registry
+
+#: the folder holding the ``configs`` package (the repository, in a checkout)
+REPO = Path(configs.__file__).resolve().parent.parent
+FLAGS = flags.FLAGS
+CONFIG_NAMES = Registry("config")
+for _name, _module in CONFIGS.items():
+    CONFIG_NAMES.register(_name)(_module)
+
+
+class NamedConfigParser(flags.ArgumentParser):
+    """Parses ``--config``: resolves a short name or path, then loads it with ml_collections'
+    own config-file parser (``inner``)."""
+
+    def __init__(self, inner: flags.ArgumentParser) -> None:
+        self.inner = inner
+
+    def parse(self, argument):
+        """Load the config ``argument`` names (``name`` or ``file.py``, optionally ``:arg``)."""
+        file, sep, arg = argument.partition(":")
+        return self.inner.parse(str(resolve_config_path(file)) + sep + arg)
+
+    def flag_type(self):
+        """Shown in ``--help``."""
+        return "config name or file"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config file from a short name (``vp_cifar``) or a path, relative to the working
+    directory or the repository (``configs/vp/cifar10_ddpmpp_continuous.py``).
+
+    Raises:
+        ValueError: neither a known name nor an existing file (the message lists the names).
+    """
+    if name_or_path in CONFIG_NAMES:
+        return REPO / module_path(name_or_path)
+    path = Path(name_or_path)
+    for candidate in (path, REPO / path):
+        if candidate.suffix == ".py" and candidate.is_file():
+            return candidate
+    CONFIG_NAMES.get(name_or_path)  # raises "Unknown config ...; valid: ..."
+    raise AssertionError("unreachable")
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Experiment config: a short name (" + ", ".join(CONFIG_NAMES.names()) + ") or a config "
+    "file such as configs/vp/cifar10_ddpmpp_continuous.py. Override any key with "
+    "--config.<section>.<key>=value, e.g. --config.training.batch_size=64; unknown keys fail.",
+    lock_config=True,
+)
+FLAGS["config"].parser = NamedConfigParser(FLAGS["config"].parser)
+flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, TensorBoard logs, "
+                    "the resolved config.json, stdout.txt and train.lock (held while training).")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "eval"],
+                  "train: train (resuming from the preemption checkpoint in --workdir; one "
+                  "training run per workdir, others are refused); sample: "
+                  "write a PNG grid and .npz of samples; likelihood: bits/dim of a dataset "
+                  "split with per-image values; eval: loss, bits/dim and sample quality "
+                  "(FID/IS/KID, or FDD for digits) of checkpoints config.eval.begin_ckpt.."
+                  "end_ckpt, resumable.")
+flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outputs of the "
+                    "sample, likelihood and eval modes.")
+flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
+                    "'meta' = the preemption checkpoint, n = checkpoints/checkpoint_n.pth, or a "
+                    "file path (a training checkpoint .pth, ours or the reference's, or a "
+                    ".safetensors state dict used as is). Weights with NaN/inf values or of a "
+                    "non-float dtype are refused.")
+flags.DEFINE_integer("num_samples", 64, "sample: number of samples (drawn in batches of "
+                     "config.eval.batch_size).", lower_bound=1)
+flags.DEFINE_string("split", "", "likelihood: dataset split ('train' or 'test'); default "
+                    "config.eval.bpd_dataset.")
+flags.DEFINE_integer("max_images", 0, "likelihood: evaluate only the first n images of the "
+                     "split (0 = all).", lower_bound=0)
+flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelt ``--config.<key>`` override reported as a flag error
+    (ml_collections raises AttributeError/KeyError from deep inside) instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError) as e:
+        overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
+        text = re.sub(r"(\\n|[\\'\"\s])+", " ", str(e)).strip()
+        hint = re.search(r"Did you mean (\S+) instead of (\S+) ?\?", text)
+        key = hint.group(2) if hint else text.split(" ")[0]
+        bad = " ".join(a for a in overrides if re.search(rf"\.{re.escape(key)}(\.|=|$)", a))
+        message = f"unknown config key '{key}' in {bad or ' '.join(overrides)}"
+        if hint:
+            message += f"; did you mean '{hint.group(1)}'?"
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+def resolve_device(config) -> None:
+    """Replace ``config.device = 'auto'`` by the device to use (CUDA when available) and apply
+    ``config.num_threads`` (CPU threads; absent or 0 = torch's default)."""
+    if config.device == "auto":
+        config.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(config.device)  # an invalid name fails here, before any work
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise app.UsageError(f"config.device={config.device!r} but CUDA is not available; "
+                             "use 'auto' or 'cpu'")
+    if config.get("num_threads", 0):
+        torch.set_num_threads(config.num_threads)
+
+
+def _log_to_file(workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "stdout.txt")
+    handler.setFormatter(logging.Formatter("%(levelname)s - %(filename)s - %(asctime)s - "
+                                           "%(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def run_train(config, workdir: Path) -> None:
+    """``--mode train``."""
+    from score_sde.training.loop import train
+
+    train(config, workdir, progress=FLAGS.progress)
+
+
+def run_sample(config, workdir: Path) -> None:
+    """``--mode sample``."""
+    from score_sde.training.inference import run_sample
+
+    run_sample(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
+               num_samples=FLAGS.num_samples, progress=FLAGS.progress)
+
+
+def run_likelihood(config, workdir: Path) -> None:
+    """``--mode likelihood``."""
+    from score_sde.training.inference import run_likelihood
+
+    run_likelihood(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
+                   split=FLAGS.split, max_images=FLAGS.max_images, progress=FLAGS.progress)
+
+
+def eval_inputs(config, workdir: Path):
+    """What ``--mode eval`` takes from the training side (``evaluation.run.Trained``): joined
+    here because ``evaluation`` and ``training`` are sibling layers."""
+    from score_sde.evaluation.run import Trained
+    from score_sde.training.checkpoints import list_snapshots
+    from score_sde.training.inference import load_ema_model
+    from score_sde.training.loop import get_step_fns
+    from score_sde.training.sampling import get_sde, sampling_options
+
+    sde = get_sde(config)
+    method, options = sampling_options(config)
+    return Trained(sde=sde, snapshots=list_snapshots(workdir),
+                   load_model=lambda path: load_ema_model(config, path),
+                   eval_step=get_step_fns(config, sde)[1], method=method, options=options)
+
+
+def run_eval(config, workdir: Path) -> None:
+    """``--mode eval``."""
+    from score_sde.evaluation.run import evaluate
+
+    evaluate(config, eval_inputs(config, workdir), workdir, FLAGS.eval_folder,
+             progress=FLAGS.progress)
+
+
+RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
+           "eval": run_eval}
+
+
+def main(argv):
+    """Resolve the device, join torchrun's process group (if launched by torchrun), validate the
+    config, data and checkpoints, seed once, then run ``--mode``; user errors end with one line.
+    """
+    from score_sde.training import distributed, validation
+    from score_sde.training.lock import WorkdirLockedError
+    from score_sde.utils import WriteError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    resolve_device(config)
+    ctx = distributed.setup(config)  # one process per device; rank 0 logs and writes
+    torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))  # seeds applied once, here
+    workdir = Path(FLAGS.workdir)
+    if ctx.is_main:
+        _log_to_file(workdir)
+    try:
+        try:
+            validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
+        except (ValueError, TypeError) as e:  # config values, DatasetError, CheckpointError
+            _fail(e)
+        RUNNERS[FLAGS.mode](config, workdir)
+    except (FileNotFoundError, NotImplementedError, CheckpointError, validation.DatasetError,
+            FloatingPointError, WriteError, WorkdirLockedError) as e:  # WriteError: a full disk
+        _fail(e)
+    finally:
+        distributed.cleanup()
+
+
+def _fail(error: Exception) -> None:
+    logging.error("%s", error)  # one line on stderr and in stdout.txt, no traceback
+    sys.exit(1)
+
+
+def run() -> None:
+    """Entry point of ``python main.py`` and of the installed ``score-sde`` command."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorBoard's optional TensorFlow
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,408 @@
+"""``main.py --mode eval``: loss, bits/dim and sample quality of numbered checkpoints, resumable.
+
+As the reference's ``run_lib.evaluate``, for each ``checkpoints/checkpoint_{n}.pth`` with
+``config.eval.begin_ckpt <= n <= config.eval.end_ckpt`` (EMA weights, read weights-only):
+
+* ``enable_loss``: the evaluation loss (``losses.get_step_fn(train=False)``) over one ordered pass
+  of the test split in batches of ``eval.batch_size``;
+* ``enable_bpd``: bits/dim of every image of ``eval.bpd_dataset`` (``likelihood.bits_per_dim``,
+  ODE tolerances ``eval.rtol`` / ``eval.atol`` when present), averaged with its standard error;
+  per-image values in ``<eval_folder>/bpd_ckpt_{n}_{split}.npz``;
+* ``enable_sampling``: ``eval.num_samples`` samples with ``config.sampling`` (sample k from seed
+  ``config.seed + k``), scored with the digits metric (FDD, classifier score) for the embedded
+  digits and with FID / Inception score / KID against the training split otherwise.
+
+Sample batches go to ``<eval_folder>/ckpt_{n}/samples_*.npz`` as they are drawn
+(``records.sample_for_eval``), so an interrupted run resumes inside a checkpoint; each finished
+checkpoint gets ``<eval_folder>/record_ckpt_{n}.json`` (``records.evaluation_record``) and a rerun
+skips checkpoints that have one (delete it to evaluate again). The Inception weights and
+reference statistics are loaded before any checkpoint is touched, so a missing weights file fails
+at once rather than after hours of sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import likelihood
+import sde_lib
+from models.utils import get_score_fn
+from score_sde import datasets
+from score_sde.evaluation import digits_metric, fid, inception, metrics, records
+from score_sde.utils import InverseScaler, ScoreFn
+
+log = logging.getLogger(__name__)
+
+EVAL_KEYS = ("begin_ckpt", "end_ckpt", "batch_size", "enable_sampling", "num_samples",
+             "enable_loss", "enable_bpd", "bpd_dataset")
+#: ``on_batch(samples)`` taps the sample stream of a checkpoint (tests use it to interrupt a run)
+BatchHook = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What an evaluation takes from the training side, built from the config by
+    ``main.eval_inputs`` (``evaluation`` and ``training`` are sibling layers: neither imports
+    the other).
+
+    Attributes:
+        sde: the SDE the model was trained with.
+        snapshots: the workdir's numbered checkpoints (n, path), ascending.
+        load_model: ``path -> (model with the EMA weights in eval mode, step)``, weights-only.
+        eval_step: ``losses.get_step_fn(train=False)`` with the config's loss options.
+        method, options: the sampler and its options from ``config.sampling``.
+    """
+
+    sde: sde_lib.SDE
+    snapshots: list[tuple[int, Path]]
+    load_model: Callable[[Path], tuple[nn.Module, int]]
+    eval_step: Callable[..., torch.Tensor]
+    method: str
+    options: dict[str, Any]
+
+
+def check_eval_config(config) -> None:
+    """Check ``config.eval`` before any work: every key of :data:`EVAL_KEYS` present, sizes
+    positive, ``begin_ckpt <= end_ckpt``.
+
+    Raises:
+        ValueError: naming the missing keys or the bad value.
+    """
+    missing = [k for k in EVAL_KEYS if k not in config.eval]
+    if missing:
+        raise ValueError(f"--mode eval needs config.eval.{{{', '.join(missing)}}}; add them to "
+                         "the config (see configs/digits.py) or pass --config.eval.<key>=...")
+    e = config.eval
+    for key in ("batch_size", "num_samples", "begin_ckpt", "end_ckpt"):
+        if not isinstance(e[key], int) or e[key] < (0 if key.endswith("ckpt") else 1):
+            raise ValueError(f"config.eval.{key} must be a positive int, got {e[key]!r}")
+    if e.begin_ckpt > e.end_ckpt:
+        raise ValueError(f"config.eval.begin_ckpt={e.begin_ckpt} > end_ckpt={e.end_ckpt}")
+
+
+def record_path(workdir: str | Path, eval_folder: str, n: int) -> Path:
+    """``workdir/eval_folder/record_ckpt_{n}.json``: the record of checkpoint n."""
+    return Path(workdir) / eval_folder / f"record_ckpt_{n}.json"
+
+
+def checkpoints_to_evaluate(config, snapshots: list[tuple[int, Path]],
+                            workdir: str | Path) -> list[tuple[int, Path]]:
+    """The snapshots (n, path) with ``eval.begin_ckpt <= n <= eval.end_ckpt``.
+
+    Raises:
+        FileNotFoundError: none in the range (the message lists the snapshots there are).
+    """
+    chosen = [(n, p) for n, p in snapshots if config.eval.begin_ckpt <= n <= config.eval.end_ckpt]
+    if not chosen:
+        raise FileNotFoundError(
+            f"no checkpoint checkpoints/checkpoint_{{n}}.pth with "
+            f"{config.eval.begin_ckpt} <= n <= {config.eval.end_ckpt} in {workdir} (found: "
+            f"{', '.join(str(n) for n, _ in snapshots) or 'none'}); set "
+            "--config.eval.begin_ckpt / end_ckpt or train first")
+    absent = sorted(set(range(config.eval.begin_ckpt, config.eval.end_ckpt + 1))
+                    - {n for n, _ in chosen})
+    if absent and len(absent) <= 20:
+        log.warning("checkpoints %s not in %s; skipped", absent, workdir)
+    return chosen
+
+
+# -- sample-quality scorers: reset per checkpoint, fed batch by batch, then read ------------------
+
+
+class DigitsScorer:
+    """Fréchet Digits Distance and classifier score (``evaluation.digits_metric``) of samples."""
+
+    metric = "digits"
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous checkpoint's samples."""
+        self.images: list[torch.Tensor] = []
+
+    def update(self, images: torch.Tensor) -> None:
+        """Add quantised images (B, 1, H, W) in [0, 1]."""
+        self.images.append(images)
+
+    def result(self) -> dict:
+        """``fdd`` and ``classifier_score`` of all images so far."""
+        return digits_metric.evaluate_digits(torch.cat(self.images))
+
+    def info(self) -> dict:
+        """What the numbers depend on: the classifier file (its metadata and sha256)."""
+        return {"name": self.metric, "classifier": digits_metric.classifier_info()}
+
+
+class InceptionScorer:
+    """FID, Inception score and KID (``evaluation.fid``) against a reference set's pool3
+    features: their statistics ``(mu, sigma)`` and the features (M, 2048) themselves for KID."""
+
+    metric = "inception"
+
+    def __init__(self, model: nn.Module, reference: tuple[np.ndarray, np.ndarray],
+                 features: np.ndarray, batch_size: int, reference_name: str) -> None:
+        self.model, self.reference, self.reference_features = model, reference, features
+        self.batch_size, self.reference_name = batch_size, reference_name
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous checkpoint's features."""
+        self.feats: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+
+    def update(self, images: torch.Tensor) -> None:
+        """Pool3 features and class probabilities of quantised images (B, C, H, W) in [0, 1];
+        only these are kept (float32), never the images."""
+        f, p = inception.inception_outputs(self.model, images, batch_size=self.batch_size)
+        self.feats.append(f.float())
+        self.probs.append(p.float())
+
+    def result(self) -> dict:
+        """``fid``, ``inception_score`` (+ std over 10 splits) and ``kid`` (+ std)."""
+        feats = torch.cat(self.feats).double()
+        probs = torch.cat(self.probs).double()
+        probs = probs / probs.sum(dim=1, keepdim=True)  # undo the float32 round-off of the sums
+        is_mean, is_std = metrics.inception_score(probs, num_splits=min(10, len(probs)))
+        kid, kid_std = metrics.kernel_inception_distance(feats, self.reference_features)
+        fid_value = metrics.frechet_distance(*metrics.feature_statistics(feats), *self.reference)
+        return {"fid": fid_value,
+                "inception_score": is_mean, "inception_score_std": is_std,
+                "kid": kid, "kid_std": kid_std}
+
+    def info(self) -> dict:
+        """What the numbers depend on: the reference set (name, size) and the weights file."""
+        return {"name": self.metric, "reference": self.reference_name,
+                "num_reference": len(self.reference_features),
+                "weights": inception.FID_WEIGHTS_NAME,
+                "weights_sha256": inception.FID_WEIGHTS_SHA256}
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    records.atomic_write_bytes(path, buffer.getvalue())
+
+
+def reference_name(config) -> str:
+    """Cache name of the reference set: ``cifar10_train`` for 32x32 CIFAR-10 (the papers'
+    reference), else the dataset, size and a hash of ``config.data``."""
+    if config.data.dataset == "CIFAR10" and config.data.image_size == 32:
+        return "cifar10_train"
+    digest = hashlib.sha256(json.dumps(config.data.to_dict(), sort_keys=True,
+                                       default=str).encode()).hexdigest()[:8]
+    return f"{config.data.dataset.lower()}_{config.data.image_size}_{digest}_train"
+
+
+def _reference_features(config, model, batch_size: int) -> tuple[np.ndarray, tuple]:
+    """Pool3 features (M, 2048) float32 of the training split, computed once and cached as
+    ``<cache_dir()>/fid_features_<name>.npz``, and their (mu, sigma) from
+    ``fid_stats_<name>.npz`` (``fid.reference_statistics``' cache file, written here from the
+    same features when absent; a pytorch-fid / TTUR statistics file may be dropped in)."""
+    name = reference_name(config)
+    path = inception.cache_dir() / f"fid_features_{name}.npz"
+    stats_path = inception.cache_dir() / f"fid_stats_{name}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:
+            features = saved["features"]
+    else:
+        data = datasets.get_dataset(config, "train")
+        batches = datasets.DataIterator(data, batch_size, shuffle=False)
+        log.info("pool3 features of %d training images for %s (once)", len(data), path)
+        features = fid.inception_features(model, batches, batch_size=batch_size)[0].float().numpy()
+        _write_npz(path, features=features)
+    if not stats_path.is_file():
+        mu, sigma = metrics.feature_statistics(features)
+        _write_npz(stats_path, mu=mu, sigma=sigma, num_samples=np.int64(len(features)))
+    return features, fid.load_statistics(stats_path)
+
+
+def get_scorer(config) -> DigitsScorer | InceptionScorer:
+    """The scorer of ``config.data.dataset``, with every file it needs loaded now, before any
+    sampling: the digits classifier, or the FID Inception weights and reference features.
+
+    Raises:
+        FileNotFoundError: the Inception weights are absent and cannot be downloaded (the message
+            names the file and where to put it).
+        NotImplementedError: point data, which has no sample-quality metric here.
+    """
+    if config.data.dataset == "digits":
+        digits_metric.load_digits_classifier()
+        return DigitsScorer()
+    if len(datasets.data_shape(config)) != 3:
+        raise NotImplementedError(
+            f"no sample-quality metric for point data ({config.data.dataset}); set "
+            "--config.eval.enable_sampling=False")
+    model = inception.load_fid_inception().to(config.device)
+    batch_size = min(config.eval.batch_size, 200)
+    features, stats = _reference_features(config, model, batch_size)
+    return InceptionScorer(model, stats, features, batch_size, reference_name(config))
+
+
+# -- the three evaluations of one checkpoint ------------------------------------------------------
+
+
+def eval_loss(config, model: nn.Module, eval_step: Callable[..., torch.Tensor]) -> dict:
+    """Mean evaluation loss over one ordered pass of the test split (the reference's
+    ``ckpt_{n}_loss``), with the per-batch values; loss draws from seed ``config.seed``."""
+    iterator = datasets.get_data_iterator(config, "test", batch_size=config.eval.batch_size,
+                                          train=False, device=config.device)
+    scaler = datasets.get_data_scaler(config)
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    state = {"model": model}  # the EMA weights are already in the model
+    per_batch = [float(eval_step(state, scaler(x), generator=generator)) for x in iterator]
+    return {"mean": float(np.mean(per_batch)), "per_batch": per_batch, "split": "test",
+            "batch_size": config.eval.batch_size}
+
+
+def dequantized_bits_per_dim(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor,
+                             inverse_scaler: InverseScaler, levels: int | None,
+                             **options) -> tuple[torch.Tensor, dict]:
+    """Bits/dim (B,) of images x (B, C, H, W) in [0, 1] on a grid of ``levels`` intensity levels,
+    an upper bound through uniform dequantisation (Song et al. 2021, App. D); ``levels=None``:
+    -log2 p(x) / D of continuous data. Returns bpd and the likelihood info (``nfe``, ``z`` ...).
+
+    ``likelihood.bits_per_dim`` dequantises n-bit data as (k + u) / 2^n; data with L levels
+    (17 for the digits) is dequantised as (k + u) / L instead by handing it n = ceil(log2 L) bits
+    and an inverse scaler stretched by 2^n / L: the model sees the same y = a (k + u) / L + c, and
+    the Jacobian term log(a 2^n / L) turns bits_per_dim's + n into the right + log2 L.
+    """
+    if levels is None:
+        nats, info = likelihood.nats_per_dim(sde, score_fn, x, inverse_scaler, **options)
+        return nats / math.log(2), info
+    n_bits = max(1, math.ceil(math.log2(levels)))
+    stretch = levels / 2**n_bits
+    k = torch.round(x * (levels - 1)).long()
+    bpd, info = likelihood.bits_per_dim(sde, score_fn, k, lambda y: inverse_scaler(y) * stretch,
+                                        n_bits=n_bits, **options)
+    return bpd, info
+
+
+def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: bool) -> dict:
+    """Bits/dim of every image of ``eval.bpd_dataset`` (Song et al. 2021, App. D): per-image
+    values in ``out`` (.npz), mean and standard error; batch b's dequantisation noise and probes
+    come from seed ``config.seed + b``. An ``out`` written with the same settings (a run
+    interrupted later, while sampling) is read instead of solved again."""
+    split = config.eval.bpd_dataset
+    data = datasets.get_dataset(config, split)
+    options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
+    settings = json.dumps({"split": split, "batch_size": config.eval.batch_size, "n": len(data),
+                           "seed": config.seed, "levels": data.levels, **options}, sort_keys=True)
+    if out.is_file():
+        with np.load(out, allow_pickle=False) as saved:
+            if str(saved["settings"]) == settings:
+                return _bpd_summary(saved["bpd"], int(saved["nfe"]), split, data, out, options)
+    iterator = datasets.DataIterator(data, config.eval.batch_size, shuffle=False,
+                                     device=config.device)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    values, nfe = [], 0
+    for b, x in enumerate(tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
+                               desc=f"bits/dim ({split})")):
+        generator = torch.Generator(device=config.device).manual_seed(config.seed + b)
+        bpd, info = dequantized_bits_per_dim(sde, score_fn, x, inverse_scaler, data.levels,
+                                             generator=generator, **options)
+        values.append(bpd.detach().double().cpu())
+        nfe += info["nfe"]
+    bpd = torch.cat(values).numpy()
+    _write_npz(out, bpd=bpd, labels=data.labels.numpy(), nfe=np.int64(nfe),
+               settings=np.asarray(settings))
+    return _bpd_summary(bpd, nfe, split, data, out, options)
+
+
+def _bpd_summary(bpd: np.ndarray, nfe: int, split: str, data, out: Path, options) -> dict:
+    stderr = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    return {"mean": float(bpd.mean()), "stderr": stderr, "num_images": len(bpd), "split": split,
+            "levels": data.levels, "nfe": nfe, "per_image": str(out), **options}
+
+
+def eval_samples(config, trained: Trained, score_fn: ScoreFn,
+                 scorer: DigitsScorer | InceptionScorer, sample_dir: Path, *, progress: bool,
+                 on_batch: BatchHook | None = None) -> tuple[dict, dict]:
+    """Score ``eval.num_samples`` per-sample-seeded samples drawn (or resumed) in ``sample_dir``.
+
+    Returns:
+        the scorer's metrics and ``sample_for_eval``'s info (seeds, sampler, NFE).
+    """
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    scorer.reset()
+
+    def score_batch(x: torch.Tensor) -> None:  # x (B, C, H, W) in model space, on the CPU
+        if on_batch is not None:
+            on_batch(x)
+        scorer.update(metrics.quantize_images(inverse_scaler(x)))
+
+    _, info = records.sample_for_eval(
+        trained.sde, score_fn, datasets.data_shape(config), config.eval.num_samples,
+        config.eval.batch_size, config.seed, trained.method, sample_dir=sample_dir,
+        device=config.device, progress=progress, on_batch=score_batch, keep_samples=False,
+        **trained.options)
+    return scorer.result(), info
+
+
+def evaluate(config, trained: Trained, workdir: str | Path, eval_folder: str = "eval", *,
+             progress: bool = True, on_batch: BatchHook | None = None) -> list[Path]:
+    """Evaluate the checkpoints ``[eval.begin_ckpt, eval.end_ckpt]`` of ``workdir``.
+
+    Args:
+        config: a resolved config (``config.device`` a real device) with the keys
+            :data:`EVAL_KEYS` in ``config.eval``.
+        trained: the SDE, snapshots, model loader, loss and sampler of the config.
+        workdir: the training workdir; outputs go to ``workdir/eval_folder/``.
+        progress: tqdm bars.
+        on_batch: called with every sample batch (B, *D) before it is scored.
+    Returns:
+        the record paths, one per evaluated checkpoint (existing ones included).
+    """
+    check_eval_config(config)
+    e = config.eval
+    folder = Path(workdir) / eval_folder
+    chosen = checkpoints_to_evaluate(config, trained.snapshots, workdir)
+    todo = [(n, p) for n, p in chosen if not record_path(workdir, eval_folder, n).is_file()]
+    done = sorted({n for n, _ in chosen} - {n for n, _ in todo})
+    if done:
+        log.info("checkpoints %s already have records in %s; skipped (delete one to redo it)",
+                 done, folder)
+    scorer = get_scorer(config) if e.enable_sampling and todo else None  # fail fast
+    sde = trained.sde
+    for n, path in todo:
+        model, step = trained.load_model(path)
+        score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+        result, extra, sampling = {}, {}, None
+        if e.enable_loss:
+            extra["loss"] = eval_loss(config, model, trained.eval_step)
+            result["eval_loss"] = extra["loss"]["mean"]
+            log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
+        if e.enable_bpd:
+            out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
+            extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress)
+            result["bpd"], result["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
+            log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
+                     result["bpd_stderr"])
+        if e.enable_sampling:
+            scores, sampling = eval_samples(config, trained, score_fn, scorer,
+                                            folder / f"ckpt_{n}", progress=progress,
+                                            on_batch=on_batch)
+            result.update(scores)
+            extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"])
+            log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))
+        record = records.evaluation_record(
+            metrics=result, sampling=sampling,
+            checkpoint={"n": n, "step": step, **records.file_checkpoint_id(path)},
+            extra={**extra, "seed": config.seed, "eval": e.to_dict(),
+                   "sampling_config": config.sampling.to_dict()})
+        log.info("ckpt %d: record %s", n, records.write_record(record_path(workdir, eval_folder, n),
+                                                        record))
+    return [record_path(workdir, eval_folder, n) for n, _ in chosen]

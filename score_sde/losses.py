@@ -1,0 +1,466 @@
+"""Training objectives, optimiser and the one-step train/eval function.
+
+Every objective is one function of the model and its random draws (``dsm_loss``, ``ssm_loss``,
+``smld_loss``, ``ddpm_loss``) returning per-sample losses (B,); the reference-style factories
+(``get_sde_loss_fn``, ``get_smld_loss_fn``, ``get_ddpm_loss_fn``, ``get_ssm_loss_fn``) return
+``loss_fn(model, batch, *, generator=None) -> scalar`` that draws them from an injected
+``torch.Generator`` and averages over the batch. Semantics and draw order are those of the
+reference implementation (yang-song/score_sde_pytorch ``losses.py``), including its reduction:
+``reduce_mean=True`` averages the squared residual over data dimensions, ``reduce_mean=False``
+takes half its sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import sde_lib
+from models.utils import ModelFn, get_model_fn, get_score_fn
+from score_sde.utils import Registry, ScoreFn, batch_mul
+
+#: ``loss_fn(model, batch, *, generator=None, shard=None) -> loss`` (a scalar tensor); ``shard``
+#: (a slice of rows) draws the noise for the whole batch and averages over those rows only.
+LossFn = Callable[..., torch.Tensor]
+#: ``optimize_fn(optimizer, params, step)``: set the learning rate, clip, step.
+OptimizeFn = Callable[[torch.optim.Optimizer, object, int], None]
+
+DISCRETE_LOSSES = Registry("discrete loss")
+OPTIMIZERS = Registry("optimizer")
+
+
+def _reduce(sq: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
+    """The reference's ``reduce_op`` over data dims: mean, or half the sum. (B, *D) -> (B,)."""
+    flat = sq.reshape(sq.shape[0], -1)
+    return flat.mean(dim=1) if reduce_mean else 0.5 * flat.sum(dim=1)
+
+
+def _check_batch(batch: torch.Tensor) -> None:
+    """The loss functions' boundary check: a floating-point batch (B, *D) of data."""
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.dim() < 2:
+        found = (f"{batch.dtype} of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+                 else type(batch).__name__)
+        raise ValueError(f"batch must be a floating-point tensor (B, *D) of data, got {found}")
+
+
+def _rows(shard: slice | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows ``shard`` of each tensor (all of them for ``None``).
+
+    Data-parallel training: every rank draws the noise of the whole global batch and keeps its
+    rows, so sample i sees the same draws whatever the number of ranks.
+    """
+    return tensors if shard is None else tuple(x[shard] for x in tensors)
+
+
+def _check_eps(sde: sde_lib.SDE, eps: float) -> float:
+    if not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
+        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    return float(eps)
+
+
+# -- time sampling -------------------------------------------------------------------------------
+
+def sample_time(batch: torch.Tensor, sde: sde_lib.SDE, eps: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U(eps, T) (B,) on the batch's device and dtype (the reference's draw)."""
+    u = torch.rand(batch.shape[0], generator=generator, device=batch.device, dtype=batch.dtype)
+    return u * (sde.T - eps) + eps
+
+
+def likelihood_normalizer(sde: sde_lib.SDE, eps: float) -> float:
+    """Z = int_eps^T g(t)^2 / s(t)^2 dt = lambda(eps) - lambda(T), with lambda the log-SNR.
+
+    For every linear SDE whose variance obeys the moment ODE d s^2/dt = 2 f s^2 + g^2 (all of
+    ``sde_lib``), d lambda/dt = 2 f - (2 f s^2 + g^2) / s^2 = -g^2 / s^2, so the likelihood weight
+    divided by the variance is minus the log-SNR's derivative (as in Kingma et al. 2021, VDM).
+    """
+    lam = sde.log_snr(torch.tensor([eps, sde.T], dtype=torch.float64))
+    return float(lam[0] - lam[1])
+
+
+def sample_importance_time(batch: torch.Tensor, sde: sde_lib.SDE, eps: float,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ p(t) = g(t)^2 / (s(t)^2 Z) on [eps, T] by the closed-form inverse CDF (B,).
+
+    The importance density of Song, Durkan, Murray & Ermon 2021 for the likelihood
+    weighting lambda(t) = g(t)^2: since g^2 / s^2 = -d lambda / dt (see ``likelihood_normalizer``),
+    the CDF is (lambda(eps) - lambda(t)) / Z and t = lambda^{-1}(lambda(eps) - u Z), u ~ U(0, 1).
+    """
+    u = torch.rand(batch.shape[0], generator=generator, device=batch.device, dtype=torch.float64)
+    lam = sde.log_snr(torch.tensor([eps, sde.T], dtype=torch.float64, device=batch.device))
+    t = sde.log_snr_inverse(lam[0] - u * (lam[0] - lam[1]))
+    return t.clamp(eps, sde.T).to(batch.dtype)
+
+
+# -- objectives on given draws -------------------------------------------------------------------
+
+def dsm_loss(
+    score_fn: ScoreFn,
+    sde: sde_lib.SDE,
+    batch: torch.Tensor,
+    t: torch.Tensor,
+    z: torch.Tensor,
+    reduce_mean: bool = True,
+    likelihood_weighting: bool = False,
+    importance_weighting: bool = False,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Weighted denoising score matching per sample (Song et al. 2021, eq. 7).
+
+    ``lambda(t) |score(x_t, t) + z / s(t)|^2`` at x_t = m(t) x_0 + s(t) z, reduced over data dims:
+    lambda = s^2 gives ``|s score + z|^2``; likelihood weighting lambda = g^2 gives
+    ``g^2 |score + z / s|^2`` (Song, Durkan, Murray & Ermon 2021, Thm. 1). With
+    ``importance_weighting`` the times are assumed drawn from ``sample_importance_time``; the
+    likelihood-weighted term divided by its density (times T - eps, the uniform density's inverse)
+    is ``Z / (T - eps) |s score + z|^2``, an unbiased estimate of the same objective.
+
+    Args:
+        score_fn: ``score_fn(x, t) -> score``.
+        batch: data x_0 (B, *D).
+        t: times (B,) in [eps, T].
+        z: standard normal draws (B, *D).
+        reduce_mean: mean over data dims; else half the sum (the reference's ``reduce_op``).
+    Returns:
+        losses (B,).
+    """
+    mean, std = sde.marginal_prob(batch, t)
+    x_t = mean + batch_mul(std, z)  # (B, *D)
+    score = score_fn(x_t, t)
+    if importance_weighting:
+        if not likelihood_weighting:
+            raise ValueError("importance_weighting samples t for the likelihood weighting; "
+                             "set likelihood_weighting=True")
+        scale = likelihood_normalizer(sde, eps) / (sde.T - eps)
+        return _reduce(torch.square(batch_mul(std, score) + z), reduce_mean) * scale
+    if likelihood_weighting:
+        g2 = sde.sde(torch.zeros_like(batch), t)[1] ** 2
+        return _reduce(torch.square(score + batch_mul(1.0 / std, z)), reduce_mean) * g2
+    return _reduce(torch.square(batch_mul(std, score) + z), reduce_mean)
+
+
+def ssm_loss(
+    score_fn: ScoreFn,
+    sde: sde_lib.SDE,
+    batch: torch.Tensor,
+    t: torch.Tensor,
+    z: torch.Tensor,
+    v: torch.Tensor,
+    reduce_mean: bool = True,
+    likelihood_weighting: bool = False,
+    importance_weighting: bool = False,
+    eps: float = 1e-5,
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """Weighted sliced score matching per sample, variance-reduced (SSM-VR, Song et al. 2019).
+
+    ``lambda(t) [v^T grad_x(v^T score) + |score|^2 / 2]`` at x_t = m x_0 + s z, averaged over the
+    probes v ~ N(0, I). Its expectation is the DSM objective minus a model-free constant
+    (lambda(t) D / (2 s^2) per sample; D / 2 for lambda = s^2), so its weights and reductions
+    mirror ``dsm_loss``: lambda = s^2, g^2, or s^2 Z / (T - eps) with importance-sampled t;
+    ``reduce_mean`` scales by 2 / D (the DSM mean is 2 / D times its half-sum).
+
+    Args:
+        v: probes (num_probes, B, *D).
+        create_graph: keep the graph of the Jacobian-vector product (needed to train).
+    Returns:
+        losses (B,).
+    """
+    if importance_weighting and not likelihood_weighting:
+        raise ValueError("importance_weighting samples t for the likelihood weighting; "
+                         "set likelihood_weighting=True")
+    mean, std = sde.marginal_prob(batch, t)
+    with torch.enable_grad():  # the Jacobian term needs autograd even in evaluation
+        x_t = (mean + batch_mul(std, z)).detach().requires_grad_(True)
+        score = score_fn(x_t, t)  # (B, *D)
+        jvp_terms = []
+        for probe in v:
+            (grad,) = torch.autograd.grad((score * probe).sum(), x_t, create_graph=create_graph,
+                                          retain_graph=True)
+            jvp_terms.append((probe * grad).reshape(batch.shape[0], -1).sum(dim=1))
+    objective = torch.stack(jvp_terms).mean(dim=0)
+    objective = objective + 0.5 * score.reshape(batch.shape[0], -1).square().sum(dim=1)
+    if importance_weighting:
+        weight = std**2 * (likelihood_normalizer(sde, eps) / (sde.T - eps))
+    elif likelihood_weighting:
+        weight = sde.sde(torch.zeros_like(batch), t)[1] ** 2
+    else:
+        weight = std**2
+    scale = 2.0 / batch[0].numel() if reduce_mean else 1.0
+    return objective * weight * scale
+
+
+def smld_loss(model_fn: ModelFn, vesde: sde_lib.SDE, batch: torch.Tensor, labels: torch.Tensor,
+              z: torch.Tensor, reduce_mean: bool = False) -> torch.Tensor:
+    """NCSN/SMLD denoising score matching per sample (Song & Ermon 2019, eqs. 5-6).
+
+    sigma = sigmas[labels] in descending order (label 0 is sigma_max); the network sees
+    x_0 + sigma z and its label and is regressed onto -z / sigma with weight sigma^2.
+
+    Args:
+        labels: integer noise levels (B,) in [0, N).
+        z: standard normal draws (B, *D); the reference's ``noise`` is sigma z.
+    Returns:
+        losses (B,).
+    """
+    # Label n is the reference's flip(discrete_sigmas)[n], i.e. discrete_sigmas[N - 1 - n].
+    table = vesde.discrete_table("discrete_sigmas", batch.device, batch.dtype)
+    sigmas = table[vesde.N - 1 - labels]  # (B,)
+    noise = batch_mul(sigmas, z)
+    score = model_fn(batch + noise, labels)
+    target = -batch_mul(1.0 / sigmas**2, noise)
+    return _reduce(torch.square(score - target), reduce_mean) * sigmas**2
+
+
+def ddpm_loss(model_fn: ModelFn, vpsde: sde_lib.SDE, batch: torch.Tensor, labels: torch.Tensor,
+              z: torch.Tensor, reduce_mean: bool = True) -> torch.Tensor:
+    """DDPM noise-prediction loss per sample, |eps_theta(x_n, n) - z|^2 (Ho et al. 2020, eq. 14).
+
+    x_n = sqrt(alpha_bar_n) x_0 + sqrt(1 - alpha_bar_n) z with the SDE's DDPM tables.
+
+    Args:
+        labels: integer steps n (B,) in [0, N).
+        z: standard normal draws (B, *D) (the reference's ``noise``).
+    Returns:
+        losses (B,).
+    """
+    mean_coeff = vpsde.discrete_table("sqrt_alphas_cumprod", batch.device, batch.dtype)[labels]
+    std = vpsde.discrete_table("sqrt_1m_alphas_cumprod", batch.device, batch.dtype)[labels]
+    x_n = batch_mul(mean_coeff, batch) + batch_mul(std, z)
+    return _reduce(torch.square(model_fn(x_n, labels) - z), reduce_mean)
+
+
+# -- reference-style factories -------------------------------------------------------------------
+
+def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
+                    continuous: bool = True, likelihood_weighting: bool = False,
+                    eps: float = 1e-5, importance_weighting: bool = False) -> LossFn:
+    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``dsm_loss`` (eq. 7).
+
+    Draws t ~ U(eps, T) (or, with ``importance_weighting``, from g^2 / s^2 on [eps, T]), then
+    z ~ N(0, I) like the batch, from ``generator``; the model enters through
+    ``models.utils.get_score_fn(sde, model, train, continuous)``.
+    """
+    eps = _check_eps(sde, eps)
+    if importance_weighting and not likelihood_weighting:
+        raise ValueError("importance_weighting=True needs likelihood_weighting=True")
+    draw_t = sample_importance_time if importance_weighting else sample_time
+
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None):
+        _check_batch(batch)
+        score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
+        t = draw_t(batch, sde, eps, generator)
+        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        batch, t, z = _rows(shard, batch, t, z)
+        return dsm_loss(score_fn, sde, batch, t, z, reduce_mean, likelihood_weighting,
+                        importance_weighting, eps).mean()
+
+    return loss_fn
+
+
+def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
+                    continuous: bool = True, likelihood_weighting: bool = False,
+                    eps: float = 1e-5, importance_weighting: bool = False,
+                    num_probes: int = 1) -> LossFn:
+    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``ssm_loss``.
+
+    Draws t (as ``get_sde_loss_fn``), z ~ N(0, I), then ``num_probes`` Gaussian probes v.
+    """
+    eps = _check_eps(sde, eps)
+    if importance_weighting and not likelihood_weighting:
+        raise ValueError("importance_weighting=True needs likelihood_weighting=True")
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
+    draw_t = sample_importance_time if importance_weighting else sample_time
+
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None):
+        _check_batch(batch)
+        score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
+        t = draw_t(batch, sde, eps, generator)
+        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        v = torch.randn((num_probes, *batch.shape), generator=generator, device=batch.device,
+                        dtype=batch.dtype)
+        batch, t, z = _rows(shard, batch, t, z)
+        v = v if shard is None else v[:, shard]
+        return ssm_loss(score_fn, sde, batch, t, z, v, reduce_mean, likelihood_weighting,
+                        importance_weighting, eps, create_graph=train).mean()
+
+    return loss_fn
+
+
+def _check_discrete(sde: sde_lib.SDE, convention: str, what: str) -> None:
+    if sde.model_conventions.get("discrete") != convention:
+        raise ValueError(f"{what} training needs an SDE with the {convention!r} convention "
+                         f"(got {type(sde).__name__})")
+
+
+def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, train: bool,
+                      reduce_mean: bool) -> LossFn:
+    """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I)."""
+
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None):
+        _check_batch(batch)
+        labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
+                               device=batch.device)
+        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        batch, labels, z = _rows(shard, batch, labels, z)
+        return objective(get_model_fn(model, train=train), sde, batch, labels, z,
+                         reduce_mean).mean()
+
+    return loss_fn
+
+
+@DISCRETE_LOSSES.register("ve_discrete")
+def get_smld_loss_fn(vesde: sde_lib.SDE, train: bool, reduce_mean: bool = False) -> LossFn:
+    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``smld_loss``; draws labels
+    ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy SMLD/NCSN training)."""
+    _check_discrete(vesde, "ve_discrete", "SMLD")
+    return _discrete_loss_fn(smld_loss, vesde, train, reduce_mean)
+
+
+@DISCRETE_LOSSES.register("vp_discrete")
+def get_ddpm_loss_fn(vpsde: sde_lib.SDE, train: bool, reduce_mean: bool = True) -> LossFn:
+    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``ddpm_loss``; draws labels
+    ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy DDPM training)."""
+    _check_discrete(vpsde, "vp_discrete", "DDPM")
+    return _discrete_loss_fn(ddpm_loss, vpsde, train, reduce_mean)
+
+
+# -- optimisation and the step function ----------------------------------------------------------
+
+@OPTIMIZERS.register("Adam")
+def _adam(config, params) -> torch.optim.Optimizer:
+    params = list(params)
+    kwargs = dict(lr=config.optim.lr, betas=(config.optim.beta1, 0.999), eps=config.optim.eps,
+                  weight_decay=config.optim.weight_decay,
+                  amsgrad=config.optim.get("amsgrad", False))
+    if not isinstance(kwargs["amsgrad"], bool):
+        raise ValueError(f"optim.amsgrad must be a bool, got {kwargs['amsgrad']!r}")
+    try:
+        # The fused kernel (one pass per tensor) is the reference's Adam up to rounding and
+        # 3x faster on CPU; older torch builds and some devices lack it.
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, **kwargs)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict(state_dict)`` keeping this optimiser's ``fused`` choice:
+    a checkpoint written by an unfused (or a reference) run would otherwise switch it off, and
+    a fused one loaded where the kernel is missing would fail at the first step."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
+        state_dict = dict(state_dict, param_groups=[
+            {**saved, "fused": live["fused"]} if isinstance(saved, dict) and "fused" in live
+            else saved
+            for saved, live in zip(groups, optimizer.param_groups)
+        ])
+    optimizer.load_state_dict(state_dict)
+
+
+def get_optimizer(config, params) -> torch.optim.Optimizer:
+    """The optimiser named by ``config.optim.optimizer`` (the reference's: ``Adam`` with
+    betas (beta1, 0.999), ``eps`` and ``weight_decay`` from ``config.optim``)."""
+    return OPTIMIZERS.get(config.optim.optimizer)(config, params)
+
+
+def optimization_manager(config) -> OptimizeFn:
+    """``optimize_fn(optimizer, params, step)``: linear learning-rate warm-up over
+    ``config.optim.warmup`` steps and gradient-norm clipping at ``config.optim.grad_clip``
+    (off when negative), then one optimiser step, as the reference. The learning rate is a Python
+    float (the reference's numpy float breaks ``torch.load(weights_only=True)``)."""
+    lr, warmup, grad_clip = config.optim.lr, config.optim.warmup, config.optim.grad_clip
+
+    def optimize_fn(optimizer: torch.optim.Optimizer, params, step) -> None:
+        if warmup > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(float(step) / warmup, 1.0)
+        if grad_clip >= 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
+        optimizer.step()
+
+    return optimize_fn
+
+
+def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = None,
+                reduce_mean: bool = False, continuous: bool = True,
+                likelihood_weighting: bool = False, *, importance_weighting: bool = False,
+                loss_fn: LossFn | None = None) -> Callable[..., torch.Tensor]:
+    """``step_fn(state, batch, *, generator=None) -> loss``: one training or evaluation step.
+
+    ``state`` is the reference's dict with ``model``, ``optimizer``, ``ema`` and ``step``.
+    Training: zero grads, backward, ``optimize_fn(optimizer, model.parameters(), step)``,
+    ``step += 1``, ``ema.update(model.parameters())``. Evaluation: the loss under ``no_grad``
+    with the EMA weights swapped in (``store``/``copy_to``/``restore``). The loss is the
+    continuous ``get_sde_loss_fn`` or, with ``continuous=False``, the discrete loss registered for
+    the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss_fn`` overrides.
+    ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
+    trains on, with the draws made for the whole batch. Returns the detached loss.
+    """
+    if loss_fn is None:
+        if continuous:
+            loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
+                                      likelihood_weighting=likelihood_weighting,
+                                      importance_weighting=importance_weighting)
+        else:
+            if likelihood_weighting or importance_weighting:
+                raise ValueError("likelihood weighting is not supported for discrete "
+                                 "(SMLD/DDPM) training")
+            convention = sde.model_conventions.get("discrete")
+            if convention not in DISCRETE_LOSSES:
+                raise ValueError(f"no discrete training for {type(sde).__name__}; discrete "
+                                 f"losses exist for: {', '.join(DISCRETE_LOSSES.names())}")
+            loss_fn = DISCRETE_LOSSES.get(convention)(sde, train, reduce_mean=reduce_mean)
+    if train and optimize_fn is None:
+        raise ValueError("a training step_fn needs optimize_fn (see optimization_manager)")
+
+    def step_fn(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None) -> torch.Tensor:
+        model: nn.Module = state["model"]
+        ema = state.get("ema")
+        if train:
+            optimizer = state["optimizer"]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch, generator=generator,
+                           **({} if shard is None else {"shard": shard}))
+            loss.backward()
+            optimize_fn(optimizer, model.parameters(), step=state["step"])
+            state["step"] += 1
+            if ema is not None:
+                ema.update(model.parameters())
+            return loss.detach()
+        with torch.no_grad():
+            if ema is None:
+                return loss_fn(model, batch, generator=generator)
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            try:
+                return loss_fn(model, batch, generator=generator)
+            finally:
+                ema.restore(model.parameters())
+
+    return step_fn
+
+
+__all__ = [
+    "DISCRETE_LOSSES",
+    "OPTIMIZERS",
+    "dsm_loss",
+    "ssm_loss",
+    "smld_loss",
+    "ddpm_loss",
+    "sample_time",
+    "sample_importance_time",
+    "likelihood_normalizer",
+    "get_sde_loss_fn",
+    "get_ssm_loss_fn",
+    "get_smld_loss_fn",
+    "get_ddpm_loss_fn",
+    "get_optimizer",
+    "optimization_manager",
+    "get_step_fn",
+]

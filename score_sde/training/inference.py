@@ -1,0 +1,207 @@
+"""What ``main.py --mode sample`` and ``--mode likelihood`` run on a trained workdir.
+
+Both load a training checkpoint (the latest by default) weights-only, swap the EMA weights in
+as the reference does for sampling and evaluation, and write their results into
+``workdir/<eval_folder>/``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import likelihood
+from models.checkpoint import load_model_state, load_reference_checkpoint, load_safetensors
+from models.ema import ExponentialMovingAverage
+from models.utils import create_model, get_score_fn
+from score_sde import datasets
+from score_sde.training import checkpoints
+from score_sde.training.loop import write_samples
+from score_sde.training.sampling import generate, get_sde, sampling_record
+from score_sde.utils import __version__, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def run_facts(config, path: Path, step: int) -> dict:
+    """The facts every sample / likelihood record holds: the checkpoint file and its training
+    step, the seed, the device and the versions that ran."""
+    return {"checkpoint": str(path), "step": step, "seed": config.seed,
+            "device": str(config.device),
+            "versions": {"toolkit": __version__, "torch": torch.__version__}}
+
+
+def likelihood_options(config) -> dict:
+    """Every option of :func:`likelihood.log_likelihood` as a likelihood run uses it: the
+    function's defaults, with ``config.eval.rtol`` / ``atol`` where the config sets them."""
+    options = {name: p.default for name, p in
+               inspect.signature(likelihood.log_likelihood).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and name != "generator"}
+    options.update({k: config.eval[k] for k in ("rtol", "atol") if k in config.eval})
+    return options
+
+
+def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
+    """The checkpoint file selected by ``checkpoint``.
+
+    Args:
+        workdir: the training workdir.
+        checkpoint: '' = the latest (preemption or snapshot, whichever is further), 'meta' = the
+            preemption checkpoint, an integer n = ``checkpoints/checkpoint_{n}.pth``, or a path.
+    """
+    workdir = Path(workdir)
+    if checkpoint == "":
+        path = checkpoints.latest_checkpoint(workdir)
+        if path is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {workdir} (looked in {checkpoints.META_DIR}/ and "
+                f"{checkpoints.SNAPSHOT_DIR}/); train first with --mode train"
+            )
+        return path
+    if checkpoint == "meta":
+        path = checkpoints.meta_path(workdir)
+    elif checkpoint.isdigit():
+        path = checkpoints.snapshot_path(workdir, int(checkpoint))
+    else:
+        path = Path(checkpoint)
+    if not path.is_file():
+        available = [str(n) for n, _ in checkpoints.list_snapshots(workdir)]
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r} not found at {path}; snapshots in {workdir}: "
+            f"{', '.join(available) or 'none'} (or 'meta', or '' for the latest)"
+        )
+    return path
+
+
+def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
+    """The model of ``config`` with the EMA weights of the checkpoint at ``path``, in eval mode.
+
+    ``path`` may be one of ours or a reference training checkpoint (``module.`` prefix, numpy
+    learning rate); both are read weights-only (``models.checkpoint.load_reference_checkpoint``).
+    A ``.safetensors`` file is taken as a full state dict whose weights are used as they are
+    (e.g. ``ema.safetensors`` of a ``models.convert`` output). Every tensor is checked against
+    the model (dtype, shape, finiteness; ``models.checkpoint.check_tensors``).
+
+    Returns:
+        (model on ``config.device``, the checkpoint's step, or 0 if it has none).
+    """
+    model = create_model(config)
+    if Path(path).suffix == ".safetensors":
+        load_model_state(model, load_safetensors(path), source=path)
+        return model.eval(), 0
+    ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
+    ckpt = load_reference_checkpoint(path, model, ema)
+    ema.copy_to(model.parameters())
+    return model.eval(), int(ckpt["step"] or 0)
+
+
+def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkpoint: str = "",
+               num_samples: int = 64, progress: bool = True) -> Path:
+    """Draw ``num_samples`` with ``config.sampling`` into
+    ``workdir/eval_folder/samples_step_{step}/`` (``sample.png``, ``sample.npz``, ``info.json``).
+
+    Samples are drawn in batches of ``config.eval.batch_size`` from generator seed
+    ``config.seed``, so the same flags give the same samples.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    path = find_checkpoint(workdir, checkpoint)
+    model, step = load_ema_model(config, path)
+    sde = get_sde(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    batch = min(num_samples, config.eval.batch_size)
+    chunks, nfe = [], 0
+    for start in tqdm(range(0, num_samples, batch), disable=not progress, desc="sample"):
+        shape = (min(batch, num_samples - start), *datasets.data_shape(config))
+        x, info = generate(config, sde, model, shape, inverse_scaler=inverse_scaler,
+                           generator=generator, progress=progress)
+        chunks.append(x.cpu())
+        nfe += info["nfe"]  # counted score evaluations, summed over the batches
+    folder = Path(workdir) / eval_folder / f"samples_step_{step}"  # made by the first write
+    write_samples(torch.cat(chunks), folder)
+    record = {**run_facts(config, path, step), "num_samples": num_samples, "batch_size": batch,
+              "nfe": nfe, "sampling": {**sampling_record(config, info), "nfe": nfe}}
+    atomic_write_bytes(folder / "info.json", (json.dumps(record, indent=2) + "\n").encode(),
+                       what="the sampling record")
+    log.info("%d samples from %s (step %d, %d NFE) in %s", num_samples, path, step, nfe, folder)
+    return folder
+
+
+def write_likelihood_record(stem: Path, bpd: np.ndarray, labels: np.ndarray,
+                            summary: dict) -> None:
+    """``stem.npz`` (per-image ``bpd`` (N,) and ``labels`` (N,)) then the ``stem.json`` summary,
+    each atomically; the summary is written last, so it exists only beside its values.
+
+    Raises:
+        utils.WriteError: a file could not be written (e.g. a full disk); none is partial.
+    """
+    buffer = io.BytesIO()
+    np.savez(buffer, bpd=bpd, labels=labels)
+    atomic_write_bytes(stem.with_suffix(".npz"), buffer.getvalue(),
+                       what="the per-image bits/dim")
+    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(summary, indent=2) + "\n").encode(),
+                       what="the likelihood summary")
+
+
+def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
+                   checkpoint: str = "", split: str = "", max_images: int = 0,
+                   progress: bool = True) -> Path:
+    """Bits/dim of a dataset split through the probability-flow ODE (Song et al. 2021, App. D).
+
+    Quantised data with L levels (256 for CIFAR-10, 17 for the 8x8 digits) is uniformly
+    dequantised, v = (k + u) / L, and bits/dim = -(log p_y(y) + D log a) / (D log 2) + log2 L
+    with y = a v + c in model space (the reference's formula for L = 256); point data gets
+    -log2 p(x) / D. Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
+    ``.json`` summary into ``workdir/eval_folder/``.
+
+    Args:
+        split: default ``config.eval.bpd_dataset``.
+        max_images: evaluate only the first ``max_images`` (0 = the whole split).
+    """
+    split = split or config.eval.bpd_dataset
+    path = find_checkpoint(workdir, checkpoint)
+    model, step = load_ema_model(config, path)
+    sde = get_sde(config)
+    score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+    dataset = datasets.get_dataset(config, split)
+    if max_images:
+        dataset = datasets.ArrayDataset(dataset.data[:max_images], dataset.labels[:max_images],
+                                        dataset.levels, dataset.classes)
+    iterator = datasets.DataIterator(
+        dataset, config.eval.batch_size, seed=config.seed, shuffle=False,
+        uniform_dequantization=dataset.levels is not None, device=config.device)
+    scaler = datasets.get_data_scaler(config)
+    a, _ = likelihood.affine_scaler(datasets.get_data_inverse_scaler(config))
+    offset = math.log2(dataset.levels) if dataset.levels is not None else 0.0
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    options = likelihood_options(config)
+    bpds, nfe = [], 0
+    for v in tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
+                  desc=f"bits/dim ({split})"):
+        logp, info = likelihood.log_likelihood(sde, score_fn, scaler(v), generator=generator,
+                                               **options)
+        D = v[0].numel()
+        bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
+        nfe += info["nfe"]
+    bpd = torch.cat(bpds).double().numpy()
+    stem = Path(workdir) / eval_folder / f"likelihood_{split}_step_{step}"
+    summary = {
+        **run_facts(config, path, step), "split": split, "num_images": len(bpd),
+        "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
+        if len(bpd) > 1 else float("nan"),
+        "levels": dataset.levels, "nfe": nfe, "likelihood": options,
+    }
+    write_likelihood_record(stem, bpd, dataset.labels.numpy(), summary)
+    log.info("%s bits/dim %.4f +- %.4f over %d images (step %d)", split, summary["bpd"],
+             summary["bpd_stderr"], len(bpd), step)
+    return stem.with_suffix(".json")

@@ -1,0 +1,284 @@
+"""The one training loop (Song et al. 2021, the reference's ``run_lib.train``): build, step,
+loop, side effects.
+
+``build`` turns a config into the live state (model, EMA, optimizer, generators, data
+iterators); ``train`` runs ``losses.get_step_fn`` steps and calls small side-effect functions at
+their frequencies: logging (tqdm, TensorBoard), evaluation loss, the preemption checkpoint,
+numbered snapshots and snapshot sample grids with the EMA weights. It resumes from the latest
+checkpoint of ``workdir`` automatically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.ema import ExponentialMovingAverage
+from models.utils import create_model
+from score_sde import datasets, losses
+from score_sde.training import checkpoints, distributed, validation
+from score_sde.training.events import EventLog
+from score_sde.training.images import save_image_grid, save_scatter
+from score_sde.training.lock import WorkdirLock
+from score_sde.training.nonfinite import NonFiniteGuard
+from score_sde.training.sampling import ema_weights, generate, get_sde
+from score_sde.utils import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+#: ``hook(state)`` is called after every step's side effects (tests use it to interrupt a run).
+Hook = Callable[[dict[str, Any]], None]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def write_config(config, workdir: str | Path) -> Path:
+    """Write the resolved config as ``workdir/config.json`` (beside the results it produced),
+    atomically; a resumed run whose config differs from the saved one logs the changed keys.
+
+    Raises:
+        utils.WriteError: the file could not be written (e.g. a full disk).
+    """
+    path = Path(workdir) / "config.json"
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    if path.is_file():
+        old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(text))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            log.warning("config differs from the saved %s in: %s", path, ", ".join(
+                f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed))
+    atomic_write_bytes(path, text.encode(), what="the resolved config")
+    return path
+
+
+def build(config) -> tuple[dict[str, Any], Any]:
+    """The live training state and the SDE for ``config`` (on ``config.device``).
+
+    Returns:
+        ``state`` = {'model', 'ema', 'optimizer', 'step', 'generators', 'iterators'} and the SDE.
+        ``generators`` are the loss draws ('train', 'eval'); ``iterators`` the data ('train',
+        'eval' on the test split).
+    """
+    device = torch.device(config.device)
+    model = create_model(config)
+    ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
+    optimizer = losses.get_optimizer(config, model.parameters())
+    generators = {
+        name: torch.Generator(device=device).manual_seed(config.seed + k)
+        for k, name in enumerate(("train", "eval"))
+    }
+    train_data = datasets.get_dataset(config, "train")
+    log.info("training data: %s", train_data.summary())
+    train_data = distributed.shard_dataset(train_data, config.training.batch_size,
+                                           distributed.context())
+    iterators = {
+        "train": datasets.get_data_iterator(config, "train", device=device, dataset=train_data),
+        "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device),
+    }
+    state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
+                 iterators=iterators)
+    return state, get_sde(config)
+
+
+def get_step_fns(config, sde) -> tuple[Callable, Callable]:
+    """(train_step_fn, eval_step_fn) of ``losses.get_step_fn`` with the config's loss options."""
+    kwargs = dict(reduce_mean=config.training.reduce_mean,
+                  continuous=config.training.continuous,
+                  likelihood_weighting=config.training.likelihood_weighting)
+    train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config), **kwargs)
+    eval_step = losses.get_step_fn(sde, False, **kwargs)
+    return train_step, eval_step
+
+
+# -- side effects ---------------------------------------------------------------------------------
+
+
+def log_scalars(writer, step: int, **scalars: float) -> None:
+    """One TensorBoard scalar per keyword, at ``step``."""
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, step)
+
+
+def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
+    """Sample a batch with the EMA weights into ``workdir/samples/iter_{step}/``
+    (``sample.png`` grid or scatter plot, ``sample.npz``)."""
+    folder = workdir / "samples" / f"iter_{step}"  # made by the first write
+    model = state["model"]
+    shape = (config.training.batch_size, *datasets.data_shape(config))
+    generator = torch.Generator(device=config.device).manual_seed(config.seed + step)
+    with ema_weights(model, state["ema"]):
+        x, _ = generate(config, sde, model, shape, generator=generator,
+                        inverse_scaler=datasets.get_data_inverse_scaler(config))
+    write_samples(x, folder)
+    return folder
+
+
+def write_samples(x: torch.Tensor, folder: Path) -> None:
+    """``sample.png`` (image grid, or scatter for 2-D points) and ``sample.npz`` of ``x``, each
+    written atomically.
+
+    Images are stored as uint8 (B, H, W, C) like the reference; points as float32 (B, D).
+
+    Raises:
+        utils.WriteError: a file could not be written (e.g. a full disk); none is partial.
+    """
+    x = x.detach().cpu()
+    if x.dim() == 4:
+        save_image_grid(x, folder / "sample.png")
+        samples = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    else:
+        if x.shape[1] == 2:
+            save_scatter(x, folder / "sample.png")
+        samples = x.float().numpy()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, samples=samples)
+    atomic_write_bytes(folder / "sample.npz", buffer.getvalue(), what="the samples")
+
+
+def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float) -> None:
+    """The training loss, learning rate and images/s to the log, TensorBoard and the bar."""
+    lr = state["optimizer"].param_groups[0]["lr"]
+    log.info("step: %d, training_loss: %.5e, images/s: %.1f", step, float(loss), rate)
+    log_scalars(writer, step, training_loss=float(loss), lr=lr, images_per_sec=rate)
+    bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{rate:.1f}")
+
+
+def evaluate(state, eval_step, scaler, writer, step: int) -> None:
+    """The loss on one test batch with the EMA weights (the reference's ``eval_freq`` loss)."""
+    batch = scaler(next(state["iterators"]["eval"]))
+    eval_loss = eval_step(state, batch, generator=state["generators"]["eval"])
+    log.info("step: %d, eval_loss: %.5e", step, float(eval_loss))
+    log_scalars(writer, step, eval_loss=float(eval_loss))
+
+
+def save_snapshot(config, state, sde, workdir: Path, step: int) -> None:
+    """Numbered snapshot ``checkpoint_{ceil(step / snapshot_freq)}`` and, when
+    ``training.snapshot_sampling``, a sample grid with the EMA weights."""
+    n = math.ceil(step / config.training.snapshot_freq)
+    checkpoints.save_checkpoint(checkpoints.snapshot_path(workdir, n), state)
+    if config.training.snapshot_sampling:
+        folder = snapshot_samples(config, state, sde, workdir, step)
+        log.info("step: %d, samples in %s", step, folder)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
+          progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` until ``config.training.n_iters`` steps, resuming from the
+    preemption checkpoint there (see :mod:`training.checkpoints`).
+
+    The run holds the workdir's lock (:mod:`training.lock`) for its life; a second training run
+    into the same workdir is refused. At a snapshot step the numbered checkpoint and the sample
+    grid are written before the preemption checkpoint, which marks the step done: a run killed
+    in between redoes the step when resumed.
+
+    Under ``torchrun`` (a process group from :func:`training.distributed.setup`) every rank
+    trains on its rows of the global batch; rank 0 alone holds the lock, logs, evaluates,
+    samples and writes checkpoints while the others wait. A NaN/inf loss or gradient stops the
+    run naming the step, before any checkpoint of it, or skips the step with
+    ``training.skip_nonfinite = True`` up to ``training.max_skip_fraction`` of recent steps
+    (:mod:`training.nonfinite`).
+
+    Args:
+        config: a resolved config (``config.device`` a real device).
+        workdir: receives ``config.json``, ``checkpoints*/``, ``samples/``, ``tensorboard/``.
+        hooks: called with the state after each step.
+        progress: show a tqdm bar with the loss and images/s.
+    Returns:
+        the final state.
+    Raises:
+        training.lock.WorkdirLockedError: another process trains into ``workdir``.
+        FloatingPointError: a non-finite loss or gradient (or too many skipped steps).
+        utils.WriteError: an output could not be written (e.g. a full disk).
+    """
+    workdir = Path(workdir)
+    ctx = distributed.context()
+    validation.validate_config(config, ctx.world_size)
+    lock = WorkdirLock(workdir)
+    distributed.on_main(lock.acquire, ctx, "taking the workdir lock", config.device)
+    try:
+        return _train_locked(config, workdir, ctx, hooks, progress)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequence[Hook],
+                  progress: bool) -> dict[str, Any]:
+    t = config.training
+    if ctx.is_main:
+        write_config(config, workdir)
+        checkpoints.remove_stale_temporaries(workdir)  # left by a killed run: we hold the lock
+    distributed.barrier(ctx, config.device)
+    state, sde = build(config)
+    resume = checkpoints.resume_checkpoint(workdir)
+    if resume is not None:
+        checkpoints.restore_checkpoint(resume, state)
+        distributed.reseed_after_resume(config.seed, state["step"], ctx)
+        log.info("resumed from %s at step %d", resume, state["step"])
+    elif checkpoints.list_snapshots(workdir):
+        log.warning("no %s in %s: training starts at step 0 and rewrites the numbered "
+                    "snapshots", checkpoints.meta_path(workdir).relative_to(workdir), workdir)
+    distributed.check_same(state["step"], ctx, "the step to resume from",
+                           "Is --workdir on a file system that every node sees?", config.device)
+    guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False),
+                           max_skip_fraction=t.get("max_skip_fraction", 0.01))
+    guard.protect(state["optimizer"], state)
+    train_step, eval_step = get_step_fns(config, sde)
+    train_step = distributed.data_parallel_step(train_step, state["model"], t.batch_size, ctx)
+    scaler = datasets.get_data_scaler(config)
+    writer = EventLog(workdir / "tensorboard") if ctx.is_main else None
+    bar = tqdm(total=t.n_iters, initial=state["step"], disable=not (progress and ctx.is_main),
+               desc="train")
+    window_start, window_images = time.perf_counter(), 0
+    try:
+        while state["step"] < t.n_iters:
+            batch = scaler(next(state["iterators"]["train"]))
+            loss = train_step(state, batch, generator=state["generators"]["train"])
+            step, last = state["step"], state["step"] == t.n_iters  # steps completed
+            guard.observe_loss(loss, step)  # read on the host only at the side effects
+            window_images += batch.shape[0]
+            bar.update(1)
+            if step % t.log_freq == 0 or last:
+                guard.check(ctx)
+                loss = distributed.mean(loss, ctx)  # the global batch's loss
+                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                if ctx.is_main:
+                    log_training(writer, bar, state, step, loss, rate)
+                window_start, window_images = time.perf_counter(), 0
+            if step % t.eval_freq == 0 and ctx.is_main:
+                evaluate(state, eval_step, scaler, writer, step)
+            snapshot = step % t.snapshot_freq == 0 or last
+            if snapshot:  # first the step's outputs ...
+                guard.check(ctx)
+                distributed.on_main(partial(save_snapshot, config, state, sde, workdir, step),
+                                    ctx, "snapshot", config.device)
+            if snapshot or step % t.snapshot_freq_for_preemption == 0:  # ... then "step done"
+                guard.check(ctx)
+                distributed.on_main(partial(checkpoints.save_checkpoint,
+                                            checkpoints.meta_path(workdir), state),
+                                    ctx, "checkpoint", config.device)
+            for hook in hooks:
+                hook(state)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return state
