@@ -8,7 +8,9 @@ per-call SDE arithmetic (which on scalar tensors costs about as much as a 2-D st
 Goal (issue 5): <= 80 us and <= 150 us per step for first-order steps, twice that (<= 160 and
 <= 300 us) for higher-order steps, on this 2-core machine. Runs on torch's default number of
 threads (every core; ``--threads 1`` for one). Prints a table and writes
-``benchmarks/out/sampler_cost.png``. Usage: ``python benchmarks/sampler_cost.py [--threads N]``.
+``benchmarks/out/sampler_cost.png`` and, for ``benchmarks/update_docs.py``, the Markdown table
+``benchmarks/out/sampler_cost.md`` (quoted in docs/samplers.md).
+Usage: ``python benchmarks/sampler_cost.py [--threads N]``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from update_docs import markdown_table, write_table  # noqa: E402
 
 import sde_lib  # noqa: E402
 from samplers import SAMPLERS, sample  # noqa: E402
@@ -170,6 +174,19 @@ def main():
     print("goal (higher-order steps):     " + "".join(f"{2 * g:18.0f}" for _, _, g in PROBLEMS))
     if args.only is None:
         plot(results)
+        print(f"wrote {save_markdown(results, cases, args)}")
+
+
+def save_markdown(results, cases, args) -> Path:
+    """The table as Markdown for docs/samplers.md (``benchmarks/update_docs.py`` pastes it)."""
+    header = ["sampler", *(f"{label} (µs / step)" for label, _, _ in PROBLEMS)]
+    names = ["score alone", "noise draw alone", *cases]
+    rows = [[f"`{name}`" if name in cases else f"({name}, per call)",
+             *(f"{results[(name, label)]:.0f}" for label, _, _ in PROBLEMS)] for name in names]
+    caption = (f"torch {torch.__version__}, float32, {torch.get_num_threads()} threads, "
+               f"{args.steps} steps, best of {args.repeats} ({args.clock} time); "
+               f"`python benchmarks/sampler_cost.py --repeats {args.repeats}`\n\n")
+    return write_table("sampler_cost", caption + markdown_table(header, rows), OUT)
 
 
 def plot(results):

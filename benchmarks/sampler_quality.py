@@ -21,7 +21,8 @@ The SW null distribution (mean and sd of SW(exact set, reference)) comes from 24
 sets: with only a few the sd is underestimated and the "+SW" criterion fails exact samplers. All
 deterministic samplers map the same x_T, so at large NFE they share one draw of SW.
 Writes
-``benchmarks/out/sampler_quality.png`` and ``.json``.
+``benchmarks/out/sampler_quality.png``, ``.json`` and, for ``benchmarks/update_docs.py``, the
+Markdown summary ``benchmarks/out/sampler_quality.md`` (quoted in docs/samplers.md).
 
     OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py [--quick] [--only LABEL ...]
 """
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from update_docs import markdown_table, write_table  # noqa: E402
 
 import sde_lib  # noqa: E402
 from samplers import sample, tune_time_grid  # noqa: E402
@@ -186,6 +189,41 @@ def summarise(rows):
     return summary
 
 
+def best_budget(rows, sde_name, keep, problems) -> str:
+    """``'NFE (`sampler`)'``: the smallest budget from which one sampler in ``keep(row)`` stays
+    at exact quality (log-likelihood gap and SW) on every problem in ``problems``."""
+    best = (math.inf, "none")
+    for label in sorted({r["sampler"] for r in rows if keep(r)}):
+        per_problem = [stays_exact_from([r for r in rows if r["sde"] == sde_name
+                                         and r["problem"] == p and r["sampler"] == label], True)
+                       for p in problems]
+        best = min(best, (max(per_problem), label))
+    return "–" if math.isinf(best[0]) else f"{best[0]} (`{best[1]}`)"
+
+
+def save_markdown(rows) -> Path:
+    """Per SDE, the best sampler of each kind, as Markdown for docs/samplers.md."""
+    problems = sorted({r["problem"] for r in rows})
+    kinds = {
+        "best deterministic, tuned grid": lambda r: r["deterministic"] and "tuned" in r["sampler"],
+        "best deterministic, registered grids":
+            lambda r: r["deterministic"] and "tuned" not in r["sampler"],
+        "best stochastic": lambda r: not r["deterministic"],
+    }
+    header = ["SDE", *kinds, "192-D mixture alone (deterministic, registered grids)"]
+    table = []
+    for sde_name in SDES:
+        if not any(r["sde"] == sde_name for r in rows):
+            continue
+        table.append([sde_name, *(best_budget(rows, sde_name, keep, problems)
+                                  for keep in kinds.values()),
+                      best_budget(rows, sde_name, kinds["best deterministic, registered grids"],
+                                  ["mix192d"])])
+    caption = ("Smallest NFE tried from which a sampler stays at exact quality on "
+               f"{' and '.join(problems)}; `python benchmarks/sampler_quality.py`\n\n")
+    return write_table("sampler_quality", caption + markdown_table(header, table), OUT)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -242,6 +280,7 @@ def main():
     plot(rows, OUT / "sampler_quality.png")
     (OUT / "sampler_quality.json").write_text(json.dumps(
         {"rows": rows, "summary": {k: list(v) for k, v in summary.items()}}, indent=1))
+    print(f"wrote {save_markdown(rows)}")
     print(f"\nwrote {OUT / 'sampler_quality.png'} in {time.time() - start:.0f} s")
 
 

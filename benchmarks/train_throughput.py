@@ -7,7 +7,9 @@ backward, clipping, Adam, EMA) for the CLI's configs, on random data.
 Wall time is what a user waits; on a shared machine it inflates, so the CPU time of the process
 per step is printed too (with one thread it is the wall time the step would take alone). With
 two threads on a CPU whose other core is busy, OpenMP's default busy-waiting made steps up to
-30x slower here; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.
+30x slower here; ``OMP_WAIT_POLICY=PASSIVE`` avoids that. Writes
+``benchmarks/out/train_throughput.json`` and, for ``benchmarks/update_docs.py``,
+``benchmarks/out/train_throughput.md`` (quoted in docs/benchmarks.md).
 
 CIFAR-10 configs run at ``--batch_size`` (default 8, the size at which the reference's DDPM++
 takes 2.83 s/step on the 2-core development machine); other configs at their own batch size.
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from update_docs import markdown_table, write_table  # noqa: E402
 
 from configs.registry import CONFIGS  # noqa: E402
 from score_sde.datasets import data_shape, get_data_scaler  # noqa: E402
@@ -94,6 +98,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out} and {save_markdown(results)}")
+
+
+def save_markdown(results) -> Path:
+    """The results as Markdown for docs/benchmarks.md (``benchmarks/update_docs.py`` pastes it)."""
+    header = ["config", "model", "parameters", "batch", "s / step", "images / s",
+              "reference s / step"]
+    rows = [[f"`{r['config']}`", r["model"], f"{r['params_M']:.1f}M", str(r["batch_size"]),
+             f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.0f}",
+             f"{r['reference_s_per_step']:.2f}" if r["reference_s_per_step"] else "–"]
+            for r in results]
+    caption = (f"torch {torch.__version__}, {results[0]['threads']} threads, median step; "
+               "`python benchmarks/train_throughput.py`\n\n")
+    return write_table("train_throughput", caption + markdown_table(header, rows))
 
 
 if __name__ == "__main__":
