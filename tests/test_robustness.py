@@ -141,6 +141,11 @@ def _tiny(n_iters=6, **training):
 
 def _poison_batch(monkeypatch, at_batch):
     """The ``at_batch``-th training batch (1-based) holds a NaN."""
+    _poison(monkeypatch, lambda n: n == at_batch)
+
+
+def _poison(monkeypatch, bad):
+    """Training batch n (1-based) holds a NaN where ``bad(n)``."""
     real_build = loop.build
 
     def build(config):
@@ -151,7 +156,7 @@ def _poison_batch(monkeypatch, at_batch):
             def __next__(self):
                 count[0] += 1
                 batch = next(iterator)
-                if count[0] == at_batch:
+                if bad(count[0]):
                     batch = batch.clone()
                     batch[0, 0] = float("nan")
                 return batch
@@ -223,33 +228,7 @@ def test_skip_nonfinite_skips_the_step_and_finishes(tmp_path, monkeypatch, caplo
 
 def _poison_from(monkeypatch, first_batch):
     """Every training batch from the ``first_batch``-th (1-based) on holds a NaN."""
-    real_build = loop.build
-
-    def build(config):
-        state, sde = real_build(config)
-        iterator = state["iterators"]["train"]
-
-        class Poisoned:
-            count = 0
-
-            def __next__(self):
-                Poisoned.count += 1
-                batch = next(iterator)
-                if Poisoned.count >= first_batch:
-                    batch = batch.clone()
-                    batch[0, 0] = float("nan")
-                return batch
-
-            def state_dict(self):
-                return iterator.state_dict()
-
-            def load_state_dict(self, s):
-                iterator.load_state_dict(s)
-
-        state["iterators"]["train"] = Poisoned()
-        return state, sde
-
-    monkeypatch.setattr(loop, "build", build)
+    _poison(monkeypatch, lambda n: n >= first_batch)
 
 
 def test_skipping_stops_once_too_many_recent_steps_were_skipped(tmp_path, monkeypatch):
