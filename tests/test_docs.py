@@ -56,7 +56,18 @@ def _compiled(page: Path, line: int, source: str):
 
 @pytest.fixture
 def restore_registries(monkeypatch):
-    """Registrations made by a page (the extending guide registers examples) end with its test."""
+    """Registrations made by a page (the extending guide registers examples) end with its test.
+
+    Every registering module is imported first: a registry snapshotted before its entries are
+    registered would be restored empty while the modules that fill it stay imported."""
+    import importlib
+
+    from models.utils import ARCHITECTURE_MODULES
+
+    for name in ("sde_lib", "samplers", "likelihood", "models.utils", "models.normalization",
+                 "score_sde.losses", "score_sde.divergence", "score_sde.datasets",
+                 *ARCHITECTURE_MODULES):
+        importlib.import_module(name)
     for module in list(sys.modules.values()):
         for value in list(getattr(module, "__dict__", {}).values()):
             if type(value) is Registry:

@@ -105,7 +105,7 @@ def test_training_starts_with_a_block_and_logs_clean_lines_and_tensorboard_image
     log = (workdir / "stdout.txt").read_text()
     assert "\r" not in log and "\r" not in result.stderr
     start = log[:log.index("step: 1") if "step: 1" in log else log.index("step: 2")]
-    assert "on cpu, 1 torch threads" in start
+    assert "on cpu, torch threads: 1" in start
     ema = torch.load(checkpoints.meta_path(workdir), weights_only=True)["ema"]
     params = sum(p.numel() for p in ema["shadow_params"])  # one shadow per parameter
     assert f"{params:,} parameters" in start

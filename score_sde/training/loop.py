@@ -120,7 +120,7 @@ def log_start(config, state, workdir: Path, resume: Path | None, world_size: int
     start = (f"resuming from step {state['step']} ({resume})" if resume is not None
              else "starting at step 0")
     lines = [f"start: {config.model.name} on {config.device}{processes}, "
-             f"{torch.get_num_threads()} torch threads",
+             f"torch threads: {torch.get_num_threads()}",
              f"start: model {type(model).__name__}, {num_params:,} parameters"]
     if train_data is not None and eval_data is not None:
         lines.append(f"start: dataset {config.data.dataset}, {train_data.data.shape[0]} train / "
