@@ -251,7 +251,8 @@ class AdaptiveSDE(Sampler):
             steps += running
             rejected += running & ~accept
             if not budget:
-                stalled |= (t > self.eps) & ~(h >= self.h_min)
+                # a step below h_min (or NaN) stalls, unless what is left to eps is shorter
+                stalled |= (t > self.eps) & ~(h >= (t - self.eps).clamp(max=self.h_min))
             if callback is not None:
                 callback(it, t, x, None)
             it += 1

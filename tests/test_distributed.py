@@ -43,11 +43,16 @@ def _free_port() -> int:
 
 
 def _main(*args, nproc=1, check=True):
-    launcher = [] if nproc == 1 else [
-        "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    result = subprocess.run([sys.executable, *launcher, str(REPO / "main.py"), *args], cwd=REPO,
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    for _attempt in range(3):
+        launcher = [] if nproc == 1 else [
+            "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        result = subprocess.run([sys.executable, *launcher, str(REPO / "main.py"), *args],
+                                cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        # the free port can be taken between _free_port() and the launch by a test running in
+        # another pytest-xdist worker: launch again on another port
+        if nproc == 1 or "address already in use" not in result.stderr.lower():
+            break
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
     return result

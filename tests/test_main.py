@@ -329,7 +329,7 @@ def test_sampler_swaps_on_digits_and_records_that_say_what_ran(tmp_path):
         "pc": (["--config.sampling.method=pc", "--config.sampling.predictor=reverse_diffusion",
                 "--config.sampling.corrector=langevin", "--config.sampling.N=5"],
                5 * (1 + 1), {"N": 5, "predictor": "reverse_diffusion", "corrector": "langevin",
-                             "n_steps": 1, "snr": 0.16}),
+                             "n_steps": 1, "snr": 0.16, "step_rule": "batch"}),
         "ode": (["--config.sampling.method=ode", "--config.sampling.solver=euler",
                  "--config.sampling.steps=3"],
                 3 + 1, {"solver": "euler", "steps": 3, "denoise": True}),  # + noise_removal

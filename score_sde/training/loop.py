@@ -250,10 +250,12 @@ def train(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
 def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequence[Hook],
                   progress: bool) -> dict[str, Any]:
     t = config.training
-    if ctx.is_main:
+    def prepare_workdir():
         write_config(config, workdir)
         checkpoints.remove_stale_temporaries(workdir)  # left by a killed run: we hold the lock
-    distributed.barrier(ctx, config.device)
+
+    # rank 0 writes; a failure there (a full disk) reaches every rank instead of a hang
+    distributed.on_main(prepare_workdir, ctx, "writing config.json", config.device)
     state, sde = build(config)
     resume = checkpoints.resume_checkpoint(workdir)
     if resume is not None:
@@ -288,11 +290,12 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
                 guard.check(ctx)
                 loss = distributed.mean(loss, ctx)  # the global batch's loss
                 rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                if ctx.is_main:
-                    log_training(writer, bar, state, step, loss, rate)
+                distributed.on_main(partial(log_training, writer, bar, state, step, loss, rate),
+                                    ctx, "logging", config.device)
                 window_start, window_images = time.perf_counter(), 0
-            if step % t.eval_freq == 0 and ctx.is_main:
-                evaluate(state, eval_step, scaler, writer, step)
+            if step % t.eval_freq == 0:
+                distributed.on_main(partial(evaluate, state, eval_step, scaler, writer, step),
+                                    ctx, "the evaluation loss", config.device)
             snapshot = step % t.snapshot_freq == 0 or last
             if snapshot:  # first the step's outputs ...
                 guard.check(ctx)

@@ -3,6 +3,7 @@ and the one-line error a failed write (e.g. a full disk) ends a run with."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 class WriteError(OSError):
     """An output could not be written (e.g. no space left on device). ``str()`` is one line
     naming what, where and why; ``errno`` is the underlying error's."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message alone, not "[Errno 28] ..."
 
 
 def write_error(error: OSError, path: str | os.PathLike, what: str = "", *,
@@ -64,8 +68,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, what: str | None
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise write_error(e, path, what or "", hint=hint) from e
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename durable; some file systems cannot fsync a directory (EINVAL)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise write_error(e, path, what or "", kept="the new file is in place",
+                              hint=hint) from e
