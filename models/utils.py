@@ -79,11 +79,26 @@ def get_model_fn(model: nn.Module, train: bool = False) -> ModelFn:
 
 
 class _ScoreAdapter:
-    """Base of the adapters: holds the SDE and the model function."""
+    """Base of the adapters: holds the SDE and the model function.
 
-    def __init__(self, sde: sde_lib.SDE, model_fn: ModelFn) -> None:
+    Attributes:
+        learned_variance: the network's output holds, after the C channels of its prediction, C
+            more channels of the improved-DDPM variance interpolation v (``model.learn_sigma``;
+            Nichol & Dhariwal 2021, eq. 15); only noise-prediction adapters accept it.
+    """
+
+    supports_learned_variance = False
+
+    def __init__(self, sde: sde_lib.SDE, model_fn: ModelFn, learned_variance: bool = False
+                 ) -> None:
+        if learned_variance and not self.supports_learned_variance:
+            raise ValueError(
+                f"a model with learned variances (learn_sigma=True) needs a discrete VP SDE "
+                f"(vpsde or discrete_vpsde, training.continuous=False); {type(self).__name__} "
+                f"of {type(sde).__name__} has none")
         self.sde = sde
         self.model_fn = model_fn
+        self.learned_variance = bool(learned_variance)
 
     def labels(self, t: torch.Tensor) -> torch.Tensor:
         """The second argument the network receives at time t (B,)."""
@@ -94,32 +109,65 @@ class _ScoreAdapter:
         raise NotImplementedError
 
 
+class _NoisePredictionAdapter(_ScoreAdapter):
+    """Networks that predict the noise eps of x_t = m(t) x_0 + s(t) eps: score = -eps / std."""
+
+    supports_learned_variance = True
+
+    def std(self, t: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The std s(t) (B,) that turns the network's eps into the score."""
+        return self.sde.marginal_std(t)
+
+    def eps_and_v(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
+                                                                   | None]:
+        """The network's raw output at (x, t), split: eps (B, C, ...) and, for a model with
+        learned variances, the interpolation v (B, C, ...) (else None). One network call."""
+        t = as_batch_time(t, x)
+        out = self.model_fn(x, self.labels(t))
+        if not self.learned_variance:
+            return out, None
+        if out.shape[1] != 2 * x.shape[1]:
+            raise ValueError(f"a model with learned variances must output 2 x {x.shape[1]} "
+                             f"channels, got {tuple(out.shape)}")
+        eps, v = out.chunk(2, dim=1)
+        return eps, v
+
+    def __call__(self, x, t):
+        t = as_batch_time(t, x)
+        eps, _ = self.eps_and_v(x, t)
+        return batch_mul(-1.0 / self.std(t, self.labels(t), x), eps)
+
+
 @SCORE_ADAPTERS.register("vp_continuous")
-class VPContinuousAdapter(_ScoreAdapter):
+class VPContinuousAdapter(_NoisePredictionAdapter):
     """VP / sub-VP, continuous training: label 999 t, score = -output / s(t) (noise prediction)."""
+
+    supports_learned_variance = False
 
     def labels(self, t):
         return t * 999
 
-    def __call__(self, x, t):
-        t = as_batch_time(t, x)
-        std = self.sde.marginal_std(t)
-        return batch_mul(-1.0 / std, self.model_fn(x, self.labels(t)))
-
 
 @SCORE_ADAPTERS.register("vp_discrete")
-class VPDiscreteAdapter(_ScoreAdapter):
+class VPDiscreteAdapter(_NoisePredictionAdapter):
     """VP (DDPM) discrete training: label (N - 1) t (a float), std from the DDPM table."""
 
     def labels(self, t):
         return t * (self.sde.N - 1)
 
-    def __call__(self, x, t):
-        t = as_batch_time(t, x)
-        labels = self.labels(t)
+    def std(self, t, labels, x):
         table = self.sde.discrete_table("sqrt_1m_alphas_cumprod", x.device, x.dtype)
-        std = table[labels.long()]
-        return batch_mul(-1.0 / std, self.model_fn(x, labels))
+        return table[labels.long()]
+
+
+@SCORE_ADAPTERS.register("vp_index")
+class VPIndexAdapter(_NoisePredictionAdapter):
+    """Discrete-table VP models (``DiscreteVPSDE``: DDPM, DiT, ADM, diffusers): the network sees
+    the original, possibly fractional, step index n = t N - 1 and predicts eps; std = s(t) of the
+    interpolated schedule, which equals the table's sqrt(1 - alpha_bar_n) at t = t_n."""
+
+    def labels(self, t):
+        return self.sde.time_to_index(t)
 
 
 @SCORE_ADAPTERS.register("ve_continuous")
@@ -144,7 +192,8 @@ class VEDiscreteAdapter(_ScoreAdapter):
         return self.model_fn(x, self.labels(as_batch_time(t, x)))
 
 
-def get_score_adapter(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool) -> _ScoreAdapter:
+def get_score_adapter(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool,
+                      learned_variance: bool = False) -> _ScoreAdapter:
     """The adapter for ``sde`` and the training kind, from ``sde.model_conventions``."""
     kind = "continuous" if continuous else "discrete"
     name = sde.model_conventions.get(kind)
@@ -153,11 +202,12 @@ def get_score_adapter(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool) -> 
         raise ValueError(
             f"{type(sde).__name__} has no {kind} model convention; supported: {valid}"
         )
-    return SCORE_ADAPTERS.get(name)(sde, model_fn)
+    return SCORE_ADAPTERS.get(name)(sde, model_fn, learned_variance)
 
 
 def get_score_fn(
-    sde: sde_lib.SDE, model: nn.Module | ModelFn, train: bool = False, continuous: bool = False
+    sde: sde_lib.SDE, model: nn.Module | ModelFn, train: bool = False, continuous: bool = False,
+    learned_variance: bool | None = None,
 ) -> ScoreFn:
     """``score_fn(x, t)`` for a network trained with the reference's conventions.
 
@@ -167,8 +217,13 @@ def get_score_fn(
         train: evaluate the module in training mode (dropout on).
         continuous: the model was trained with continuous time (else the discrete DDPM/SMLD
             conventions).
+        learned_variance: the output holds C more channels of the variance interpolation v
+            (None: ``model.learn_sigma`` of a module, else False). The score uses the eps half;
+            ``score_fn.eps_and_v(x, t)`` returns both halves.
     Returns:
         ``score_fn(x (B, *D), t (B,)) -> score (B, *D)``.
     """
+    if learned_variance is None:
+        learned_variance = bool(getattr(model, "learn_sigma", False))
     model_fn = get_model_fn(model, train=train) if isinstance(model, nn.Module) else model
-    return get_score_adapter(sde, model_fn, continuous)
+    return get_score_adapter(sde, model_fn, continuous, learned_variance)

@@ -291,10 +291,10 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     return loss_fn
 
 
-def _check_discrete(sde: sde_lib.SDE, convention: str, what: str) -> None:
-    if sde.model_conventions.get("discrete") != convention:
-        raise ValueError(f"{what} training needs an SDE with the {convention!r} convention "
-                         f"(got {type(sde).__name__})")
+def _check_discrete(sde: sde_lib.SDE, conventions: tuple[str, ...], what: str) -> None:
+    if sde.model_conventions.get("discrete") not in conventions:
+        raise ValueError(f"{what} training needs an SDE with the {' or '.join(conventions)} "
+                         f"convention (got {type(sde).__name__})")
 
 
 def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, train: bool,
@@ -318,15 +318,16 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
 def get_smld_loss_fn(vesde: sde_lib.SDE, train: bool, reduce_mean: bool = False) -> LossFn:
     """``loss_fn(model, batch, *, generator=None)``: batch mean of ``smld_loss``; draws labels
     ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy SMLD/NCSN training)."""
-    _check_discrete(vesde, "ve_discrete", "SMLD")
+    _check_discrete(vesde, ("ve_discrete",), "SMLD")
     return _discrete_loss_fn(smld_loss, vesde, train, reduce_mean)
 
 
-@DISCRETE_LOSSES.register("vp_discrete")
+@DISCRETE_LOSSES.register("vp_discrete", aliases=("vp_index",))
 def get_ddpm_loss_fn(vpsde: sde_lib.SDE, train: bool, reduce_mean: bool = True) -> LossFn:
     """``loss_fn(model, batch, *, generator=None)``: batch mean of ``ddpm_loss``; draws labels
-    ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy DDPM training)."""
-    _check_discrete(vpsde, "vp_discrete", "DDPM")
+    ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy DDPM training; for ``DiscreteVPSDE``
+    label n is the step at time t_n = (n + 1) / N, the ``vp_index`` convention)."""
+    _check_discrete(vpsde, ("vp_discrete", "vp_index"), "DDPM")
     return _discrete_loss_fn(ddpm_loss, vpsde, train, reduce_mean)
 
 

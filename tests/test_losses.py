@@ -242,8 +242,10 @@ def test_importance_density_is_likelihood_weight_over_variance(sde):
     empirical = torch.searchsorted(torch.sort(draws).values, t).double() / n
     # Kolmogorov-Smirnov: sup|F_n - F| < 1.63 / sqrt(n) at the 1% level.
     assert (empirical - cdf).abs().max() < 1.63 / math.sqrt(n)
+    # DiscreteVPSDE's beta(t) jumps at each of its N table times, where the trapezoid is off
+    rel = 1e-4 if isinstance(sde, sde_lib.DiscreteVPSDE) else 1e-5
     assert losses.likelihood_normalizer(sde, eps) == pytest.approx(
-        float(torch.trapezoid(density, t)), rel=1e-5)
+        float(torch.trapezoid(density, t)), rel=rel)
 
 
 @pytest.mark.parametrize("objective", ["dsm", "ssm"])

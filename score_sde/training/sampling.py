@@ -27,12 +27,14 @@ ALIASES = {"n_steps": "n_steps_each", "denoise": "noise_removal"}
 #: final sampling time per SDE (the reference's ``sampling_eps``); 1e-3 for the others
 SAMPLING_EPS = {"vesde": 1e-5}
 _SDE_ARGS = {"beta_min": "beta_min", "beta_max": "beta_max", "sigma_min": "sigma_min",
-             "sigma_max": "sigma_max", "N": "num_scales"}
+             "sigma_max": "sigma_max", "N": "num_scales", "schedule": "beta_schedule",
+             "beta_start": "beta_start", "beta_end": "beta_end"}
 
 
 def get_sde(config) -> sde_lib.SDE:
     """The SDE ``config.training.sde`` with its constants from ``config.model`` (beta_min,
-    beta_max, sigma_min, sigma_max, num_scales -> N), as the reference's ``run_lib``."""
+    beta_max, sigma_min, sigma_max, num_scales -> N, as the reference's ``run_lib``; for
+    ``discrete_vpsde`` beta_schedule -> schedule, beta_start, beta_end)."""
     cls = sde_lib.SDES.get(config.training.sde)
     accepted = inspect.signature(cls).parameters
     kwargs = {arg: config.model[key] for arg, key in _SDE_ARGS.items()
@@ -41,7 +43,10 @@ def get_sde(config) -> sde_lib.SDE:
 
 
 def sampling_eps(config) -> float:
-    """The last time of the reverse process (1e-5 for VE, 1e-3 otherwise, as the reference)."""
+    """The last time of the reverse process (1e-5 for VE, 1e-3 otherwise, as the reference;
+    for ``discrete_vpsde`` the time 1/N of the table's first step, index 0)."""
+    if config.training.sde == "discrete_vpsde":
+        return 1.0 / get_sde(config).N
     return SAMPLING_EPS.get(config.training.sde, 1e-3)
 
 
