@@ -1,1 +1,1 @@
-"""Score networks (NCSN++, DDPM++, DDPM, NCSNv2, MLP), EMA, checkpoints and score adapters."""
+"""Score networks (NCSN++, DDPM++, DDPM, NCSNv2, MLP, DiT), EMA, checkpoints and score adapters."""

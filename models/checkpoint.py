@@ -29,7 +29,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,16 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str:
     )
 
 
-def safe_load(path: str | os.PathLike) -> Any:
+def safe_load(path: str | os.PathLike, allow: Sequence[Any] = ()) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU with the minimal numpy allowlist.
 
     Zip checkpoints (what ``torch.save`` writes) must have uncompressed records; a plain pickle
     (the legacy format) goes through the same weights-only unpickler.
+
+    Args:
+        path: the checkpoint file.
+        allow: further classes the unpickler may rebuild as plain attribute bags (e.g.
+            ``argparse.Namespace`` in DiT's training checkpoints); nothing else is called.
 
     Raises:
         FileNotFoundError: no such file.
@@ -138,7 +143,7 @@ def safe_load(path: str | os.PathLike) -> Any:
     if zipfile.is_zipfile(path):
         _check_zip_entries(path)
     try:
-        with torch.serialization.safe_globals(_numpy_allowlist()):
+        with torch.serialization.safe_globals([*_numpy_allowlist(), *allow]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(

@@ -21,6 +21,11 @@ Class conditioning (ours, not the reference's): with ``config.model.num_classes 
 embedding ``label_embedding`` with K + 1 rows is added to the time embedding; row K is the null
 label used for unconditional passes (classifier-free guidance, Ho & Salimans 2022). With K absent
 or 0 nothing is added, so unconditional state dicts are the reference's.
+``config.model.class_dropout_prob`` drops labels to the null label in training mode.
+
+Learned variances (ours): ``config.model.learn_sigma = True`` doubles the output channels, the
+next C after the noise prediction being improved DDPM's variance interpolation v (Nichol &
+Dhariwal 2021, eq. 15). Absent or False, the model is exactly the reference's.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from models.layers import (
     get_sigmas,
     get_timestep_embedding,
 )
-from models.utils import check_image_inputs, register_model
+from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 
 @register_model("ddpm")
@@ -59,7 +64,8 @@ class DDPM(ClassConditional, nn.Module):
         class_labels: optional (B,) integer classes in [0, num_classes]; ``num_classes`` is the
             null label, used for every sample when None. Only for ``num_classes > 0``.
         Returns (B, C, H, W) in x's dtype: the noise prediction (divided by sigma if
-        ``scale_by_sigma``).
+        ``scale_by_sigma``); (B, 2 C, H, W) with ``learn_sigma``, the next C channels the
+        variance interpolation v (never divided by sigma).
     """
 
     def __init__(self, config) -> None:
@@ -89,6 +95,8 @@ class DDPM(ClassConditional, nn.Module):
         self.centered = bool(config.data.centered)
         self.scale_by_sigma = bool(m.scale_by_sigma)
         self.channels = channels = config.data.num_channels
+        self.learn_sigma = read_learn_sigma(config, "ddpm")
+        out_channels = 2 * channels if self.learn_sigma else channels
         temb_dim = 4 * nf
 
         resnet = functools.partial(ResnetBlockDDPM, act=act, temb_dim=temb_dim, dropout=m.dropout)
@@ -125,7 +133,7 @@ class DDPM(ClassConditional, nn.Module):
                 modules.append(Upsample(channels=in_ch, with_conv=m.resamp_with_conv))
 
         modules.append(nn.GroupNorm(num_groups=32, num_channels=in_ch, eps=1e-6))
-        modules.append(ddpm_conv3x3(in_ch, channels, init_scale=0.0))
+        modules.append(ddpm_conv3x3(in_ch, out_channels, init_scale=0.0))
         self.all_modules = nn.ModuleList(modules)
 
         # Class conditioning (ours): label_embedding (num_classes + 1, 4 nf), null label last;
@@ -173,7 +181,7 @@ class DDPM(ClassConditional, nn.Module):
                 h = next(modules)(h)  # (B, C, 2 H, 2 W)
 
         h = self.act(next(modules)(h))
-        h = next(modules)(h)  # (B, C, H, W)
+        h = next(modules)(h)  # (B, C, H, W), or (B, 2 C, H, W) with learn_sigma
 
         if self.scale_by_sigma:
             if labels.dtype.is_floating_point:
@@ -181,5 +189,9 @@ class DDPM(ClassConditional, nn.Module):
                     f"scale_by_sigma needs integer labels indexing sigmas, got {labels.dtype}"
                 )
             # The float64 sigmas buffer divides in h's dtype: the output keeps x's dtype.
-            h = h / self.sigmas[labels].to(h.dtype).view(-1, 1, 1, 1)
+            sigmas = self.sigmas[labels].to(h.dtype).view(-1, 1, 1, 1)
+            if self.learn_sigma:  # v is a log-variance interpolation weight, not a score
+                eps, v = h.chunk(2, dim=1)
+                return torch.cat([eps / sigmas, v], dim=1)
+            h = h / sigmas
         return h

@@ -22,6 +22,9 @@ Config keys (defaults after the key):
                          last one (index K, ``model.null_label``; None when K = 0) the reserved
                          "no class" label used when ``class_labels`` is None (classifier-free
                          guidance)
+    model.class_dropout_prob  0; in training mode each label becomes the null label with this
+                         probability (label dropout for classifier-free guidance)
+    model.learn_sigma    False (True is refused: the MLP has no learned-variance output)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 from models.conditioning import ClassConditional
 from models.layers import dense, get_act, get_timestep_embedding
 from models.layerspp import GaussianFourierProjection
-from models.utils import register_model
+from models.utils import read_learn_sigma, register_model
 
 _EMBEDDINGS = ("fourier", "positional")
 
@@ -69,6 +72,7 @@ class MLP(ClassConditional, nn.Module):
                 f"MLP needs data.dim (an integer >= 1, the point dimension), got {dim!r}"
             )
         self.dim = dim
+        self.learn_sigma = read_learn_sigma(config, "mlp", supported=False)
         self.centered = bool(data.get("centered", True))
         nf = int(model.get("nf", 128))
         num_layers = int(model.get("num_layers", 3))

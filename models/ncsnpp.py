@@ -13,8 +13,10 @@ loads with ``strict=True`` once the ``module.`` prefix of ``DataParallel`` is re
 
 Optional class conditioning (``config.model.num_classes > 0``) adds ``label_embedding``, an
 ``nn.Embedding(num_classes + 1, 4 nf)`` added to the time embedding; its last index is the null
-label used for classifier-free guidance (Ho & Salimans 2022). With ``num_classes`` absent or 0 the
-model and its state dict are exactly the reference's.
+label used for classifier-free guidance (Ho & Salimans 2022); ``class_dropout_prob`` drops labels
+to it in training mode. ``learn_sigma = True`` doubles the output channels (the next C are improved
+DDPM's variance interpolation v, Nichol & Dhariwal 2021, eq. 15). With ``num_classes`` and
+``learn_sigma`` absent the model and its state dict are exactly the reference's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from models import layerspp
 from models.conditioning import ClassConditional
 from models.layers import ddpm_conv3x3, dense, get_act, get_sigmas, get_timestep_embedding
 from models.layerspp import group_norm
-from models.utils import check_image_inputs, register_model
+from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 _CHOICES = {
     "progressive": ("none", "output_skip", "residual"),
@@ -56,12 +58,12 @@ class NCSNpp(ClassConditional, nn.Module):
     Reads ``config.model``: nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
     resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type, progressive,
     progressive_input, progressive_combine, embedding_type, fourier_scale, init_scale, conv_size,
-    scale_by_sigma, nonlinearity, sigma_min, sigma_max, num_scales and optionally num_classes;
-    ``config.data``: centered, image_size, num_channels.
+    scale_by_sigma, nonlinearity, sigma_min, sigma_max, num_scales and optionally num_classes,
+    class_dropout_prob, learn_sigma; ``config.data``: centered, image_size, num_channels.
 
     Call: ``model(x, time_cond, class_labels=None)`` with x (B, C, H, W) and time_cond (B,) the
     noise level sigma (Fourier embedding) or the time label 999 t (positional embedding);
-    returns (B, C, H, W).
+    returns (B, C, H, W), or (B, 2 C, H, W) with ``learn_sigma``.
     """
 
     def __init__(self, config) -> None:
@@ -154,6 +156,8 @@ class NCSNpp(ClassConditional, nn.Module):
 
         # Downsampling path; hs_c tracks the channels of each skip connection.
         channels = config.data.num_channels
+        self.learn_sigma = read_learn_sigma(config, "ncsnpp")
+        out_channels = 2 * channels if self.learn_sigma else channels
         input_pyramid_ch = channels
         modules.append(ddpm_conv3x3(channels, nf))
         hs_c = [nf]
@@ -201,8 +205,8 @@ class NCSNpp(ClassConditional, nn.Module):
                 if progressive == "output_skip":
                     # Norm, act, conv to an image at this resolution, added to the pyramid.
                     modules.append(group_norm(in_ch))
-                    modules.append(ddpm_conv3x3(in_ch, channels, init_scale=init_scale))
-                    pyramid_ch = channels
+                    modules.append(ddpm_conv3x3(in_ch, out_channels, init_scale=init_scale))
+                    pyramid_ch = out_channels
                 elif i_level == num_resolutions - 1:
                     modules.append(group_norm(in_ch))
                     modules.append(ddpm_conv3x3(in_ch, in_ch))
@@ -219,7 +223,7 @@ class NCSNpp(ClassConditional, nn.Module):
 
         if progressive != "output_skip":
             modules.append(group_norm(in_ch))
-            modules.append(ddpm_conv3x3(in_ch, channels, init_scale=init_scale))
+            modules.append(ddpm_conv3x3(in_ch, out_channels, init_scale=init_scale))
 
         self.all_modules = nn.ModuleList(modules)
 
@@ -262,7 +266,8 @@ class NCSNpp(ClassConditional, nn.Module):
             class_labels: (B,) int64 in [0, num_classes]; ``num_classes`` (or None) is the null
                 label. Only for class-conditional models.
         Returns:
-            (B, C, H, W) in x's dtype.
+            (B, C, H, W) in x's dtype; (B, 2 C, H, W) with ``learn_sigma``, the next C channels
+            the variance interpolation v (never divided by sigma).
         """
         check_image_inputs(self, x, time_cond, self.config.data.num_channels)
         modules = iter(self.all_modules)
@@ -327,7 +332,11 @@ class NCSNpp(ClassConditional, nn.Module):
         if self.scale_by_sigma:
             # sigmas is float64 (the reference's buffer): divide in h's dtype, so the output
             # keeps the input's dtype instead of silently becoming float64.
-            h = h / used_sigmas.to(h.dtype).reshape(-1, *([1] * (h.dim() - 1)))
+            sigmas = used_sigmas.to(h.dtype).reshape(-1, *([1] * (h.dim() - 1)))
+            if self.learn_sigma:  # v is a log-variance interpolation weight, not a score
+                eps, v = h.chunk(2, dim=1)
+                return torch.cat([eps / sigmas, v], dim=1)
+            h = h / sigmas
         return h
 
     def _progressive_output(

@@ -22,11 +22,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from models.conditioning import ClassConditional, read_num_classes
+from models.conditioning import ClassConditional, read_class_dropout_prob, read_num_classes
 from models.layers import get_act, get_sigmas
 from models.ncsn_layers import RefineBlock, ResidualBlock
 from models.normalization import get_normalization
-from models.utils import check_image_inputs, register_model
+from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 
 class _Stage(NamedTuple):
@@ -107,6 +107,8 @@ class NCSNv2(ClassConditional, nn.Module):
                 f"{type(self).__name__} has no class conditioning; got config.model.num_classes="
                 f"{config.model.num_classes!r} (use ncsnpp, ddpm or mlp)"
             )
+        read_class_dropout_prob(config, num_classes=0)  # refuses label dropout
+        self.learn_sigma = read_learn_sigma(config, type(self).__name__, supported=False)
         self.centered = bool(config.data.centered)
         self.scale_by_sigma = bool(config.model.get("scale_by_sigma", True))
         interpolation = config.model.get("interpolation", "bilinear")

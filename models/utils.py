@@ -26,7 +26,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Modules whose import registers the architectures (imported on first lookup, since they
 #: import this module themselves).
-ARCHITECTURE_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2", "models.mlp")
+ARCHITECTURE_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2", "models.mlp", "models.dit")
 
 
 def _register_architectures() -> None:
@@ -34,8 +34,9 @@ def _register_architectures() -> None:
         importlib.import_module(module)
 
 
-def get_model(name: str) -> type[nn.Module]:
-    """The model class registered as ``name`` (the reference's ``config.model.name``)."""
+def get_model(name: str) -> Callable[..., nn.Module]:
+    """The model class (or factory, ``model = get_model(name)(config)``) registered as ``name``
+    (the reference's ``config.model.name``)."""
     _register_architectures()
     return MODELS.get(name)
 
@@ -50,6 +51,28 @@ def create_model(config) -> nn.Module:
     model = get_model(config.model.name)(config)
     device = getattr(config, "device", None)
     return model.to(device) if device is not None else model
+
+
+def read_learn_sigma(config, model_name: str, supported: bool = True) -> bool:
+    """``config.model.learn_sigma`` (False when absent): whether the network also outputs the
+    variance interpolation v of improved DDPM (Nichol & Dhariwal 2021, eq. 15).
+
+    A model with ``learn_sigma`` outputs 2 C channels: the first C are its usual output (epsilon),
+    the next C are v, with log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2.
+
+    Raises:
+        ValueError: a value that is not a bool, or True for a model that does not support it.
+    """
+    value = config.model.get("learn_sigma", False)
+    value = False if value is None else value
+    if not isinstance(value, bool):
+        raise ValueError(f"config.model.learn_sigma must be True or False, got {value!r}")
+    if value and not supported:
+        raise ValueError(
+            f"{model_name} does not support config.model.learn_sigma = True (learned variances "
+            "are available on ddpm, ncsnpp and dit)"
+        )
+    return value
 
 
 def check_image_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,

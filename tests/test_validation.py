@@ -87,7 +87,7 @@ def test_the_shipped_configs_are_valid(name):
     ("optim.lr", -1e-4, ValueError, "config.optim.lr must be a finite number > 0"),
     ("optim.lr", math.nan, ValueError, "config.optim.lr"),
     ("training.sde", "vp", ValueError, "valid: cosine_vpsde, subvpsde, vesde, vpsde"),
-    ("model.name", "unet", ValueError, "Unknown model 'unet'; valid: ddpm, mlp, ncsnpp"),
+    ("model.name", "unet", ValueError, "Unknown model 'unet'; valid: ddpm, dit, mlp, ncsnpp"),
     ("sampling.method", "heun", ValueError, "Unknown sampler 'heun'; valid: adaptive"),
     ("model.attn_resolutions", (16,), ValueError, "the resolutions of image_size 8"),
     ("model.ch_mult", (1, 2, 2, 2, 2), ValueError, "must be divisible by 16"),
