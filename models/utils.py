@@ -68,12 +68,23 @@ def check_image_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
         )
 
 
-def get_model_fn(model: nn.Module, train: bool = False) -> ModelFn:
-    """``model_fn(x, labels)`` that puts ``model`` in train or eval mode before each call."""
+def get_model_fn(model: nn.Module, train: bool = False,
+                 class_labels: torch.Tensor | None = None) -> ModelFn:
+    """``model_fn(x, labels)`` that puts ``model`` in train or eval mode before each call.
 
-    def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        model.train(train)
-        return model(x, labels)
+    ``class_labels`` (B,) integers, when given, are bound: every call is
+    ``model(x, labels, class_labels=class_labels)`` (``models.conditioning``); None calls
+    ``model(x, labels)`` as for an unconditional model (a class-conditional one then sees its
+    null label).
+    """
+    if class_labels is None:
+        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            model.train(train)
+            return model(x, labels)
+    else:
+        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            model.train(train)
+            return model(x, labels, class_labels=class_labels)
 
     return model_fn
 
@@ -157,7 +168,8 @@ def get_score_adapter(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool) -> 
 
 
 def get_score_fn(
-    sde: sde_lib.SDE, model: nn.Module | ModelFn, train: bool = False, continuous: bool = False
+    sde: sde_lib.SDE, model: nn.Module | ModelFn, train: bool = False, continuous: bool = False,
+    class_labels: torch.Tensor | None = None,
 ) -> ScoreFn:
     """``score_fn(x, t)`` for a network trained with the reference's conventions.
 
@@ -167,8 +179,17 @@ def get_score_fn(
         train: evaluate the module in training mode (dropout on).
         continuous: the model was trained with continuous time (else the discrete DDPM/SMLD
             conventions).
+        class_labels: (B,) integer classes bound into every call (the score of p_t(x | y));
+            None: no class labels (a class-conditional model sees its null label). With a
+            ``model_fn`` they are passed as ``model_fn(x, labels, class_labels=...)``.
     Returns:
         ``score_fn(x (B, *D), t (B,)) -> score (B, *D)``.
     """
-    model_fn = get_model_fn(model, train=train) if isinstance(model, nn.Module) else model
+    if isinstance(model, nn.Module):
+        model_fn = get_model_fn(model, train=train, class_labels=class_labels)
+    elif class_labels is None:
+        model_fn = model
+    else:
+        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return model(x, labels, class_labels=class_labels)
     return get_score_adapter(sde, model_fn, continuous)
