@@ -494,3 +494,22 @@ def test_likelihood_of_a_class_conditional_model_uses_each_images_label(tmp_path
     assert summary["class_labels"].startswith("the data's own labels")
     test_labels = datasets.get_dataset(config, "test").labels[:6]
     assert torch.equal(seen[-1], test_labels)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_a_class_conditional_run_like_one_process(tmp_path):
+    """Under torchrun each rank keeps the labels of its rows: two ranks equal one process (a
+    misaligned label would change the gradient of the label embedding)."""
+    from test_distributed import TOY, _final, _main
+
+    cond = [*TOY, "--config.data.dataset=gmm", "--config.model.num_classes=4",
+            "--config.training.n_iters=3"]
+    _main(*cond, f"--workdir={tmp_path / 'two'}", nproc=2)
+    _main(*cond, f"--workdir={tmp_path / 'one'}")
+    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    assert two["step"] == one["step"] == 3 and two["data"] == one["data"]
+    moved = (one["model"]["label_embedding.weight"] - two["model"]["label_embedding.weight"])
+    scale = one["model"]["label_embedding.weight"][:4].abs().max()
+    assert moved.abs().max() <= 1e-5 * scale
+    for name, a in one["model"].items():
+        assert torch.allclose(a, two["model"][name], rtol=1e-5, atol=1e-6), name

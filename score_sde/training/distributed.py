@@ -16,7 +16,8 @@ The design keeps a run's result independent of the world size W:
   position in checkpoints is therefore the same on every rank and for every W;
 * the loss draws (t, z) are made for the whole global batch from the same seeded generator on
   every rank and sliced the same way (``losses`` ``shard=``), so sample i sees the same noise
-  whatever W is;
+  whatever W is; a class-conditional run's labels of the global batch are sliced with the rows,
+  so every sample keeps its own label;
 * ``DistributedDataParallel`` averages the gradients of the equal shards, which is the gradient of
   the global batch mean;
 * rank 0 alone updates the EMA, logs, samples and writes checkpoints of the bare module (no
