@@ -513,3 +513,51 @@ def test_two_gloo_ranks_train_a_class_conditional_run_like_one_process(tmp_path)
     assert moved.abs().max() <= 1e-5 * scale
     for name, a in one["model"].items():
         assert torch.allclose(a, two["model"][name], rtol=1e-5, atol=1e-6), name
+
+
+def test_eval_loss_and_bits_per_dim_use_the_data_labels(tmp_path):
+    from score_sde.evaluation import run
+
+    config = _toy_config()
+    config.eval.batch_size = 128
+    config.eval.rtol = config.eval.atol = 1e-2
+    seen = []
+
+    def eval_step(state, batch, *, generator=None, class_labels=None):
+        seen.append(class_labels)
+        return batch.new_tensor(1.0)
+
+    loss = run.eval_loss(config, None, eval_step)
+    test_labels = datasets.get_dataset(config, "test").labels
+    assert torch.equal(torch.cat(seen), test_labels) and loss["class_labels"] == run.DATA_LABELS
+
+    model, sde, bound = _model(config), sde_lib.VPSDE(), []
+
+    def class_score_fn(labels):
+        bound.append(labels)
+        return get_score_fn(sde, model, continuous=True, class_labels=labels)
+
+    out = tmp_path / "bpd.npz"
+    summary = run.eval_bpd(config, get_score_fn(sde, model, continuous=True), sde, out, False,
+                           class_score_fn=class_score_fn)
+    assert torch.equal(torch.cat(bound), test_labels)
+    assert summary["class_labels"] == run.DATA_LABELS and np.isfinite(summary["mean"])
+    assert "class_labels" in str(np.load(out)["settings"])  # not the unconditional cache
+
+
+def test_evaluation_samples_bind_each_batchs_classes_and_resume_checks_them(tmp_path):
+    from score_sde.evaluation.records import sample_for_eval
+
+    mixture, sde, ranges = GaussianMixture.ring(n_modes=4), sde_lib.VPSDE(), []
+
+    def batch_score_fn(start, stop):
+        ranges.append((start, stop))
+        labels = classes.sample_class_labels((0, 1, 2, 3), start, stop - start)
+        return mixture.score_fn(sde, label=labels)
+
+    kw = dict(sample_dir=tmp_path, batch_score_fn=batch_score_fn, nfe=4)
+    x, info = sample_for_eval(sde, None, (2,), 6, 4, 0, "ddim",
+                              conditioning={"classes": [0, 1, 2, 3]}, **kw)
+    assert ranges == [(0, 4), (4, 6)] and info["sampler"]["conditioning"]["classes"] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="differs in: conditioning"):
+        sample_for_eval(sde, None, (2,), 6, 4, 0, "ddim", conditioning={"classes": [3]}, **kw)

@@ -24,14 +24,10 @@ from torch import nn
 import samplers
 import sde_lib
 from configs.sampling import CLASS_KEYS
+from models.conditioning import read_num_classes
 from models.ema import ExponentialMovingAverage
 from models.utils import get_score_fn
-from score_sde.training.classes import (
-    guidance_weight,
-    read_num_classes,
-    sample_class_labels,
-    sample_classes,
-)
+from score_sde.training.classes import guidance_weight, sample_class_labels, sample_classes
 from score_sde.utils import ScoreFn
 
 #: sampler option -> the reference's config.sampling key
@@ -206,7 +202,11 @@ def generate(
     method, options = sampling_options(config)
     device = next(model.parameters()).device
     if class_labels is None and getattr(model, "num_classes", 0):
-        class_labels = sample_class_labels(sample_classes(config), 0, shape[0], device)
+        sampled = sample_classes(config)
+        if sampled is None:
+            raise ValueError(f"the model has {model.num_classes} classes but "
+                             "config.model.num_classes = 0; set it to the model's")
+        class_labels = sample_class_labels(sampled, 0, shape[0], device)
     score_fn = sampling_score_fn(config, sde, model, class_labels)
     x, info = samplers.sample(sde, score_fn, shape, method, generator=generator,
                               progress=progress, device=device, **options)
