@@ -66,6 +66,9 @@ def get_default_configs():
     model.beta_max = 20.
     model.dropout = 0.1
     model.embedding_type = 'fourier'
+    # ours: K > 0 trains class-conditionally on the 10 classes (K + 1 label rows, the last the
+    # null label of classifier-free guidance); 0 = unconditional, the reference's networks
+    model.num_classes = 0
 
     # optimization
     config.optim = optim = ml_collections.ConfigDict()

@@ -87,6 +87,9 @@ def get_config():
     model.embedding_type = 'positional'
     model.fourier_scale = 16
     model.conv_size = 3
+    # K > 0 trains class-conditionally on the 10 digit classes (K + 1 label rows,
+    # the last the null label of classifier-free guidance); 0 = unconditional
+    model.num_classes = 0
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'Adam'

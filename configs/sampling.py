@@ -4,7 +4,9 @@ The reference's keys (``method``, ``predictor``, ``corrector``, ``snr``, ``n_ste
 ``probability_flow``, ``noise_removal``) with the reference's values, plus one key per option of
 the fast samplers. Those are typed placeholders whose ``None`` means "the sampler's own default"
 (``samplers.sample`` documents them), so that ``--config.sampling.<key>=value`` can set any of them
-on any config and a swap of ``--config.sampling.method`` needs no other change.
+on any config and a swap of ``--config.sampling.method`` needs no other change. Last, the keys of
+class-conditional sampling and classifier-free guidance (``CLASS_KEYS``), read only when
+``model.num_classes > 0``.
 """
 
 import ml_collections
@@ -41,12 +43,36 @@ FAST_SAMPLER_OPTIONS = {
 }
 
 
+#: class-conditional sampling and classifier-free guidance (training/classes.py reads them)
+CLASS_KEYS = ('classes', 'cfg_scale', 'cfg_official')
+
+
+def add_class_options(sampling: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add the class and guidance keys ``sampling`` lacks (fresh placeholders per config):
+
+    * ``classes``: None = every class in turn (sample i has class i mod K), or a list of class
+      indices cycled the same way (``--classes=3,7``);
+    * ``cfg_scale``: DiT's guidance scale s, eps_u + s (eps_c - eps_u) (1.5 for FID, 4.0 for
+      pictures); None = no guidance, 1 = the conditional model alone. The
+      ``samplers.ClassifierFreeGuidance`` weight is w = s - 1;
+    * ``cfg_official``: guide channels 0-2 only, as the official DiT ``forward_with_cfg``.
+    """
+    if 'classes' not in sampling:
+        sampling.classes = placeholder(tuple)
+    if 'cfg_scale' not in sampling:
+        sampling.cfg_scale = placeholder(float)
+    if 'cfg_official' not in sampling:
+        sampling.cfg_official = False
+    return sampling
+
+
 def add_fast_sampler_options(sampling: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Add every fast-sampler option ``sampling`` lacks, as a typed ``None`` placeholder."""
+    """Add every fast-sampler option ``sampling`` lacks, as a typed ``None`` placeholder, and the
+    class and guidance keys (:func:`add_class_options`)."""
     for key, kind in FAST_SAMPLER_OPTIONS.items():
         if key not in sampling:
             sampling[key] = placeholder(kind)
-    return sampling
+    return add_class_options(sampling)
 
 
 def get_sampling_config(method='pc', predictor='euler_maruyama', corrector='none', snr=0.16,

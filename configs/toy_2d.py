@@ -62,6 +62,9 @@ def get_config():
     model.num_layers = 3
     model.embedding_type = 'positional'
     model.nonlinearity = 'swish'
+    # K > 0 trains class-conditionally on the classes of data.dataset='gmm' (its modes) (K + 1 label rows,
+    # the last the null label of classifier-free guidance); 0 = unconditional
+    model.num_classes = 0
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'Adam'

@@ -91,12 +91,23 @@ def check_image_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
         )
 
 
-def get_model_fn(model: nn.Module, train: bool = False) -> ModelFn:
-    """``model_fn(x, labels)`` that puts ``model`` in train or eval mode before each call."""
+def get_model_fn(model: nn.Module, train: bool = False,
+                 class_labels: torch.Tensor | None = None) -> ModelFn:
+    """``model_fn(x, labels)`` that puts ``model`` in train or eval mode before each call.
 
-    def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        model.train(train)
-        return model(x, labels)
+    ``class_labels`` (B,) integers, when given, are bound: every call is
+    ``model(x, labels, class_labels=class_labels)`` (``models.conditioning``); None calls
+    ``model(x, labels)`` as for an unconditional model (a class-conditional one then sees its
+    null label).
+    """
+    if class_labels is None:
+        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            model.train(train)
+            return model(x, labels)
+    else:
+        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            model.train(train)
+            return model(x, labels, class_labels=class_labels)
 
     return model_fn
 
@@ -230,7 +241,7 @@ def get_score_adapter(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool,
 
 def get_score_fn(
     sde: sde_lib.SDE, model: nn.Module | ModelFn, train: bool = False, continuous: bool = False,
-    learned_variance: bool | None = None,
+    class_labels: torch.Tensor | None = None, learned_variance: bool | None = None,
 ) -> ScoreFn:
     """``score_fn(x, t)`` for a network trained with the reference's conventions.
 
@@ -240,6 +251,9 @@ def get_score_fn(
         train: evaluate the module in training mode (dropout on).
         continuous: the model was trained with continuous time (else the discrete DDPM/SMLD
             conventions).
+        class_labels: (B,) integer classes bound into every call (the score of p_t(x | y));
+            None: no class labels (a class-conditional model sees its null label). With a
+            ``model_fn`` they are passed as ``model_fn(x, labels, class_labels=...)``.
         learned_variance: the output holds C more channels of the variance interpolation v
             (None: ``model.learn_sigma`` of a module, else False). The score uses the eps half;
             ``score_fn.eps_and_v(x, t)`` returns both halves.
@@ -248,5 +262,11 @@ def get_score_fn(
     """
     if learned_variance is None:
         learned_variance = bool(getattr(model, "learn_sigma", False))
-    model_fn = get_model_fn(model, train=train) if isinstance(model, nn.Module) else model
+    if isinstance(model, nn.Module):
+        model_fn = get_model_fn(model, train=train, class_labels=class_labels)
+    elif class_labels is None:
+        model_fn = model
+    else:
+        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return model(x, labels, class_labels=class_labels)
     return get_score_adapter(sde, model_fn, continuous, learned_variance)

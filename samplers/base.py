@@ -29,8 +29,8 @@ Callback = Callable[..., None]
 class CountingScore:
     """Wraps ``score_fn`` and counts its calls: one call = one batched network evaluation (NFE).
 
-    A score transform that calls a network more than once per call (classifier-free guidance)
-    declares it as ``nfe_per_call``.
+    A score transform that calls a network more than once per call (classifier-free guidance
+    with two functions) declares it as ``nfe_per_call``.
     """
 
     def __init__(self, score_fn: ScoreFn) -> None:
@@ -243,7 +243,9 @@ def sample(
         device, dtype: of x_T when ``shape`` is a tuple.
         **options: the sampler's own options (see its docstring).
     Returns:
-        samples (B, *D) and a report dict whose ``nfe`` is the exact number of score calls.
+        samples (B, *D) and a report dict whose ``nfe`` is the exact number of score calls; a
+        score transform's own entries (its ``sampler_report`` dict, e.g. the ``guidance`` of
+        ``ClassifierFreeGuidance``) are added.
     """
     if not isinstance(sde, sde_lib.SDE):
         raise TypeError(f"sde must be an sde_lib.SDE, got {type(sde).__name__}")
@@ -263,5 +265,6 @@ def sample(
         samples, extra = sampler.run(
             sde, counter, x, noise=noise, progress=progress, callback=callback
         )
-    info = {"method": method, "nfe": counter.nfe, **extra}
+    info = {"method": method, "nfe": counter.nfe, **extra,
+            **getattr(score_fn, "sampler_report", {})}
     return samples, info

@@ -15,7 +15,9 @@ exact conditional. The known entries of the result are set to the observation ex
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from numbers import Real
 
 import torch
 
@@ -199,24 +201,130 @@ class ClassifierGuidance:
 
 class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6 in score form):
-    (1 + w) score(x, t | y) - w score(x, t). Two network calls per call (one at w = 0), which
-    ``nfe_per_call`` reports to the NFE counter.
+    (1 + w) score(x, t | y) - w score(x, t).
+
+    In DiT's convention (Peebles & Xie 2023) the guided output is eps_u + s (eps_c - eps_u) with
+    scale s (1.5 for FID, 4.0 for pictures); since the score is -eps / s(t) sample by sample,
+    that is this formula with **w = s - 1** (s = 1, w = 0: the conditional model alone; s = 0,
+    w = -1: the unconditional one).
+
+    Two ways to evaluate it:
+
+    * two functions, ``ClassifierFreeGuidance(cond_score_fn, uncond_score_fn, w)``: two network
+      calls per call (one at w = 0), ``nfe_per_call`` = 2;
+    * batched, :meth:`batched` ``(score_fn, w)``: one function evaluated on a doubled batch whose
+      first half carries the class labels and whose second half the null label (the caller
+      binds both, e.g. ``models.utils.get_score_fn(..., class_labels=cat([y, null]))``); each
+      call evaluates it once on ``cat([x, x])``, ``cat([t, t])`` and combines the halves.
+      ``nfe_per_call`` = 1: one network evaluation, of a 2B batch, which costs about twice a
+      plain evaluation of B in compute and memory (the NFE counts network calls, not samples).
+
+    ``channels`` = n guides channels 0..n-1 of dim 1 only; the other channels are the conditional
+    half's own output. ``official_dit=True`` is ``channels=3``, the official DiT
+    ``forward_with_cfg`` (guidance on three channels, kept there "for exact reproducibility");
+    fewer channels than n are refused. If the wrapped functions expose the learned-variance
+    interface ``eps_and_v(x, t) -> (eps, v)`` (raw outputs (B, C, ...) each), so does this
+    object: the guided eps (same formula, same channels) and v of the conditional half, at the
+    same ``nfe_per_call``.
 
     Args:
         cond_score_fn: ``score_fn(x, t)`` of the class-conditional model.
         uncond_score_fn: ``score_fn(x, t)`` of the unconditional model.
-        w: guidance weight (0: the conditional model alone).
+        w: guidance weight (0: the conditional model alone), a finite number.
+        channels: guide only channels [0, channels) (None: all).
+        official_dit: the official DiT rule, ``channels=3``.
     """
 
-    def __init__(self, cond_score_fn: ScoreFn, uncond_score_fn: ScoreFn, w: float) -> None:
-        self.cond_score_fn, self.uncond_score_fn, self.w = cond_score_fn, uncond_score_fn, float(w)
-        self.nfe_per_call = 1 if self.w == 0 else 2
+    def __init__(self, cond_score_fn: ScoreFn | None = None,
+                 uncond_score_fn: ScoreFn | None = None, w: float = 0.0, *,
+                 channels: int | None = None, official_dit: bool = False,
+                 doubled_score_fn: ScoreFn | None = None) -> None:
+        pair = (cond_score_fn, uncond_score_fn)
+        if doubled_score_fn is None and not all(callable(f) for f in pair):
+            raise TypeError("ClassifierFreeGuidance needs cond_score_fn and uncond_score_fn "
+                            "(callables), or use ClassifierFreeGuidance.batched(score_fn, w)")
+        if doubled_score_fn is not None and (not callable(doubled_score_fn)
+                                             or any(f is not None for f in pair)):
+            raise TypeError("the batched mode takes one callable score_fn of the doubled batch "
+                            "and no cond_score_fn / uncond_score_fn")
+        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w):
+            raise ValueError(f"w must be a finite number (w = s - 1 for DiT's scale s), got {w!r}")
+        if not isinstance(official_dit, bool):
+            raise TypeError(f"official_dit must be True or False, got {official_dit!r}")
+        if official_dit:
+            if channels not in (None, 3):
+                raise ValueError(f"official_dit=True guides channels 0-2 (channels=3); got "
+                                 f"channels={channels!r} as well")
+            channels = 3
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int)
+                                     or channels < 1):
+            raise ValueError(f"channels must be None (all) or an integer >= 1, got {channels!r}")
+        self.cond_score_fn, self.uncond_score_fn = cond_score_fn, uncond_score_fn
+        self.doubled_score_fn = doubled_score_fn
+        self.w, self.channels, self.official_dit = float(w), channels, official_dit
+        self.batched_mode = doubled_score_fn is not None
+        self.nfe_per_call = 1 if self.batched_mode or self.w == 0 else 2
+        wrapped = (doubled_score_fn,) if self.batched_mode else pair
+        if all(hasattr(f, "eps_and_v") for f in wrapped):
+            self.eps_and_v = self._guided_eps_and_v
+
+    @classmethod
+    def batched(cls, score_fn: ScoreFn, w: float, *, channels: int | None = None,
+                official_dit: bool = False) -> ClassifierFreeGuidance:
+        """The batched mode: ``score_fn(x (2B, *D), t (2B,))`` returns the conditional scores in
+        rows 0..B-1 and the unconditional ones (null label) in rows B..2B-1; one call of it per
+        call (``nfe_per_call`` = 1, a 2B batch). Other arguments as the class's."""
+        return cls(w=w, channels=channels, official_dit=official_dit, doubled_score_fn=score_fn)
+
+    @property
+    def sampler_report(self) -> dict:
+        """Entries for the sampler's report (``samplers.sample`` adds them): the guidance."""
+        return {"guidance": {"kind": "classifier_free", "w": self.w, "cfg_scale": self.w + 1.0,
+                             "batched": self.batched_mode, "nfe_per_call": self.nfe_per_call,
+                             "channels": "all" if self.channels is None else self.channels,
+                             "official_dit": self.official_dit}}
+
+    def _check_channels(self, x: torch.Tensor) -> None:
+        if self.channels is not None and (x.dim() < 2 or x.shape[1] < self.channels):
+            rule = "official_dit=True guides channels 0-2 and" if self.official_dit else \
+                f"channels={self.channels}"
+            raise ValueError(f"classifier-free guidance with {rule} needs at least "
+                             f"{self.channels} channels (dim 1), got x of shape "
+                             f"{tuple(x.shape)}")
+
+    def _combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """(1 + w) cond - w uncond on the guided channels; cond elsewhere. (B, C, ...)."""
+        guided = torch.add(cond * (1.0 + self.w), uncond, alpha=-self.w)
+        if self.channels is None:
+            return guided
+        return torch.cat([guided[:, :self.channels], cond[:, self.channels:]], dim=1)
+
+    def _doubled(self, fn, x: torch.Tensor, t: torch.Tensor):
+        t = as_batch_time(t, x)
+        return fn(torch.cat([x, x]), torch.cat([t, t]))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self._check_channels(x)
+        if self.batched_mode:
+            cond, uncond = self._doubled(self.doubled_score_fn, x, t).chunk(2)  # (B, *D) each
+            return self._combine(cond, uncond)
         cond = self.cond_score_fn(x, t)
         if self.w == 0:
             return cond
-        return torch.add(cond * (1.0 + self.w), self.uncond_score_fn(x, t), alpha=-self.w)
+        return self._combine(cond, self.uncond_score_fn(x, t))
+
+    def _guided_eps_and_v(self, x: torch.Tensor, t: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guided eps and the conditional v (B, C, ...) each, from the wrapped ``eps_and_v``."""
+        self._check_channels(x)
+        if self.batched_mode:
+            eps, v = self._doubled(self.doubled_score_fn.eps_and_v, x, t)
+            eps_c, eps_u = eps.chunk(2)
+            return self._combine(eps_c, eps_u), v.chunk(2)[0]
+        eps_c, v_c = self.cond_score_fn.eps_and_v(x, t)
+        if self.w == 0:
+            return eps_c, v_c
+        return self._combine(eps_c, self.uncond_score_fn.eps_and_v(x, t)[0]), v_c
 
 
 __all__ = [

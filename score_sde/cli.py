@@ -115,6 +115,10 @@ flags.DEFINE_string("split", "", "likelihood: dataset split ('train' or 'test');
                     "config.eval.bpd_dataset.")
 flags.DEFINE_integer("max_images", 0, "likelihood: evaluate only the first n images of the "
                      "split (0 = all).", lower_bound=0)
+flags.DEFINE_list("classes", None, "sample: class indices to sample from a class-conditional "
+                  "model (config.model.num_classes = K > 0), e.g. --classes=3,7: sample i has "
+                  "class classes[i mod len(classes)]; overrides config.sampling.classes "
+                  "(default: every class 0..K-1 in turn).")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -221,6 +225,30 @@ def check_inputs(config, workdir: Path, mode: str) -> None:
                                 "--mode train, or check the path") from None
 
 
+def apply_classes_flag(config, mode: str, values: list[str] | None) -> None:
+    """``--classes=3,7`` -> ``config.sampling.classes = (3, 7)``, checked against
+    ``config.model.num_classes``.
+
+    Raises:
+        ValueError, TypeError: another mode than sample, a value that is not an integer, a class
+            outside [0, K), or an unconditional model; naming ``--classes`` and the valid range.
+    """
+    from score_sde.training import classes
+
+    if values is None:
+        return
+    if mode != "sample":
+        raise ValueError(f"--classes applies to --mode sample, not --mode {mode}; set "
+                         "--config.sampling.classes=... for the samples of train and eval")
+    try:
+        parsed = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated class indices, e.g. --classes=3,7; "
+                         f"got {','.join(values)!r}") from None
+    config.sampling.classes = classes.check_classes(
+        parsed, classes.read_num_classes(config), "--classes")
+
+
 def _log_to_file(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(workdir / "stdout.txt")
@@ -259,15 +287,29 @@ def eval_inputs(config, workdir: Path):
     here because ``evaluation`` and ``training`` are sibling layers."""
     from score_sde.evaluation.run import Trained
     from score_sde.training.checkpoints import list_snapshots
+    from score_sde.training.classes import sample_class_labels, sample_classes
     from score_sde.training.inference import load_ema_model
     from score_sde.training.loop import get_step_fns
-    from score_sde.training.sampling import get_sde, sampling_options
+    from score_sde.training.sampling import (
+        class_record,
+        get_sde,
+        sampling_options,
+        sampling_score_fn,
+    )
 
     sde = get_sde(config)
     method, options = sampling_options(config)
+    sampled, class_score_fn, conditioning = sample_classes(config), None, None
+    if sampled is not None:  # a class-conditional model: sample k has class k mod len(classes)
+        def class_score_fn(model, start: int, stop: int):
+            labels = sample_class_labels(sampled, start, stop - start, config.device)
+            return sampling_score_fn(config, sde, model, labels)
+
+        conditioning = class_record(config, {})
     return Trained(sde=sde, snapshots=list_snapshots(workdir),
                    load_model=lambda path: load_ema_model(config, path),
-                   eval_step=get_step_fns(config, sde)[1], method=method, options=options)
+                   eval_step=get_step_fns(config, sde)[1], method=method, options=options,
+                   class_score_fn=class_score_fn, conditioning=conditioning)
 
 
 def run_eval(config, workdir: Path) -> None:
@@ -303,6 +345,7 @@ def main(argv):
     _log_to_terminal()
     try:
         try:
+            apply_classes_flag(config, FLAGS.mode, FLAGS.classes)
             validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
             check_inputs(config, workdir, FLAGS.mode)
         except (ValueError, TypeError) as e:  # config values, DatasetError, CheckpointError

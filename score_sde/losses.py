@@ -3,11 +3,14 @@
 Every objective is one function of the model and its random draws (``dsm_loss``, ``ssm_loss``,
 ``smld_loss``, ``ddpm_loss``) returning per-sample losses (B,); the reference-style factories
 (``get_sde_loss_fn``, ``get_smld_loss_fn``, ``get_ddpm_loss_fn``, ``get_ssm_loss_fn``) return
-``loss_fn(model, batch, *, generator=None) -> scalar`` that draws them from an injected
-``torch.Generator`` and averages over the batch. Semantics and draw order are those of the
-reference implementation (yang-song/score_sde_pytorch ``losses.py``), including its reduction:
-``reduce_mean=True`` averages the squared residual over data dimensions, ``reduce_mean=False``
-takes half its sum.
+``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None) -> scalar`` that draws
+them from an injected ``torch.Generator`` and averages over the batch. ``class_labels`` (B,)
+(class-conditional training) reach the network as ``model(x, t_label, class_labels=...)``; they
+draw nothing, so the draws are those of unconditional training. Label dropout for
+classifier-free guidance is the model's own (its label embedder), never the loss's. Semantics and
+draw order are those of the reference implementation (yang-song/score_sde_pytorch ``losses.py``),
+including its reduction: ``reduce_mean=True`` averages the squared residual over data dimensions,
+``reduce_mean=False`` takes half its sum.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import sde_lib
 from models.utils import ModelFn, get_model_fn, get_score_fn
 from score_sde.utils import Registry, ScoreFn, batch_mul
 
-#: ``loss_fn(model, batch, *, generator=None, shard=None) -> loss`` (a scalar tensor); ``shard``
-#: (a slice of rows) draws the noise for the whole batch and averages over those rows only.
+#: ``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None) -> loss`` (a scalar
+#: tensor); ``shard`` (a slice of rows) draws the noise for the whole batch and averages over
+#: those rows only (rows of ``class_labels`` (B,) too).
 LossFn = Callable[..., torch.Tensor]
 #: ``optimize_fn(optimizer, params, step)``: set the learning rate, clip, step.
 OptimizeFn = Callable[[torch.optim.Optimizer, object, int], None]
@@ -45,13 +49,29 @@ def _check_batch(batch: torch.Tensor) -> None:
         raise ValueError(f"batch must be a floating-point tensor (B, *D) of data, got {found}")
 
 
-def _rows(shard: slice | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Rows ``shard`` of each tensor (all of them for ``None``).
+def _check_class_labels(class_labels: torch.Tensor | None, batch: torch.Tensor) -> None:
+    """The loss functions' boundary check of ``class_labels``: None or integers (B,)."""
+    if class_labels is None:
+        return
+    if (not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point()
+            or class_labels.is_complex() or class_labels.dtype == torch.bool
+            or class_labels.shape != batch.shape[:1]):
+        found = (f"{class_labels.dtype} of shape {tuple(class_labels.shape)}"
+                 if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__)
+        raise ValueError(f"class_labels must be an integer tensor ({batch.shape[0]},) matching "
+                         f"the batch, got {found}")
+
+
+def _rows(shard: slice | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Rows ``shard`` of each tensor (all of them for ``None``; a ``None`` stays ``None``).
 
     Data-parallel training: every rank draws the noise of the whole global batch and keeps its
-    rows, so sample i sees the same draws whatever the number of ranks.
+    rows, so sample i sees the same draws (and its own class label) whatever the number of
+    ranks.
     """
-    return tensors if shard is None else tuple(x[shard] for x in tensors)
+    if shard is None:
+        return tensors
+    return tuple(None if x is None else x[shard] for x in tensors)
 
 
 def _check_eps(sde: sde_lib.SDE, eps: float) -> float:
@@ -236,11 +256,13 @@ def ddpm_loss(model_fn: ModelFn, vpsde: sde_lib.SDE, batch: torch.Tensor, labels
 def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = False,
                     eps: float = 1e-5, importance_weighting: bool = False) -> LossFn:
-    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``dsm_loss`` (eq. 7).
+    """``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None)``: batch mean of
+    ``dsm_loss`` (eq. 7).
 
     Draws t ~ U(eps, T) (or, with ``importance_weighting``, from g^2 / s^2 on [eps, T]), then
     z ~ N(0, I) like the batch, from ``generator``; the model enters through
-    ``models.utils.get_score_fn(sde, model, train, continuous)``.
+    ``models.utils.get_score_fn(sde, model, train, continuous, class_labels)``, so a
+    class-conditional model learns the score of p_t(x | y) for the given labels (B,).
     """
     eps = _check_eps(sde, eps)
     if importance_weighting and not likelihood_weighting:
@@ -248,12 +270,13 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None):
         _check_batch(batch)
-        score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
+        _check_class_labels(class_labels, batch)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
-        batch, t, z = _rows(shard, batch, t, z)
+        batch, t, z, y = _rows(shard, batch, t, z, class_labels)
+        score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y)
         return dsm_loss(score_fn, sde, batch, t, z, reduce_mean, likelihood_weighting,
                         importance_weighting, eps).mean()
 
@@ -264,9 +287,11 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = False,
                     eps: float = 1e-5, importance_weighting: bool = False,
                     num_probes: int = 1) -> LossFn:
-    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``ssm_loss``.
+    """``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None)``: batch mean
+    of ``ssm_loss``.
 
-    Draws t (as ``get_sde_loss_fn``), z ~ N(0, I), then ``num_probes`` Gaussian probes v.
+    Draws t (as ``get_sde_loss_fn``), z ~ N(0, I), then ``num_probes`` Gaussian probes v;
+    ``class_labels`` (B,) are bound into the score as in ``get_sde_loss_fn``.
     """
     eps = _check_eps(sde, eps)
     if importance_weighting and not likelihood_weighting:
@@ -276,15 +301,16 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None):
         _check_batch(batch)
-        score_fn = get_score_fn(sde, model, train=train, continuous=continuous)
+        _check_class_labels(class_labels, batch)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         v = torch.randn((num_probes, *batch.shape), generator=generator, device=batch.device,
                         dtype=batch.dtype)
-        batch, t, z = _rows(shard, batch, t, z)
+        batch, t, z, y = _rows(shard, batch, t, z, class_labels)
         v = v if shard is None else v[:, shard]
+        score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y)
         return ssm_loss(score_fn, sde, batch, t, z, v, reduce_mean, likelihood_weighting,
                         importance_weighting, eps, create_graph=train).mean()
 
@@ -299,16 +325,18 @@ def _check_discrete(sde: sde_lib.SDE, conventions: tuple[str, ...], what: str) -
 
 def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, train: bool,
                       reduce_mean: bool) -> LossFn:
-    """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I)."""
+    """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I);
+    ``class_labels`` (B,) are bound into the network (``models.utils.get_model_fn``)."""
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None):
         _check_batch(batch)
+        _check_class_labels(class_labels, batch)
         labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
                                device=batch.device)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
-        batch, labels, z = _rows(shard, batch, labels, z)
-        return objective(get_model_fn(model, train=train), sde, batch, labels, z,
+        batch, labels, z, y = _rows(shard, batch, labels, z, class_labels)
+        return objective(get_model_fn(model, train=train, class_labels=y), sde, batch, labels, z,
                          reduce_mean).mean()
 
     return loss_fn
@@ -316,17 +344,19 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
 
 @DISCRETE_LOSSES.register("ve_discrete")
 def get_smld_loss_fn(vesde: sde_lib.SDE, train: bool, reduce_mean: bool = False) -> LossFn:
-    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``smld_loss``; draws labels
-    ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy SMLD/NCSN training)."""
+    """``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None)``: batch mean
+    of ``smld_loss``; draws labels ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy
+    SMLD/NCSN training)."""
     _check_discrete(vesde, ("ve_discrete",), "SMLD")
     return _discrete_loss_fn(smld_loss, vesde, train, reduce_mean)
 
 
 @DISCRETE_LOSSES.register("vp_discrete", aliases=("vp_index",))
 def get_ddpm_loss_fn(vpsde: sde_lib.SDE, train: bool, reduce_mean: bool = True) -> LossFn:
-    """``loss_fn(model, batch, *, generator=None)``: batch mean of ``ddpm_loss``; draws labels
-    ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy DDPM training; for ``DiscreteVPSDE``
-    label n is the step at time t_n = (n + 1) / N, the ``vp_index`` convention)."""
+    """``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None)``: batch mean
+    of ``ddpm_loss``; draws labels ~ U{0..N-1} then z ~ N(0, I) (the reference's legacy DDPM
+    training; for ``DiscreteVPSDE`` label n is the step at time t_n = (n + 1) / N, the
+    ``vp_index`` convention)."""
     _check_discrete(vpsde, ("vp_discrete", "vp_index"), "DDPM")
     return _discrete_loss_fn(ddpm_loss, vpsde, train, reduce_mean)
 
@@ -391,7 +421,8 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
                 reduce_mean: bool = False, continuous: bool = True,
                 likelihood_weighting: bool = False, *, importance_weighting: bool = False,
                 loss_fn: LossFn | None = None) -> Callable[..., torch.Tensor]:
-    """``step_fn(state, batch, *, generator=None) -> loss``: one training or evaluation step.
+    """``step_fn(state, batch, *, generator=None, shard=None, class_labels=None) -> loss``: one
+    training or evaluation step.
 
     ``state`` is the reference's dict with ``model``, ``optimizer``, ``ema`` and ``step``.
     Training: zero grads, backward, ``optimize_fn(optimizer, model.parameters(), step)``,
@@ -400,7 +431,9 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
     continuous ``get_sde_loss_fn`` or, with ``continuous=False``, the discrete loss registered for
     the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss_fn`` overrides.
     ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
-    trains on, with the draws made for the whole batch. Returns the detached loss.
+    trains on, with the draws made for the whole batch. ``class_labels`` (B,) of the whole batch
+    (class-conditional training) are passed on to the loss, which shards them like the rows.
+    Returns the detached loss.
     """
     if loss_fn is None:
         if continuous:
@@ -420,14 +453,17 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
         raise ValueError("a training step_fn needs optimize_fn (see optimization_manager)")
 
     def step_fn(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None) -> torch.Tensor:
+                shard: slice | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         model: nn.Module = state["model"]
         ema = state.get("ema")
+        # only what is given: a custom loss_fn of an unconditional run need not take labels
+        extra = {} if class_labels is None else {"class_labels": class_labels}
         if train:
             optimizer = state["optimizer"]
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch, generator=generator,
-                           **({} if shard is None else {"shard": shard}))
+                           **({} if shard is None else {"shard": shard}), **extra)
             loss.backward()
             optimize_fn(optimizer, model.parameters(), step=state["step"])
             state["step"] += 1
@@ -436,11 +472,11 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
             return loss.detach()
         with torch.no_grad():
             if ema is None:
-                return loss_fn(model, batch, generator=generator)
+                return loss_fn(model, batch, generator=generator, **extra)
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
             try:
-                return loss_fn(model, batch, generator=generator)
+                return loss_fn(model, batch, generator=generator, **extra)
             finally:
                 ema.restore(model.parameters())
 

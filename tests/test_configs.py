@@ -81,10 +81,13 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     ours["data"].pop("root")  # ours: where the CIFAR-10 tarball lives
     for key in ("skip_nonfinite", "max_skip_fraction"):  # ours: the non-finite guard
         ours["training"].pop(key)  # (training.nonfinite)
-    from configs.sampling import FAST_SAMPLER_OPTIONS
+    from configs.sampling import CLASS_KEYS, FAST_SAMPLER_OPTIONS
 
     for key in FAST_SAMPLER_OPTIONS:  # ours: the fast samplers' options, None = their default
         assert ours["sampling"].pop(key) is None, key
+    # ours: class-conditional training and guidance, off by default (training/classes.py)
+    assert ours["model"].pop("num_classes") == 0
+    assert [ours["sampling"].pop(k) for k in CLASS_KEYS] == [None, None, False]
     flat = {k: v for k, v in _flat(ours).items()}
     assert flat == _flat(ref)
 

@@ -175,10 +175,11 @@ def test_cli_errors_are_clear(tmp_path):
         assert flag in helptext
 
 
-def _tiny_config(n_iters):
+def _tiny_config(n_iters, num_classes=0):
     config = importlib.import_module("configs.digits").get_config()
     config.device = "cpu"
     config.model.nf = 8
+    config.model.num_classes = num_classes  # > 0: class-conditional (labels from the data)
     config.model.dropout = 0.1  # exercises torch's global RNG (saved in the checkpoint)
     t = config.training
     t.n_iters, t.batch_size, t.snapshot_sampling = n_iters, 8, False
@@ -198,17 +199,19 @@ def _preempt_at(step):
     return hook
 
 
-def test_resume_from_the_preemption_checkpoint_is_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("num_classes", [0, 10], ids=["unconditional", "class-conditional"])
+def test_resume_from_the_preemption_checkpoint_is_bitwise_equal(tmp_path, num_classes):
     torch.manual_seed(0)
-    uninterrupted = train(_tiny_config(7), tmp_path / "a", progress=False)
+    uninterrupted = train(_tiny_config(7, num_classes), tmp_path / "a", progress=False)
 
     torch.manual_seed(0)
     with pytest.raises(Preempted):
-        train(_tiny_config(7), tmp_path / "b", hooks=[_preempt_at(5)], progress=False)
+        train(_tiny_config(7, num_classes), tmp_path / "b", hooks=[_preempt_at(5)],
+              progress=False)
     assert torch.load(checkpoints.meta_path(tmp_path / "b"), weights_only=True)["step"] == 3
     steps_seen = []
     torch.manual_seed(123)  # a restart does not reproduce the seed: the checkpoint must
-    resumed = train(_tiny_config(7), tmp_path / "b", progress=False,
+    resumed = train(_tiny_config(7, num_classes), tmp_path / "b", progress=False,
                     hooks=[lambda state: steps_seen.append(state["step"])])
     assert steps_seen == [4, 5, 6, 7]
     for a, b in zip(uninterrupted["model"].state_dict().values(),
@@ -223,6 +226,14 @@ def test_resume_from_the_preemption_checkpoint_is_bitwise_equal(tmp_path):
                        resumed["generators"]["train"].get_state())
     assert all(uninterrupted["iterators"][n].state_dict() == resumed["iterators"][n].state_dict()
                for n in ("train", "eval"))
+    if num_classes:  # the data's labels reached the network, never the null label (row 10)
+        from models.utils import create_model
+
+        torch.manual_seed(0)
+        fresh = create_model(_tiny_config(7, num_classes)).label_embedding.weight.detach()
+        trained = resumed["model"].label_embedding.weight.detach()
+        assert torch.equal(trained[10], fresh[10])
+        assert (trained[:10] - fresh[:10]).abs().amax(dim=1).min() > 0
 
 
 def test_checkpoints_are_weights_only_and_atomic(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ def get_data_iterator(
     seed: int | None = None,
     dataset: ArrayDataset | None = None,
     device: torch.device | str | None = None,
+    with_labels: bool = False,
 ) -> DataIterator:
     """A seeded batch iterator over ``split`` with the config's augmentation.
 
@@ -54,9 +55,10 @@ def get_data_iterator(
         seed: default ``config.seed``.
         dataset: an already loaded dataset (else loaded here).
         device: where batches go.
+        with_labels: yield ``(x, y)`` with the class labels y (B,) (class-conditional runs).
     Returns:
         An iterator of (B, *data_shape(config)) float tensors in [0, 1] (model space comes from
-        ``get_data_scaler``).
+        ``get_data_scaler``), or of ``(x, y)`` pairs ``with_labels``.
     """
     dataset = dataset if dataset is not None else get_dataset(config, split)
     return DataIterator(
@@ -67,6 +69,7 @@ def get_data_iterator(
         random_flip=train and config.data.random_flip,
         uniform_dequantization=config.data.uniform_dequantization,
         device=device,
+        with_labels=with_labels,
     )
 
 

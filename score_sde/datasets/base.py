@@ -111,6 +111,10 @@ class DataIterator:
         random_flip: flip images horizontally with probability 1/2 (the reference's augmentation).
         uniform_dequantization: add U[0, 1) noise to the integer levels, x -> (x (L-1) + u) / L.
         device: where batches are put.
+        with_labels: yield ``(x, y)`` with the samples' integer class labels y (B,) (int64), for
+            class-conditional training; otherwise x alone. The labels are read at the same
+            indices and draw nothing, so batches, augmentations and ``state_dict`` are the same
+            either way.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class DataIterator:
         random_flip: bool = False,
         uniform_dequantization: bool = False,
         device: torch.device | str | None = None,
+        with_labels: bool = False,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -141,6 +146,7 @@ class DataIterator:
         self.random_flip = random_flip
         self.uniform_dequantization = uniform_dequantization
         self.device = device
+        self.with_labels = bool(with_labels)
         self.epoch = 0
         self.batch = 0
         self._order: torch.Tensor | None = None
@@ -161,7 +167,7 @@ class DataIterator:
     def __iter__(self) -> DataIterator:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.batch >= self.batches_per_epoch:
             if not self.shuffle:
                 raise StopIteration
@@ -180,7 +186,11 @@ class DataIterator:
             levels = self.dataset.levels
             x = (x * (levels - 1) + torch.rand(x.shape, generator=g)) / levels
         self.batch += 1
-        return x.to(self.device) if self.device is not None else x
+        x = x.to(self.device) if self.device is not None else x
+        if not self.with_labels:
+            return x
+        y = self.dataset.labels[index].long()  # (B,)
+        return x, (y.to(self.device) if self.device is not None else y)
 
     def state_dict(self) -> dict[str, int]:
         """The position: ``{'epoch', 'batch', 'seed'}`` (plain ints)."""

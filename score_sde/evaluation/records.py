@@ -185,6 +185,8 @@ def sample_for_eval(
     progress: bool = False,
     on_batch: Callable[[torch.Tensor], None] | None = None,
     keep_samples: bool = True,
+    batch_score_fn: Callable[[int, int], ScoreFn] | None = None,
+    conditioning: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> tuple[torch.Tensor | None, dict]:
     """Draw ``num_samples`` samples for evaluation in batches, sample k with seed
@@ -205,6 +207,11 @@ def sample_for_eval(
             ``keep_samples=False`` this streams 50 000 samples into a feature extractor without
             holding them all.
         keep_samples: return the samples (else ``None``).
+        batch_score_fn: ``batch_score_fn(start, stop)`` gives the score function of samples
+            start..stop-1 instead of ``score_fn`` (a class-conditional model: their classes
+            bound, guidance applied).
+        conditioning: what ``batch_score_fn`` conditions on (classes, guidance), recorded under
+            ``sampler['conditioning']`` and checked on resume like the sampler configuration.
     Returns:
         samples (N, *D) on the CPU (or ``None``), and an info dict with ``num_samples``,
         ``seeds`` (the seed range), ``sampler`` (method, every option, shape, batch size, dtype,
@@ -225,6 +232,8 @@ def sample_for_eval(
         # per-sample generators live on this device; CPU and CUDA streams differ
         "device": str(torch.device(device) if device is not None else torch.device("cpu")),
     }
+    if conditioning is not None:
+        sampler["conditioning"] = dict(conditioning)
     config_json = json.dumps(to_jsonable({**sampler, "base_seed": base_seed}), sort_keys=True)
     directory = Path(sample_dir) if sample_dir is not None else None
     if directory is not None:
@@ -238,7 +247,8 @@ def sample_for_eval(
             x, report = _load_batch(path, seeds, config_json)
             resumed += 1
         else:
-            x, report = samplers.sample(sde, score_fn, (len(seeds), *shape), method, seeds=seeds,
+            fn = score_fn if batch_score_fn is None else batch_score_fn(start, start + len(seeds))
+            x, report = samplers.sample(sde, fn, (len(seeds), *shape), method, seeds=seeds,
                                         device=device, dtype=dtype, progress=progress, **options)
             x = x.detach().cpu()
             if path is not None:

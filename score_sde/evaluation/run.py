@@ -12,6 +12,11 @@ As the reference's ``run_lib.evaluate``, for each ``checkpoints/checkpoint_{n}.p
   ``config.seed + k``), scored with the digits metric (FDD, classifier score) for the embedded
   digits and with FID / Inception score / KID against the training split otherwise.
 
+A class-conditional model (``model.num_classes > 0``) is evaluated with the data's own labels:
+the loss and the bits/dim are conditional (-log2 p(x | y) / D; the record says so under
+``class_labels``), and sample k has class ``classes[k mod len(classes)]`` with the config's
+guidance (``Trained.class_score_fn``).
+
 Sample batches go to ``<eval_folder>/ckpt_{n}/samples_*.npz`` as they are drawn
 (``records.sample_for_eval``), so an interrupted run resumes inside a checkpoint; each finished
 checkpoint gets ``<eval_folder>/record_ckpt_{n}.json`` (``records.evaluation_record``) and a rerun
@@ -39,6 +44,7 @@ from tqdm.auto import tqdm
 
 import likelihood
 import sde_lib
+from models.conditioning import read_num_classes
 from models.utils import get_score_fn
 from score_sde import datasets
 from score_sde.evaluation import digits_metric, fid, inception, metrics, records
@@ -50,6 +56,8 @@ EVAL_KEYS = ("begin_ckpt", "end_ckpt", "batch_size", "enable_sampling", "num_sam
              "enable_loss", "enable_bpd", "bpd_dataset")
 #: ``on_batch(samples)`` taps the sample stream of a checkpoint (tests use it to interrupt a run)
 BatchHook = Callable[[torch.Tensor], None]
+#: what a class-conditional model's loss and bits/dim records say of their labels
+DATA_LABELS = "the data's own labels: conditional loss and bits/dim, -log2 p(x | y) / D"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,10 @@ class Trained:
         load_model: ``path -> (model with the EMA weights in eval mode, step)``, weights-only.
         eval_step: ``losses.get_step_fn(train=False)`` with the config's loss options.
         method, options: the sampler and its options from ``config.sampling``.
+        class_score_fn: for a class-conditional model, ``(model, start, stop) -> score_fn`` of
+            samples start..stop-1 (their classes bound, the config's guidance applied); None
+            for an unconditional one.
+        conditioning: the classes and guidance ``class_score_fn`` applies, for the record.
     """
 
     sde: sde_lib.SDE
@@ -72,6 +84,8 @@ class Trained:
     eval_step: Callable[..., torch.Tensor]
     method: str
     options: dict[str, Any]
+    class_score_fn: Callable[[nn.Module, int, int], ScoreFn] | None = None
+    conditioning: dict[str, Any] | None = None
 
 
 def check_eval_config(config) -> None:
@@ -257,15 +271,25 @@ def get_scorer(config) -> DigitsScorer | InceptionScorer:
 
 def eval_loss(config, model: nn.Module, eval_step: Callable[..., torch.Tensor]) -> dict:
     """Mean evaluation loss over one ordered pass of the test split (the reference's
-    ``ckpt_{n}_loss``), with the per-batch values; loss draws from seed ``config.seed``."""
+    ``ckpt_{n}_loss``), with the per-batch values; loss draws from seed ``config.seed``. A
+    class-conditional model gets each sample's own label."""
+    conditional = read_num_classes(config) > 0
     iterator = datasets.get_data_iterator(config, "test", batch_size=config.eval.batch_size,
-                                          train=False, device=config.device)
+                                          train=False, device=config.device,
+                                          with_labels=conditional)
     scaler = datasets.get_data_scaler(config)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     state = {"model": model}  # the EMA weights are already in the model
-    per_batch = [float(eval_step(state, scaler(x), generator=generator)) for x in iterator]
-    return {"mean": float(np.mean(per_batch)), "per_batch": per_batch, "split": "test",
-            "batch_size": config.eval.batch_size}
+    per_batch = []
+    for item in iterator:
+        x, labels = item if conditional else (item, None)
+        extra = {} if labels is None else {"class_labels": labels}
+        per_batch.append(float(eval_step(state, scaler(x), generator=generator, **extra)))
+    result = {"mean": float(np.mean(per_batch)), "per_batch": per_batch, "split": "test",
+              "batch_size": config.eval.batch_size}
+    if conditional:
+        result["class_labels"] = DATA_LABELS
+    return result
 
 
 def dequantized_bits_per_dim(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor,
@@ -291,47 +315,68 @@ def dequantized_bits_per_dim(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tenso
     return bpd, info
 
 
-def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: bool) -> dict:
+def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: bool, *,
+             class_score_fn: Callable[[torch.Tensor], ScoreFn] | None = None) -> dict:
     """Bits/dim of every image of ``eval.bpd_dataset`` (Song et al. 2021, App. D): per-image
     values in ``out`` (.npz), mean and standard error; batch b's dequantisation noise and probes
     come from seed ``config.seed + b``. An ``out`` written with the same settings (a run
-    interrupted later, while sampling) is read instead of solved again."""
+    interrupted later, while sampling) is read instead of solved again.
+
+    ``class_score_fn(y)`` (a class-conditional model) gives the score of p_t(x | y) for a
+    batch's own labels y (B,); the bits/dim are then the conditional ones, and the summary
+    says so under ``class_labels``."""
     split = config.eval.bpd_dataset
     data = datasets.get_dataset(config, split)
     options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
-    settings = json.dumps({"split": split, "batch_size": config.eval.batch_size, "n": len(data),
-                           "seed": config.seed, "levels": data.levels, **options}, sort_keys=True)
+    conditional = class_score_fn is not None
+    settings = {"split": split, "batch_size": config.eval.batch_size, "n": len(data),
+                "seed": config.seed, "levels": data.levels, **options}
+    if conditional:  # absent otherwise: an unconditional run's cache stays valid
+        settings["class_labels"] = True
+    settings = json.dumps(settings, sort_keys=True)
     if out.is_file():
         with np.load(out, allow_pickle=False) as saved:
             if str(saved["settings"]) == settings:
-                return _bpd_summary(saved["bpd"], int(saved["nfe"]), split, data, out, options)
+                return _bpd_summary(saved["bpd"], int(saved["nfe"]), split, data, out, options,
+                                    conditional)
     iterator = datasets.DataIterator(data, config.eval.batch_size, shuffle=False,
-                                     device=config.device)
+                                     device=config.device, with_labels=conditional)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     values, nfe = [], 0
     for b, x in enumerate(tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
                                desc=f"bits/dim ({split})")):
         generator = torch.Generator(device=config.device).manual_seed(config.seed + b)
-        bpd, info = dequantized_bits_per_dim(sde, score_fn, x, inverse_scaler, data.levels,
+        batch_score_fn = score_fn
+        if conditional:
+            x, labels = x
+            batch_score_fn = class_score_fn(labels)
+        bpd, info = dequantized_bits_per_dim(sde, batch_score_fn, x, inverse_scaler, data.levels,
                                              generator=generator, **options)
         values.append(bpd.detach().double().cpu())
         nfe += info["nfe"]
     bpd = torch.cat(values).numpy()
     _write_npz(out, bpd=bpd, labels=data.labels.numpy(), nfe=np.int64(nfe),
                settings=np.asarray(settings))
-    return _bpd_summary(bpd, nfe, split, data, out, options)
+    return _bpd_summary(bpd, nfe, split, data, out, options, conditional)
 
 
-def _bpd_summary(bpd: np.ndarray, nfe: int, split: str, data, out: Path, options) -> dict:
+def _bpd_summary(bpd: np.ndarray, nfe: int, split: str, data, out: Path, options,
+                 conditional: bool = False) -> dict:
     stderr = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
-    return {"mean": float(bpd.mean()), "stderr": stderr, "num_images": len(bpd), "split": split,
-            "levels": data.levels, "nfe": nfe, "per_image": str(out), **options}
+    summary = {"mean": float(bpd.mean()), "stderr": stderr, "num_images": len(bpd),
+               "split": split, "levels": data.levels, "nfe": nfe, "per_image": str(out),
+               **options}
+    if conditional:
+        summary["class_labels"] = DATA_LABELS
+    return summary
 
 
 def eval_samples(config, trained: Trained, score_fn: ScoreFn,
                  scorer: DigitsScorer | InceptionScorer, sample_dir: Path, *, progress: bool,
-                 on_batch: BatchHook | None = None) -> tuple[dict, dict]:
-    """Score ``eval.num_samples`` per-sample-seeded samples drawn (or resumed) in ``sample_dir``.
+                 on_batch: BatchHook | None = None,
+                 model: nn.Module | None = None) -> tuple[dict, dict]:
+    """Score ``eval.num_samples`` per-sample-seeded samples drawn (or resumed) in ``sample_dir``;
+    a class-conditional ``model`` samples through ``trained.class_score_fn``.
 
     Returns:
         the scorer's metrics and ``sample_for_eval``'s info (seeds, sampler, NFE).
@@ -344,10 +389,17 @@ def eval_samples(config, trained: Trained, score_fn: ScoreFn,
             on_batch(x)
         scorer.update(metrics.quantize_images(inverse_scaler(x)))
 
+    batch_score_fn = None
+    if trained.class_score_fn is not None and model is not None:
+        def batch_score_fn(start: int, stop: int) -> ScoreFn:
+            return trained.class_score_fn(model, start, stop)
+
     _, info = records.sample_for_eval(
         trained.sde, score_fn, datasets.data_shape(config), config.eval.num_samples,
         config.eval.batch_size, config.seed, trained.method, sample_dir=sample_dir,
         device=config.device, progress=progress, on_batch=score_batch, keep_samples=False,
+        batch_score_fn=batch_score_fn,
+        conditioning=trained.conditioning if batch_score_fn is not None else None,
         **trained.options)
     return scorer.result(), info
 
@@ -408,14 +460,20 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
         log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
     if e.enable_bpd:
         out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
-        extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress)
+        class_score_fn = None
+        if read_num_classes(config):  # the conditional bits/dim, each image with its label
+            def class_score_fn(labels: torch.Tensor) -> ScoreFn:
+                return get_score_fn(sde, model, train=False,
+                                    continuous=config.training.continuous, class_labels=labels)
+        extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress,
+                                class_score_fn=class_score_fn)
         result["bpd"], result["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
         log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
                  result["bpd_stderr"])
     if e.enable_sampling:
         scores, sampling = eval_samples(config, trained, score_fn, scorer,
                                         folder / f"ckpt_{n}", progress=progress,
-                                        on_batch=on_batch)
+                                        on_batch=on_batch, model=model)
         result.update(scores)
         extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"])
         log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))

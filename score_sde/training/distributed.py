@@ -16,7 +16,8 @@ The design keeps a run's result independent of the world size W:
   position in checkpoints is therefore the same on every rank and for every W;
 * the loss draws (t, z) are made for the whole global batch from the same seeded generator on
   every rank and sliced the same way (``losses`` ``shard=``), so sample i sees the same noise
-  whatever W is;
+  whatever W is; a class-conditional run's labels of the global batch are sliced with the rows,
+  so every sample keeps its own label;
 * ``DistributedDataParallel`` averages the gradients of the equal shards, which is the gradient of
   the global batch mean;
 * rank 0 alone updates the EMA, logs, samples and writes checkpoints of the bare module (no
@@ -269,11 +270,14 @@ def barrier(ctx: Context, device: torch.device | str = "cpu") -> None:
 
 def data_parallel_step(train_step: Callable[..., torch.Tensor], model: torch.nn.Module,
                        batch_size: int, ctx: Context) -> Callable[..., torch.Tensor]:
-    """``step(state, batch, *, generator)`` training on this rank's rows of the global ``batch``.
+    """``step(state, batch, *, generator, class_labels=None)`` training on this rank's rows of
+    the global ``batch``.
 
     ``train_step`` is ``losses.get_step_fn(..., train=True)``; it sees the model wrapped in
     ``DistributedDataParallel`` (gradient averaging), ``shard=`` its rows, and the EMA on rank 0
-    only. ``state['model']`` stays the bare module, so checkpoints carry no ``module.`` prefix.
+    only. ``class_labels`` (B,) of the global batch go to the loss whole; it keeps the same rows
+    of them as of the batch, so every sample keeps its label. ``state['model']`` stays the bare
+    module, so checkpoints carry no ``module.`` prefix.
     With one process ``train_step`` is returned unchanged.
     """
     if not ctx.enabled:
@@ -282,13 +286,14 @@ def data_parallel_step(train_step: Callable[..., torch.Tensor], model: torch.nn.
     device = next(model.parameters()).device
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    def step(state: dict, batch: torch.Tensor, *,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if batch.shape[0] != batch_size:
             raise ValueError(f"expected the global batch of {batch_size} rows, got "
                              f"{batch.shape[0]}")
         view = dict(state, model=ddp, ema=state["ema"] if ctx.is_main else None)
-        loss = train_step(view, batch, generator=generator, shard=rows)
+        extra = {} if class_labels is None else {"class_labels": class_labels}
+        loss = train_step(view, batch, generator=generator, shard=rows, **extra)
         state["step"] = view["step"]
         return loss
 

@@ -64,6 +64,29 @@ def save_image_grid(
     save_png(make_grid(images, nrow=ncol, scale=scale), path)
 
 
+def class_rows(images: torch.Tensor, labels: torch.Tensor,
+               max_aspect: int = 4) -> tuple[torch.Tensor, int] | None:
+    """Images (B, C, H, W) laid out one class per row, for ``make_grid``: the classes in order of
+    first appearance, each row its samples in order, empty cells black.
+
+    Returns:
+        (images (rows * cols, C, H, W), cols), or None where that does not fit: fewer than two
+        classes, or more rows than ``max_aspect`` times the columns (e.g. one sample of each of
+        ten classes, better shown square).
+    """
+    order = list(dict.fromkeys(labels.tolist()))
+    if len(order) < 2:
+        return None
+    members = [torch.nonzero(labels == c).flatten() for c in order]
+    cols = max(len(m) for m in members)
+    if len(order) > max_aspect * cols:
+        return None
+    out = images.new_zeros((len(order) * cols, *images.shape[1:]))
+    for row, index in enumerate(members):
+        out[row * cols:row * cols + len(index)] = images[index]
+    return out, cols
+
+
 def save_scatter(points: torch.Tensor, path: str | os.PathLike, size: int = 512,
                  extent: float | None = None) -> None:
     """Scatter plot of 2-D points (N, 2) as a PNG (white background, dark dots, axes at 0),

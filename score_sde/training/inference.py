@@ -2,7 +2,9 @@
 
 Both load a training checkpoint (the latest by default) weights-only, swap the EMA weights in
 as the reference does for sampling and evaluation, and write their results into
-``workdir/<eval_folder>/``.
+``workdir/<eval_folder>/``. With a class-conditional model (``model.num_classes > 0``) sampling
+cycles through ``config.sampling.classes`` (guided when ``sampling.cfg_scale`` is set) and the
+likelihood is the conditional one, given each image's own label (:data:`CONDITIONAL_BPD`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ from models.checkpoint import load_model_state, load_reference_checkpoint, load_
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
 from score_sde import datasets
-from score_sde.training import checkpoints
+from score_sde.training import checkpoints, classes
 from score_sde.training.loop import write_samples
 from score_sde.training.sampling import generate, get_sde, sampling_record
 from score_sde.utils import __version__, atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+#: what the likelihood record of a class-conditional model says of its labels
+CONDITIONAL_BPD = ("the data's own labels: conditional bits/dim, -log2 p(x | y) / D, each image "
+                   "given its class y")
 
 
 def run_facts(config, path: Path, step: int) -> dict:
@@ -110,7 +116,10 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
     ``workdir/eval_folder/samples_step_{step}/`` (``sample.png``, ``sample.npz``, ``info.json``).
 
     Samples are drawn in batches of ``config.eval.batch_size`` from generator seed
-    ``config.seed``, so the same flags give the same samples.
+    ``config.seed``, so the same flags give the same samples. A class-conditional model gives
+    sample i the class ``classes[i mod len(classes)]`` (``config.sampling.classes``, default
+    every class; ``sample.npz`` holds them as ``labels``, the grid has one class per row where
+    that fits) and the record lists the classes and the guidance (DiT's s and w = s - 1).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -120,15 +129,26 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     batch = min(num_samples, config.eval.batch_size)
-    chunks, nfe = [], 0
+    sampled = classes.sample_classes(config)
+    if config.sampling.get("cfg_scale") is not None and not config.model.get(
+            "class_dropout_prob"):
+        log.warning("config.sampling.cfg_scale is set but config.model.class_dropout_prob is "
+                    "%r: unless the model was trained with label dropout, its null label (the "
+                    "unconditional score of the guidance) is untrained",
+                    config.model.get("class_dropout_prob"))
+    chunks, labels, nfe = [], [], 0
     for start in tqdm(range(0, num_samples, batch), disable=not progress, desc="sample"):
         shape = (min(batch, num_samples - start), *datasets.data_shape(config))
+        y = None if sampled is None else classes.sample_class_labels(
+            sampled, start, shape[0], config.device)
         x, info = generate(config, sde, model, shape, inverse_scaler=inverse_scaler,
-                           generator=generator, progress=progress)
+                           generator=generator, progress=progress, class_labels=y)
         chunks.append(x.cpu())
+        if y is not None:
+            labels.append(y.cpu())
         nfe += info["nfe"]  # counted score evaluations, summed over the batches
     folder = Path(workdir) / eval_folder / f"samples_step_{step}"  # made by the first write
-    write_samples(torch.cat(chunks), folder)
+    write_samples(torch.cat(chunks), folder, class_labels=torch.cat(labels) if labels else None)
     record = {**run_facts(config, path, step), "num_samples": num_samples, "batch_size": batch,
               "nfe": nfe, "sampling": {**sampling_record(config, info), "nfe": nfe}}
     atomic_write_bytes(folder / "info.json", (json.dumps(record, indent=2) + "\n").encode(),
@@ -162,7 +182,9 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     dequantised, v = (k + u) / L, and bits/dim = -(log p_y(y) + D log a) / (D log 2) + log2 L
     with y = a v + c in model space (the reference's formula for L = 256); point data gets
     -log2 p(x) / D. Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
-    ``.json`` summary into ``workdir/eval_folder/``.
+    ``.json`` summary into ``workdir/eval_folder/``. A class-conditional model is given each
+    image's own label: the bits/dim are the conditional -log2 p(x | y) / D, and the summary
+    says so under ``class_labels``.
 
     Args:
         split: default ``config.eval.bpd_dataset``.
@@ -177,9 +199,13 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     if max_images:
         dataset = datasets.ArrayDataset(dataset.data[:max_images], dataset.labels[:max_images],
                                         dataset.levels, dataset.classes)
+    conditional = classes.read_num_classes(config) > 0
+    if conditional:
+        classes.check_dataset_classes(config, dataset, split)
     iterator = datasets.DataIterator(
         dataset, config.eval.batch_size, seed=config.seed, shuffle=False,
-        uniform_dequantization=dataset.levels is not None, device=config.device)
+        uniform_dequantization=dataset.levels is not None, device=config.device,
+        with_labels=conditional)
     scaler = datasets.get_data_scaler(config)
     a, _ = likelihood.affine_scaler(datasets.get_data_inverse_scaler(config))
     offset = math.log2(dataset.levels) if dataset.levels is not None else 0.0
@@ -188,8 +214,13 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     bpds, nfe = [], 0
     for v in tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
                   desc=f"bits/dim ({split})"):
-        logp, info = likelihood.log_likelihood(sde, score_fn, scaler(v), generator=generator,
-                                               **options)
+        batch_score_fn = score_fn
+        if conditional:  # the score of p_t(x | y) with each image's label y
+            v, y = v
+            batch_score_fn = get_score_fn(sde, model, train=False,
+                                          continuous=config.training.continuous, class_labels=y)
+        logp, info = likelihood.log_likelihood(sde, batch_score_fn, scaler(v),
+                                               generator=generator, **options)
         D = v[0].numel()
         bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
         nfe += info["nfe"]
@@ -201,6 +232,8 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         if len(bpd) > 1 else float("nan"),
         "levels": dataset.levels, "nfe": nfe, "likelihood": options,
     }
+    if conditional:
+        summary["class_labels"] = CONDITIONAL_BPD
     write_likelihood_record(stem, bpd, dataset.labels.numpy(), summary)
     log.info("%s bits/dim %.4f +- %.4f over %d images (step %d)", split, summary["bpd"],
              summary["bpd_stderr"], len(bpd), step)

@@ -6,6 +6,11 @@ iterators); ``train`` runs ``losses.get_step_fn`` steps and calls small side-eff
 their frequencies: logging (tqdm, TensorBoard), evaluation loss, the preemption checkpoint,
 numbered snapshots and snapshot sample grids with the EMA weights. It resumes from the latest
 checkpoint of ``workdir`` automatically.
+
+A class-conditional run (``model.num_classes > 0``, :mod:`training.classes`) reads each batch
+with its labels (``DataIterator(with_labels=True)``: the same batches and data positions as an
+unconditional run) and passes them to the training and evaluation losses; label dropout for
+classifier-free guidance is the model's own, the loop never drops labels.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from tqdm.auto import tqdm
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
 from score_sde import datasets, losses
-from score_sde.training import checkpoints, distributed, validation
+from score_sde.training import checkpoints, classes, distributed, validation
 from score_sde.training.events import EventLog
-from score_sde.training.images import save_image_grid, save_scatter
+from score_sde.training.images import class_rows, save_image_grid, save_scatter
 from score_sde.training.lock import WorkdirLock
 from score_sde.training.nonfinite import NonFiniteGuard
 from score_sde.training.sampling import ema_weights, generate, get_sde
@@ -84,11 +89,17 @@ def build(config) -> tuple[dict[str, Any], Any]:
         for k, name in enumerate(("train", "eval"))
     }
     train_data = datasets.get_dataset(config, "train")
+    eval_data = datasets.get_dataset(config, "test")
+    for split, data in (("train", train_data), ("test", eval_data)):
+        classes.check_dataset_classes(config, data, split)
+    with_labels = classes.read_num_classes(config) > 0  # a class-conditional run
     train_data = distributed.shard_dataset(train_data, config.training.batch_size,
                                            distributed.context())
     iterators = {
-        "train": datasets.get_data_iterator(config, "train", device=device, dataset=train_data),
-        "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device),
+        "train": datasets.get_data_iterator(config, "train", device=device, dataset=train_data,
+                                            with_labels=with_labels),
+        "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device,
+                                           dataset=eval_data, with_labels=with_labels),
     }
     state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
                  iterators=iterators)
@@ -103,6 +114,20 @@ def get_step_fns(config, sde) -> tuple[Callable, Callable]:
     train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config), **kwargs)
     eval_step = losses.get_step_fn(sde, False, **kwargs)
     return train_step, eval_step
+
+
+def next_batch(iterator, scaler) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next batch in model space (B, *D) and its class labels (B,) (None when the iterator
+    yields samples alone: an unconditional run)."""
+    item = next(iterator)
+    x, y = item if isinstance(item, tuple) else (item, None)
+    return scaler(x), y
+
+
+def labels_kwargs(class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{'class_labels': y}`` for a step function, or nothing (an unconditional run's step is
+    called exactly as before class conditioning existed)."""
+    return {} if class_labels is None else {"class_labels": class_labels}
 
 
 # -- side effects ---------------------------------------------------------------------------------
@@ -139,37 +164,51 @@ def log_scalars(writer, step: int, **scalars: float) -> None:
 
 def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     """Sample a batch with the EMA weights into ``workdir/samples/iter_{step}/``
-    (``sample.png`` grid or scatter plot, ``sample.npz``)."""
+    (``sample.png`` grid or scatter plot, ``sample.npz``); a class-conditional model samples
+    class ``classes[i mod len(classes)]`` for sample i, with ``config.sampling``'s guidance."""
     folder = workdir / "samples" / f"iter_{step}"  # made by the first write
     model = state["model"]
     shape = (config.training.batch_size, *datasets.data_shape(config))
     generator = torch.Generator(device=config.device).manual_seed(config.seed + step)
+    sampled = classes.sample_classes(config)
+    labels = None if sampled is None else classes.sample_class_labels(
+        sampled, 0, shape[0], config.device)
     with ema_weights(model, state["ema"]):
         x, _ = generate(config, sde, model, shape, generator=generator,
-                        inverse_scaler=datasets.get_data_inverse_scaler(config))
-    write_samples(x, folder)
+                        inverse_scaler=datasets.get_data_inverse_scaler(config),
+                        class_labels=labels)
+    write_samples(x, folder, class_labels=labels)
     return folder
 
 
-def write_samples(x: torch.Tensor, folder: Path) -> None:
+def write_samples(x: torch.Tensor, folder: Path,
+                  class_labels: torch.Tensor | None = None) -> None:
     """``sample.png`` (image grid, or scatter for 2-D points) and ``sample.npz`` of ``x``, each
     written atomically.
 
-    Images are stored as uint8 (B, H, W, C) like the reference; points as float32 (B, D).
+    Images are stored as uint8 (B, H, W, C) like the reference; points as float32 (B, D). With
+    ``class_labels`` (B,) the grid puts one class per row where that fits
+    (``images.class_rows``) and the .npz holds them as ``labels``.
 
     Raises:
         utils.WriteError: a file could not be written (e.g. a full disk); none is partial.
     """
     x = x.detach().cpu()
+    labels = None if class_labels is None else class_labels.detach().cpu()
     if x.dim() == 4:
-        save_image_grid(x, folder / "sample.png")
+        rows = class_rows(x, labels) if labels is not None else None
+        if rows is None:
+            save_image_grid(x, folder / "sample.png")
+        else:
+            save_image_grid(rows[0], folder / "sample.png", nrow=rows[1])
         samples = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     else:
         if x.shape[1] == 2:
             save_scatter(x, folder / "sample.png")
         samples = x.float().numpy()
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, samples=samples)
+    arrays = {} if labels is None else {"labels": labels.numpy()}
+    np.savez_compressed(buffer, samples=samples, **arrays)
     atomic_write_bytes(folder / "sample.npz", buffer.getvalue(), what="the samples")
 
 
@@ -182,9 +221,11 @@ def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float)
 
 
 def evaluate(state, eval_step, scaler, writer, step: int) -> None:
-    """The loss on one test batch with the EMA weights (the reference's ``eval_freq`` loss)."""
-    batch = scaler(next(state["iterators"]["eval"]))
-    eval_loss = eval_step(state, batch, generator=state["generators"]["eval"])
+    """The loss on one test batch with the EMA weights (the reference's ``eval_freq`` loss), with
+    its class labels in a class-conditional run."""
+    batch, class_labels = next_batch(state["iterators"]["eval"], scaler)
+    eval_loss = eval_step(state, batch, generator=state["generators"]["eval"],
+                          **labels_kwargs(class_labels))
     log.info("step: %d, eval_loss: %.5e", step, float(eval_loss))
     log_scalars(writer, step, eval_loss=float(eval_loss))
 
@@ -280,8 +321,9 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     window_start, window_images = time.perf_counter(), 0
     try:
         while state["step"] < t.n_iters:
-            batch = scaler(next(state["iterators"]["train"]))
-            loss = train_step(state, batch, generator=state["generators"]["train"])
+            batch, class_labels = next_batch(state["iterators"]["train"], scaler)
+            loss = train_step(state, batch, generator=state["generators"]["train"],
+                              **labels_kwargs(class_labels))
             step, last = state["step"], state["step"] == t.n_iters  # steps completed
             guard.observe_loss(loss, step)  # read on the host only at the side effects
             window_images += batch.shape[0]

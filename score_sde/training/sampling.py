@@ -5,6 +5,10 @@ sampler name (``pc``, ``ode``, ``dpm_solver++_2m`` ...); every other option a sa
 is read from ``config.sampling`` under its own name or the reference's alias
 (``n_steps_each`` -> ``n_steps``, ``noise_removal`` -> ``denoise``), so a new sampler option
 needs no code here, only a config key.
+
+A class-conditional model (``model.num_classes = K > 0``) samples class ``classes[i mod n]`` for
+sample i (``training.classes``) and, with ``sampling.cfg_scale = s``, classifier-free guidance
+in one batched network call per score evaluation (:func:`sampling_score_fn`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from torch import nn
 
 import samplers
 import sde_lib
+from configs.sampling import CLASS_KEYS
+from models.conditioning import read_num_classes
 from models.ema import ExponentialMovingAverage
 from models.utils import get_score_fn
+from score_sde.training.classes import guidance_weight, sample_class_labels, sample_classes
+from score_sde.utils import ScoreFn
 
 #: sampler option -> the reference's config.sampling key
 ALIASES = {"n_steps": "n_steps_each", "denoise": "noise_removal"}
@@ -83,14 +91,41 @@ def sampling_record(config, info: dict) -> dict[str, Any]:
     for name in ("step_rule",):  # chosen at run time (PC: 'batch', or 'sample' with seeds)
         if name in resolved and resolved[name] is None and name in info:
             resolved[name] = info[name]
-    read = {config_key(method, name) for name in resolved} | {"method"}
-    return {
+    read = {config_key(method, name) for name in resolved} | {"method", *CLASS_KEYS}
+    record = {
         "method": method,
         "options": resolved,
         "nfe": info["nfe"],
         "not_applied": {k: v for k, v in sorted(config.sampling.items())
                         if k not in read and v is not None},
     }
+    if read_num_classes(config):
+        record.update(class_record(config, info))
+    return record
+
+
+def class_record(config, info: dict) -> dict[str, Any]:
+    """The class and guidance entries of a class-conditional run's record: ``classes`` (the
+    classes cycled, and the rule) and ``guidance`` (DiT's s = ``cfg_scale`` and w = s - 1 both,
+    the convention, and the sampler report's guidance: batched, NFE per call, channels)."""
+    scale = config.sampling.get("cfg_scale")
+    guidance: dict[str, Any] = {
+        "cfg_scale": scale, "w": guidance_weight(config),
+        "convention": "DiT's s: eps_u + s (eps_c - eps_u) = (1 + w) score_c - w score_u with "
+                      "w = s - 1",
+        "cfg_official": bool(config.sampling.get("cfg_official", False)),
+    }
+    if scale is None:
+        guidance["applied"] = "none: the conditional model alone (cfg_scale = None)"
+    elif scale == 1:
+        guidance["applied"] = "none: s = 1 is the conditional model alone"
+    else:
+        guidance.update(info.get("guidance", {}))
+        guidance["applied"] = ("batched: one network call on the doubled batch (conditional, "
+                               "null label) per score evaluation, twice a plain call's compute")
+    return {"classes": {"classes": list(sample_classes(config)),
+                        "rule": "sample i has class classes[i mod len(classes)]"},
+            "guidance": guidance}
 
 
 @contextlib.contextmanager
@@ -104,6 +139,43 @@ def ema_weights(model: nn.Module, ema: ExponentialMovingAverage) -> Iterator[nn.
         ema.restore(model.parameters())
 
 
+def sampling_score_fn(config, sde: sde_lib.SDE, model: nn.Module,
+                      class_labels: torch.Tensor | None = None) -> ScoreFn:
+    """The ``score_fn(x, t)`` sampling uses (eval mode): the model's, with ``class_labels`` (B,)
+    bound for a class-conditional model and, when ``config.sampling.cfg_scale = s`` is set and
+    not 1, classifier-free guidance (Ho & Salimans 2022) in DiT's convention eps_u + s (eps_c -
+    eps_u), i.e. ``samplers.ClassifierFreeGuidance.batched`` with w = s - 1: the network sees the
+    doubled batch with labels cat([y, null]) once per call (``cfg_official``: channels 0-2 only).
+
+    Raises:
+        ValueError: class labels for an unconditional model, or a guidance scale for a model
+            without a null label.
+    """
+    continuous = config.training.continuous
+    num_classes = getattr(model, "num_classes", 0)
+    w = guidance_weight(config)
+    if class_labels is None:
+        if w is not None:
+            raise ValueError(f"config.sampling.cfg_scale={w + 1} needs a class-conditional model "
+                             "and class labels to guide towards (config.model.num_classes > 0)")
+        return get_score_fn(sde, model, train=False, continuous=continuous)
+    if not num_classes:
+        raise ValueError(f"class labels given to the unconditional {type(model).__name__} "
+                         "(config.model.num_classes = 0)")
+    if w is None or w == 0:  # s = 1 is the conditional model alone
+        return get_score_fn(sde, model, train=False, continuous=continuous,
+                            class_labels=class_labels)
+    null = getattr(model, "null_label", None)
+    if null is None:
+        raise ValueError(f"config.sampling.cfg_scale needs a model with a null label; "
+                         f"{type(model).__name__} has none (null_label is None)")
+    doubled = torch.cat([class_labels, torch.full_like(class_labels, null)])  # (2B,)
+    score_fn = get_score_fn(sde, model, train=False, continuous=continuous,
+                            class_labels=doubled)
+    return samplers.ClassifierFreeGuidance.batched(
+        score_fn, w, official_dit=bool(config.sampling.get("cfg_official", False)))
+
+
 @torch.no_grad()
 def generate(
     config,
@@ -114,6 +186,7 @@ def generate(
     inverse_scaler,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    class_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Samples (B, *D) in data space (images in [0, 1]) from ``model`` in eval mode.
 
@@ -125,12 +198,21 @@ def generate(
         inverse_scaler: model space -> data space (``datasets.get_data_inverse_scaler``).
         generator: the random source of the sampler.
         progress: tqdm bar over the sampler steps.
+        class_labels: (B,) classes of a class-conditional model; default: sample i has class
+            ``classes[i mod len(classes)]`` (:func:`training.classes.sample_classes`). Guidance
+            as :func:`sampling_score_fn`.
     Returns:
-        samples and the sampler's report (``nfe`` ...).
+        samples and the sampler's report (``nfe`` ...; ``guidance`` when guided).
     """
     method, options = sampling_options(config)
-    score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
     device = next(model.parameters()).device
+    if class_labels is None and getattr(model, "num_classes", 0):
+        sampled = sample_classes(config)
+        if sampled is None:
+            raise ValueError(f"the model has {model.num_classes} classes but "
+                             "config.model.num_classes = 0; set it to the model's")
+        class_labels = sample_class_labels(sampled, 0, shape[0], device)
+    score_fn = sampling_score_fn(config, sde, model, class_labels)
     x, info = samplers.sample(sde, score_fn, shape, method, generator=generator,
                               progress=progress, device=device, **options)
     return inverse_scaler(x), info

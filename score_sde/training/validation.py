@@ -30,7 +30,7 @@ from models.checkpoint import (
 )
 from models.utils import get_model
 from score_sde import datasets, losses
-from score_sde.training import distributed
+from score_sde.training import classes, distributed
 
 #: top-level entries of a training checkpoint (``training.checkpoints.save_checkpoint``)
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "data")
@@ -151,7 +151,9 @@ def validate_config(config, world_size: int = 1) -> None:
 
     Types, positive learning rate, batch sizes and frequencies, the global batch divisible by
     ``world_size``, image size against the model's resolutions, and the registered names of the
-    SDE, model, optimiser, dataset, sampler, predictor and corrector.
+    SDE, model, optimiser, dataset, sampler, predictor and corrector; the class and guidance
+    keys (``model.num_classes``, ``sampling.classes``, ``sampling.cfg_scale``,
+    ``sampling.cfg_official``: ``training.classes.check_class_config``).
 
     Raises:
         TypeError: a value of the wrong type (naming ``config.<key>``, the value and the type
@@ -222,6 +224,7 @@ def validate_config(config, world_size: int = 1) -> None:
     _int(config, "sampling.nfe", optional=True, nullable=True)  # None: the sampler's default
     _int(config, "sampling.adaptive_nfe", 2, optional=True, nullable=True)  # None: no budget
     _real(config, "sampling.snr", 0.0, low_open=True)
+    classes.check_class_config(config)
 
 
 # -- dataset files ------------------------------------------------------------------------------
@@ -245,6 +248,8 @@ def validate_dataset(config, splits: tuple[str, ...] = ("train",),
         DatasetError: missing or corrupt files, or samples whose shape is not
             ``datasets.data_shape(config)``, naming the dataset, the file or value and what is
             expected; chained to the underlying error.
+        ValueError: a class-conditional config (``model.num_classes = K > 0``) on a dataset
+            without classes or with more than K (``training.classes.check_dataset_classes``).
     """
     name = config.data.dataset
     expected = datasets.data_shape(config)
@@ -272,6 +277,7 @@ def validate_dataset(config, splits: tuple[str, ...] = ("train",),
         if isinstance(dataset.data, torch.Tensor) and dataset.data.is_floating_point() and \
                 not bool(torch.isfinite(dataset.data).all()):
             raise DatasetError(f"dataset {name!r} ({split} split) contains NaN or inf values")
+        classes.check_dataset_classes(config, dataset, split)
 
 
 def _decode_images(files: list[Path], verified: str | os.PathLike | None) -> None:
@@ -412,8 +418,8 @@ def validate_checkpoint_file(path: str | os.PathLike, config) -> dict:
 
 def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int = 1) -> None:
     """Everything ``main.py`` checks before work: the mode against the world size, the config,
-    the dataset (train and likelihood modes) and, for training, the checkpoints a resume would
-    read.
+    the dataset (train and likelihood modes, and the labelled splits of a class-conditional
+    eval) and, for training, the checkpoints a resume would read.
 
     Raises:
         ValueError, TypeError: config values or a multi-process launch of a one-process mode.
@@ -434,3 +440,10 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
                 validate_checkpoint_file(path, config)
     elif mode == "likelihood":
         validate_dataset(config, (config.eval.get("bpd_dataset", "test"),))
+    elif mode == "eval" and classes.read_num_classes(config):  # loss and bits/dim read labels
+        e = config.get("eval", {})
+        splits = {"test"} if e.get("enable_loss") else set()
+        if e.get("enable_bpd"):
+            splits.add(e.get("bpd_dataset", "test"))
+        if splits:
+            validate_dataset(config, tuple(sorted(splits)))
