@@ -288,6 +288,16 @@ class VPSDE(_LinearBeta):
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
 
+    def index_to_time(self, n: torch.Tensor | float) -> torch.Tensor:
+        """The time t = n T / (N - 1) of DDPM table index n in the reference's discrete
+        convention (its network sees the label n = t (N - 1); the DDPM tables, not the continuous
+        marginals, hold the discrete model's alpha_bar)."""
+        return torch.as_tensor(n) * self.T / (self.N - 1)
+
+    def time_to_index(self, t: torch.Tensor) -> torch.Tensor:
+        """The reference's discrete label n = t (N - 1) / T (fractional between steps)."""
+        return t * (self.N - 1) / self.T
+
     def sde(self, x, t):
         """f = -beta(t) x / 2, g = sqrt(beta(t)) (eq. 11)."""
         t = as_batch_time(t, x)
