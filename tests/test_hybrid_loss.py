@@ -295,3 +295,31 @@ def test_likelihood_mode_by_the_variational_bound_names_its_method(tmp_path):
     assert record["likelihood"]["variance"] == "learned" and record["likelihood"]["steps"] == 5
     assert record["likelihood"]["spacing"] == "5" and "variational bound" in record["bound"]
     assert record["levels"] == 17 and math.isfinite(record["bpd"]) and record["bpd"] > 0
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_keep_one_importance_history(tmp_path):
+    """Hybrid training with importance sampling under torchrun: both ranks record the whole
+    global batch's L_vlb (gathered), so the 2-rank run ends like the one-process run."""
+    from test_distributed import _final, _main
+
+    hybrid = [
+        "--config=digits", "--config.model.nf=8", "--config.model.learn_sigma=True",
+        "--config.model.num_scales=4", "--config.training.sde=discrete_vpsde",
+        "--config.training.continuous=False", "--config.training.loss=hybrid",
+        "--config.training.vlb_importance_sampling=True", "--config.training.batch_size=8",
+        "--config.training.n_iters=8", "--config.training.snapshot_freq=100",
+        "--config.training.snapshot_freq_for_preemption=4", "--config.training.log_freq=1",
+        "--config.training.eval_freq=4", "--config.training.snapshot_sampling=False",
+        "--config.optim.warmup=0", "--noprogress",
+    ]
+    _main(*hybrid, f"--workdir={tmp_path / 'two'}", nproc=2)
+    _main(*hybrid, f"--workdir={tmp_path / 'one'}")
+    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    # 8 steps of 8 samples over 4 steps: warm (10 values each) after 5 training steps
+    assert torch.equal(two["importance_sampler"]["seen"], one["importance_sampler"]["seen"])
+    assert int(one["importance_sampler"]["seen"].sum()) == 64
+    torch.testing.assert_close(two["importance_sampler"]["history"],
+                               one["importance_sampler"]["history"], rtol=1e-4, atol=1e-6)
+    for a, b in zip(one["model"].values(), two["model"].values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
