@@ -295,6 +295,30 @@ def test_likelihood_mode_by_the_variational_bound_names_its_method(tmp_path):
     assert record["likelihood"]["variance"] == "learned" and record["likelihood"]["steps"] == 5
     assert record["likelihood"]["spacing"] == "5" and "variational bound" in record["bound"]
     assert record["levels"] == 17 and math.isfinite(record["bpd"]) and record["bpd"] > 0
+    # --mode eval's bits/dim follow eval.bpd_method too
+    from models.utils import get_score_fn
+    from score_sde.evaluation.run import eval_bpd
+    from score_sde.training.sampling import get_sde
+
+    model, _ = inference.load_ema_model(config, checkpoints.meta_path(tmp_path))
+    sde = get_sde(config)
+    config.eval.batch_size = 150
+    summary = eval_bpd(config, get_score_fn(sde, model, continuous=False), sde,
+                       tmp_path / "bpd.npz", progress=False)
+    assert summary["bpd_method"] == "vlb" and summary["nfe"] == 5 * 2  # 297 images, 2 batches
+    assert summary["num_images"] == 297 and math.isfinite(summary["mean"])
+
+
+def test_the_sampling_record_names_the_ddpm_options_as_run():
+    from score_sde.training.sampling import sampling_options, sampling_record
+
+    config = importlib.import_module("configs.digits").get_config()
+    config.sampling.method = "ddpm"
+    method, options = sampling_options(config)
+    assert method == "ddpm" and options == {"nfe": 30}  # the config's budget: 30 steps
+    record = sampling_record(config, {"nfe": 30, "variance": "large"})
+    assert record["options"] == {"spacing": "30", "nfe": 30, "variance": "large",
+                                 "clip_denoised": False}
 
 
 @pytest.mark.slow

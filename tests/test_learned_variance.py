@@ -388,3 +388,41 @@ def test_ddpm_refuses_bad_options_naming_the_valid_ones():
         samplers.sample(ve, MIX.score_fn(ve), (2, 2), "ddpm")
     with pytest.raises(ValueError, match="betas outside"):
         samplers.sample(sde_lib.VPSDE(N=10), score, (2, 2), "ddpm")
+
+
+@pytest.mark.parametrize("sde", [sde_lib.DiscreteVPSDE(N=200, beta_end=0.1), sde_lib.VPSDE(N=200)],
+                         ids=["discrete_vpsde", "vpsde"])
+def test_a_network_sees_the_original_steps_through_its_adapter(sde):
+    """Through ``models.utils.get_score_fn`` (discrete training) the network is called at the
+    kept ORIGINAL steps k_i, highest first, once per step, with its v used as the variance."""
+    from models.utils import get_score_fn
+
+    labels = []
+
+    def model_fn(x, n):  # eps = 0, v = 1: the 'large' variance
+        labels.append(n[0].item())
+        return torch.cat([torch.zeros_like(x), torch.ones_like(x)], dim=1)
+
+    score_fn = get_score_fn(sde, model_fn, continuous=False, learned_variance=True)
+    x, info = samplers.sample(sde, score_fn, (4, 3, 2, 2), "ddpm", spacing="ddim20", dtype=F64,
+                              generator=torch.Generator().manual_seed(0))
+    assert info["nfe"] == 20 and info["variance"] == "learned"
+    assert labels == pytest.approx(list(range(190, -1, -10)), abs=1e-9)
+    # eps = 0: x0_hat = x_i / sqrt(abar), a pure shrinkage chain with Sigma = beta' noise
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("a, c", [(1.0, 0.0), (2.0, -1.0), (4.0, -3.0)])
+def test_the_decoder_partitions_the_data_range_in_any_model_space(a, c):
+    """L_0 of every level u of the data, seen in model space y = a u + c (``data_affine``):
+    the bin probabilities 2^-L_0 sum to one (the bins tile the line in data coordinates)."""
+    process = RespacedProcess.from_sde(sde_lib.DiscreteVPSDE(N=100, beta_end=0.2), "10")
+    u = torch.linspace(0, 1, 17, dtype=F64)[:, None]  # (17, 1): one level per sample
+    y = a * u + c
+    x_t = torch.full_like(y, 0.3 * a + c)
+    eps = torch.full_like(y, 0.2)
+    affine = None if (a, c) == (2.0, -1.0) else (a, c)
+    for cdf in ("exact", "tanh"):
+        nll = vb_terms_bpd(process, eps, 0.5, y, x_t, 0, levels=17, cdf=cdf, data_affine=affine)
+        total = float(torch.exp2(-nll).sum())
+        assert total == pytest.approx(1.0, abs=1e-12 if cdf == "exact" else 2e-3)
