@@ -503,7 +503,8 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
     continuous ``get_sde_loss_fn`` or, with ``continuous=False``, the discrete loss registered for
     the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss='hybrid'``
     (discrete VP, a model with learned variances) is :func:`get_hybrid_loss_fn` with
-    ``vlb_rescale`` and ``importance_sampler``; ``loss_fn`` overrides.
+    ``vlb_rescale`` and ``importance_sampler`` (always a mean over dimensions, as the official
+    L_hybrid: ``reduce_mean`` does not apply); ``loss_fn`` overrides.
     ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
     trains on, with the draws made for the whole batch. ``class_labels`` (B,) of the whole batch
     (class-conditional training) are passed on to the loss, which shards them like the rows.
