@@ -115,8 +115,8 @@ def load_official_dit(config, path: str | os.PathLike, layout: str) -> nn.Module
             keys that differ, and the first mismatched tensors.
     """
     if config.model.name != "dit":
-        raise ValueError(f"{path} is an {LAYOUTS[layout]}: it needs a config with "
-                         f"config.model.name='dit', got {config.model.name!r}")
+        raise CheckpointError(f"{path} is an {LAYOUTS[layout]}: it needs a config with "
+                              f"config.model.name='dit', got {config.model.name!r}")
     model = create_model(config)
     if not isinstance(model, DiT):
         raise TypeError(f"config.model.name='dit' built a {type(model).__name__}, not a DiT")
