@@ -137,6 +137,17 @@ def test_the_architecture_read_from_a_state_dict_is_the_named_size(name):
         k: v for k, v in DIT_SIZES[name].items() if k != "num_heads"}
 
 
+def test_dit_takes_the_toolkits_class_labels_keyword():
+    """``models.utils.get_model_fn`` binds labels as ``class_labels=``; DiT's own name is y."""
+    model = _official_dit(0).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([3, 999])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, class_labels=y), model(x, t, y))
+        assert not torch.equal(model(x, t, class_labels=y), model(x, t))  # the null label
+    with pytest.raises(ValueError, match="not both"):
+        model(x, t, y, class_labels=y)
+
+
 # -- dit_digits: train, sample per class with guidance, resume -----------------------------------
 
 
