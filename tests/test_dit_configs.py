@@ -184,7 +184,7 @@ def test_dit_digits_trains_resumes_and_samples_each_class_with_guidance(tmp_path
     assert npz["labels"].tolist() == [i % 10 for i in range(20)]
     record = json.loads((folder / "info.json").read_text())
     guidance = record["sampling"]["guidance"]
-    assert (guidance["cfg_scale"], guidance["w"], guidance["batched"]) == (3.0, 2.0, True)
+    assert (guidance["cfg_scale"], guidance["w"], guidance["batched"]) == (2.0, 1.0, True)
     assert record["nfe"] == 2 * 4  # two batches of 10 (eval.batch_size), 4 NFE each
 
     # the config's guidance reaches the DiT: it changes the samples (of a perturbed copy: four

@@ -109,13 +109,13 @@ def load_official_dit(config, path: str | os.PathLike, layout: str) -> nn.Module
     training checkpoint), in eval mode on ``config.device``.
 
     Raises:
-        ValueError: a config whose model is not ``dit``.
-        CheckpointError: an unsafe or damaged file, non-finite values, or weights of another
-            architecture: the message names the file's architecture, the config's, the config
-            keys that differ, and the first mismatched tensors.
+        CheckpointError: a config whose model is not ``dit``; an unsafe or damaged file,
+            non-finite values, or weights of another architecture: the message names the
+            file's architecture, the config's, the config keys that differ, and the first
+            mismatched tensors.
     """
     if config.model.name != "dit":
-        raise CheckpointError(f"{path} is an {LAYOUTS[layout]}: it needs a config with "
+        raise CheckpointError(f"{path} ({LAYOUTS[layout]}) needs a config with "
                               f"config.model.name='dit', got {config.model.name!r}")
     model = create_model(config)
     if not isinstance(model, DiT):
@@ -125,7 +125,11 @@ def load_official_dit(config, path: str | os.PathLike, layout: str) -> nn.Module
     except CheckpointError as e:
         # Read again without a model (only on failure): a damaged, unsafe or non-finite file
         # fails here too, with the loader's message; otherwise compare the architectures.
-        found = dit_architecture(load_dit_checkpoint(path, key="ema").state_dict)
+        state = load_dit_checkpoint(path, key="ema").state_dict
+        try:
+            found = dit_architecture(state)
+        except CheckpointError:  # not even DiT's keys: the loader's message lists them
+            raise e from None
         built = dit_architecture(model.state_dict())
         differ = [f"{k} {built[k]} -> {found[k]} (--config.{_CONFIG_KEYS[k]})"
                   for k in found if found[k] != built[k]]
