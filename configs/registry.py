@@ -17,6 +17,10 @@ CONFIGS = {
     # embedded defaults: no download needed
     'digits': 'configs.digits',
     'toy_2d': 'configs.toy_2d',
+    # DiT (Peebles & Xie 2023): a small class-conditional one on the digits, and the official
+    # DiT-XL/2 at 256x256 in SD-VAE latent space (sampling an official checkpoint)
+    'dit_digits': 'configs.dit_digits',
+    'imagenet256_dit_xl2': 'configs.imagenet256_dit_xl2',
 }
 
 

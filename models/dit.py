@@ -231,8 +231,8 @@ class DiT(nn.Module):
             raise ValueError(f"DiT: y (class_labels) must be in [0, {top}], got values in "
                              f"[{int(y.min())}, {int(y.max())}]")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The DiT output at noisy inputs x and timesteps t (Peebles & Xie 2023, Fig. 3).
 
         Args:
@@ -241,9 +241,15 @@ class DiT(nn.Module):
             y: (B,) integer class labels in [0, K]; K (``null_label``) or None means
                 unconditional. In training mode each label is dropped to K with probability
                 ``class_dropout_prob``.
+            class_labels: the toolkit's keyword for y (``models.utils.get_model_fn`` binds
+                labels by that name); give y or class_labels, not both.
         Returns:
             (B, out_channels, H, W) in the network's dtype: epsilon, then v with ``learn_sigma``.
         """
+        if class_labels is not None:
+            if y is not None:
+                raise ValueError("DiT: give the class labels as y or as class_labels, not both")
+            y = class_labels
         self._check_inputs(x, t, y)
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t)  # (B, D)

@@ -9,6 +9,8 @@ anywhere; both call :func:`run`.
     python main.py --config digits --mode sample --workdir runs/digits
     python main.py --config digits --mode likelihood --workdir runs/digits
     python main.py --config digits --mode eval --workdir runs/digits
+    python main.py --config imagenet256_dit_xl2 --mode sample --workdir runs/dit \\
+        --checkpoint /path/DiT-XL-2-256x256.pt --classes=207,360,387,974
     torchrun --standalone --nproc_per_node 4 main.py --config vp_cifar --workdir runs/vp_cifar
 
 Under ``torchrun`` training is data-parallel (``training.distributed``): the global batch
@@ -106,9 +108,10 @@ flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outp
                     "sample, likelihood and eval modes.")
 flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
                     "'meta' = the preemption checkpoint, n = checkpoints/checkpoint_n.pth, or a "
-                    "file path (a training checkpoint .pth, ours or the reference's, or a "
-                    ".safetensors state dict used as is). Weights with NaN/inf values or of a "
-                    "non-float dtype are refused.")
+                    "file path (a training checkpoint .pth, ours or the reference's, a "
+                    ".safetensors state dict used as is, or with a DiT config an official DiT "
+                    "file such as DiT-XL-2-256x256.pt, its EMA weights). Weights with NaN/inf "
+                    "values, of a non-float dtype or of another architecture are refused.")
 flags.DEFINE_integer("num_samples", 64, "sample: number of samples (drawn in batches of "
                      "config.eval.batch_size).", lower_bound=1)
 flags.DEFINE_string("split", "", "likelihood: dataset split ('train' or 'test'); default "

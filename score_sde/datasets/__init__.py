@@ -2,7 +2,8 @@
 the analytic Gaussian mixture, behind one loader registry and one resumable iterator.
 
 ``config.data.dataset`` names the loader (``CIFAR10``, ``folder``, ``digits``, ``toy_2d``,
-``gmm``); ``get_data_scaler`` / ``get_data_inverse_scaler`` map [0, 1] to model space and back
+``gmm``; ``imagenet_latents``, DiT's SD-VAE latents, is named but refused until the latent-space
+support lands); ``get_data_scaler`` / ``get_data_inverse_scaler`` map [0, 1] to model space and back
 (``data.centered``), as in the reference.
 """
 
@@ -10,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from score_sde.datasets import cifar10, digits, folder, toy  # noqa: F401  (registers the loaders)
+from score_sde.datasets import (  # noqa: F401  (registers the loaders)
+    cifar10,
+    digits,
+    folder,
+    latents,
+    toy,
+)
 from score_sde.datasets.base import (
     DATASETS,
     ArrayDataset,

@@ -5,6 +5,12 @@ as the reference does for sampling and evaluation, and write their results into
 ``workdir/<eval_folder>/``. With a class-conditional model (``model.num_classes > 0``) sampling
 cycles through ``config.sampling.classes`` (guided when ``sampling.cfg_scale`` is set) and the
 likelihood is the conditional one, given each image's own label (:data:`CONDITIONAL_BPD`).
+
+A DiT config also takes an official DiT file (``DiT-XL-2-256x256.pt``, or an official training
+checkpoint) as the checkpoint (:mod:`training.official_dit`). A config whose data are SD-VAE
+latents (it has ``data.vae_path``: ``imagenet256_dit_xl2``) samples latents: until the
+latent-space support decodes them, sampling stops there, writes ``latents.npz`` and says so
+(:data:`LATENT_STOP`).
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ from models.utils import create_model, get_score_fn
 from score_sde import datasets
 from score_sde.training import checkpoints, classes
 from score_sde.training.loop import write_samples
+from score_sde.training.official_dit import LAYOUTS, load_official_dit, official_dit_layout
 from score_sde.training.sampling import generate, get_sde, sampling_record
 from score_sde.utils import __version__, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+#: what a latent-space run's sampling record and log line say of its output
+LATENT_STOP = ("decoding the latents to images needs the latent-space support (the SD-VAE at "
+               "data.vae_path), which is not available yet")
 #: what the likelihood record of a class-conditional model says of its labels
 CONDITIONAL_BPD = ("the data's own labels: conditional bits/dim, -log2 p(x | y) / D, each image "
                    "given its class y")
@@ -110,9 +120,16 @@ def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
     (e.g. ``ema.safetensors`` of a ``models.convert`` output). Every tensor is checked against
     the model (dtype, shape, finiteness; ``models.checkpoint.check_tensors``).
 
+    An official DiT file (:func:`training.official_dit.official_dit_layout`) is loaded into
+    the config's DiT by ``models.dit_checkpoint.load_dit_checkpoint`` (its EMA weights, strictly;
+    another architecture is refused naming both).
+
     Returns:
         (model on ``config.device``, the checkpoint's step, or 0 if it has none).
     """
+    layout = official_dit_layout(path)
+    if layout is not None:
+        return load_official_dit(config, path, layout), 0
     model = create_model(config)
     if Path(path).suffix == ".safetensors":
         load_model_state(model, load_safetensors(path), source=path)
@@ -123,23 +140,48 @@ def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
     return model.eval(), int(ckpt["step"] or 0)
 
 
+def latent_space(config) -> bool:
+    """Whether the config's data are SD-VAE latents (it has ``data.vae_path``, the folder of
+    the autoencoder that will decode them; ``imagenet256_dit_xl2``)."""
+    return "vae_path" in config.data
+
+
+def write_latents(z: torch.Tensor, folder: Path, class_labels: torch.Tensor | None) -> Path:
+    """``folder/latents.npz``: ``latents`` float32 (N, C, H, W) as sampled (model space) and,
+    for a class-conditional model, ``labels`` (N,); written atomically."""
+    arrays = {"latents": z.detach().cpu().float().numpy()}
+    if class_labels is not None:
+        arrays["labels"] = class_labels.detach().cpu().numpy()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path = folder / "latents.npz"
+    atomic_write_bytes(path, buffer.getvalue(), what="the sampled latents")
+    return path
+
+
 def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkpoint: str = "",
                num_samples: int = 64, progress: bool = True) -> Path:
     """Draw ``num_samples`` with ``config.sampling`` into
-    ``workdir/eval_folder/samples_step_{step}/`` (``sample.png``, ``sample.npz``, ``info.json``).
+    ``workdir/eval_folder/samples_step_{step}/`` (``sample.png``, ``sample.npz``, ``info.json``);
+    for an official DiT file ``samples_{file stem}/``.
 
     Samples are drawn in batches of ``config.eval.batch_size`` from generator seed
     ``config.seed``, so the same flags give the same samples. A class-conditional model gives
     sample i the class ``classes[i mod len(classes)]`` (``config.sampling.classes``, default
     every class; ``sample.npz`` holds them as ``labels``, the grid has one class per row where
     that fits) and the record lists the classes and the guidance (DiT's s and w = s - 1).
+
+    Latent-space data (:func:`latent_space`) stop at the latents: ``latents.npz`` (no PNG, no
+    [0, 1] mapping), the record's ``latents`` entry and one log line (:data:`LATENT_STOP`).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     path = find_checkpoint(workdir, checkpoint)
+    layout = official_dit_layout(path)
     model, step = load_ema_model(config, path)
     sde = get_sde(config)
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    latent = latent_space(config)
+    inverse_scaler = (lambda z: z) if latent else datasets.get_data_inverse_scaler(config)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     batch = min(num_samples, config.eval.batch_size)
     sampled = classes.sample_classes(config)
@@ -160,13 +202,25 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
         if y is not None:
             labels.append(y.cpu())
         nfe += info["nfe"]  # counted score evaluations, summed over the batches
-    folder = Path(workdir) / eval_folder / f"samples_step_{step}"  # made by the first write
-    write_samples(torch.cat(chunks), folder, class_labels=torch.cat(labels) if labels else None)
+    name = f"samples_{Path(path).stem}" if layout is not None else f"samples_step_{step}"
+    folder = Path(workdir) / eval_folder / name  # made by the first write
+    y_all = torch.cat(labels) if labels else None
     record = {**run_facts(config, path, step), "num_samples": num_samples, "batch_size": batch,
               "nfe": nfe, "sampling": {**sampling_record(config, info), "nfe": nfe}}
+    if layout is not None:
+        record["checkpoint_layout"] = LAYOUTS[layout]
+    if latent:
+        out = write_latents(torch.cat(chunks), folder, y_all)
+        record["latents"] = {"file": out.name, "decoded": False, "note": LATENT_STOP,
+                             "vae_path": config.data.vae_path,
+                             "latent_scale_factor": config.data.get("latent_scale_factor")}
+    else:
+        write_samples(torch.cat(chunks), folder, class_labels=y_all)
     atomic_write_bytes(folder / "info.json", (json.dumps(record, indent=2) + "\n").encode(),
                        what="the sampling record")
     log.info("%d samples from %s (step %d, %d NFE) in %s", num_samples, path, step, nfe, folder)
+    if latent:
+        log.info("latents written to %s; %s", out, LATENT_STOP)
     return folder
 
 
