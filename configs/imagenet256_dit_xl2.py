@@ -32,8 +32,10 @@ def get_config():
     training.continuous = False
     training.reduce_mean = True
     training.likelihood_weighting = False
-    # TODO(learned variance): training.loss = 'hybrid' (L_simple + L_vlb of the official DiT,
-    # Nichol & Dhariwal 2021) goes here once the hybrid loss lands
+    # the official objective: L_simple + L_vlb (Nichol & Dhariwal 2021, eq. 16), loss type MSE
+    training.loss = 'hybrid'
+    training.vlb_rescale = False
+    training.vlb_importance_sampling = False
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01
     training.batch_size = 256
