@@ -1,6 +1,7 @@
 """Base config for CIFAR-10 (32x32x3): the reference's ``get_default_configs`` values."""
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.sampling import add_fast_sampler_options
 
@@ -25,6 +26,12 @@ def get_default_configs():
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
+    # ours: the discrete VP objective: 'simple' (Ho et al. 2020) or 'hybrid' (improved DDPM's
+    # L_simple + L_vlb, for a model with learn_sigma); vlb_rescale multiplies L_vlb by N / 1000;
+    # vlb_importance_sampling draws the steps by the L_vlb history (Nichol & Dhariwal 2021)
+    training.loss = 'simple'
+    training.vlb_rescale = False
+    training.vlb_importance_sampling = False
 
     # sampling
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -45,6 +52,10 @@ def get_default_configs():
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = 'test'
+    # ours: bits/dim of --mode likelihood by the probability-flow 'ode' or, for a discrete VP
+    # model, the variational bound 'vlb' on the respacing vlb_spacing (None: every step)
+    evaluate.bpd_method = 'ode'
+    evaluate.vlb_spacing = placeholder(str)
 
     # data
     config.data = data = ml_collections.ConfigDict()
@@ -69,6 +80,9 @@ def get_default_configs():
     # ours: K > 0 trains class-conditionally on the 10 classes (K + 1 label rows, the last the
     # null label of classifier-free guidance); 0 = unconditional, the reference's networks
     model.num_classes = 0
+    # ours: True doubles the output channels with improved DDPM's variance interpolation v
+    # (models that support it; trained by training.loss = 'hybrid', discrete VP SDEs)
+    model.learn_sigma = False
 
     # optimization
     config.optim = optim = ml_collections.ConfigDict()

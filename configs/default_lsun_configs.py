@@ -7,6 +7,7 @@ shorter side is ``data.image_size`` and centre-cropped, as the reference's LSUN 
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.sampling import add_fast_sampler_options
 
@@ -31,6 +32,12 @@ def get_default_configs():
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
+    # ours: the discrete VP objective: 'simple' (Ho et al. 2020) or 'hybrid' (improved DDPM's
+    # L_simple + L_vlb, for a model with learn_sigma); vlb_rescale multiplies L_vlb by N / 1000;
+    # vlb_importance_sampling draws the steps by the L_vlb history (Nichol & Dhariwal 2021)
+    training.loss = 'simple'
+    training.vlb_rescale = False
+    training.vlb_importance_sampling = False
 
     # sampling
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -51,6 +58,10 @@ def get_default_configs():
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = 'test'
+    # ours: bits/dim of --mode likelihood by the probability-flow 'ode' or, for a discrete VP
+    # model, the variational bound 'vlb' on the respacing vlb_spacing (None: every step)
+    evaluate.bpd_method = 'ode'
+    evaluate.vlb_spacing = placeholder(str)
 
     # data (the reference: dataset 'LSUN' from TFDS)
     config.data = data = ml_collections.ConfigDict()
@@ -71,6 +82,9 @@ def get_default_configs():
     model.beta_max = 20.
     model.dropout = 0.
     model.embedding_type = 'fourier'
+    # ours: True doubles the output channels with improved DDPM's variance interpolation v
+    # (models that support it; trained by training.loss = 'hybrid', discrete VP SDEs)
+    model.learn_sigma = False
 
     # optimization
     config.optim = optim = ml_collections.ConfigDict()

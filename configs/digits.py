@@ -6,6 +6,7 @@ rate with EMA 0.999; samples with the second-order multistep DPM-Solver++ in 30 
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.sampling import get_sampling_config
 
@@ -22,6 +23,12 @@ def get_config():
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
+    # ours: the discrete VP objective: 'simple' (Ho et al. 2020) or 'hybrid' (improved DDPM's
+    # L_simple + L_vlb, for a model with learn_sigma); vlb_rescale multiplies L_vlb by N / 1000;
+    # vlb_importance_sampling draws the steps by the L_vlb history (Nichol & Dhariwal 2021)
+    training.loss = 'simple'
+    training.vlb_rescale = False
+    training.vlb_importance_sampling = False
     training.batch_size = 64
     training.n_iters = 2000
     training.snapshot_freq = 1000
@@ -45,6 +52,10 @@ def get_config():
     evaluate.enable_loss = True
     evaluate.enable_bpd = True
     evaluate.bpd_dataset = 'test'
+    # ours: bits/dim of --mode likelihood by the probability-flow 'ode' or, for a discrete VP
+    # model, the variational bound 'vlb' on the respacing vlb_spacing (None: every step)
+    evaluate.bpd_method = 'ode'
+    evaluate.vlb_spacing = placeholder(str)
     # probability-flow ODE tolerances of bits/dim in --mode likelihood and eval (reference: 1e-5)
     evaluate.rtol = 1e-3
     evaluate.atol = 1e-3
@@ -90,6 +101,9 @@ def get_config():
     # K > 0 trains class-conditionally on the 10 digit classes (K + 1 label rows,
     # the last the null label of classifier-free guidance); 0 = unconditional
     model.num_classes = 0
+    # ours: True doubles the output channels with improved DDPM's variance interpolation v
+    # (models that support it; trained by training.loss = 'hybrid', discrete VP SDEs)
+    model.learn_sigma = False
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'Adam'

@@ -40,6 +40,9 @@ FAST_SAMPLER_OPTIONS = {
     'memory_depth': int,
     'h_min': float,              # adaptive without a budget: smallest step before an error
     'step_rule': str,            # PC langevin corrector: 'batch' (the reference's) or 'sample'
+    'spacing': str,              # ddpm: kept steps 'ddim50', '100', '10,15,20' (default str(nfe))
+    'variance': str,             # ddpm: 'learned', 'large' or 'small' (default: learned if v)
+    'clip_denoised': bool,       # ddpm: clip x0_hat to [-1, 1]
 }
 
 

@@ -21,12 +21,14 @@ __all__ = ["SAMPLERS", "CountingScore", "NoiseSource", "Sampler", "option_defaul
 # Fast samplers (issue 5, part 2): importing them registers them.
 from samplers.adaptive import AdaptiveSDE  # noqa: E402
 from samplers.ddim import DDIM  # noqa: E402
+from samplers.ddpm import DDPMAncestral  # noqa: E402
 from samplers.dpm_solver import DPMSolver  # noqa: E402
 from samplers.edm import EDMHeun  # noqa: E402
 from samplers.grids import TIME_GRIDS, get_time_grid  # noqa: E402
 from samplers.sde_dpm_solver import SDEDPMSolverPP  # noqa: E402
 
-__all__ += ["AdaptiveSDE", "DDIM", "DPMSolver", "EDMHeun", "SDEDPMSolverPP", "TIME_GRIDS",
+__all__ += ["AdaptiveSDE", "DDIM", "DDPMAncestral", "DPMSolver", "EDMHeun", "SDEDPMSolverPP",
+            "TIME_GRIDS",
             "get_time_grid"]
 
 from samplers.unipc import UniPC  # noqa: E402

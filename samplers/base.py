@@ -42,6 +42,21 @@ class CountingScore:
         self.nfe += self._per_call
         return self.score_fn(x, t)
 
+    @property
+    def eps_and_v(self) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+        """The wrapped function's ``eps_and_v(x, t) -> (eps, v)`` (a network's raw output; see
+        ``models.utils``), counted like a score call; absent (``AttributeError``, so ``hasattr``
+        is False) when the wrapped function has none."""
+        inner = getattr(self.score_fn, "eps_and_v", None)
+        if inner is None:
+            raise AttributeError(f"{type(self.score_fn).__name__} has no eps_and_v")
+
+        def counted(x: torch.Tensor, t: torch.Tensor) -> tuple:
+            self.nfe += self._per_call
+            return inner(x, t)
+
+        return counted
+
 
 def check_fresh_score(score: torch.Tensor, *kept: torch.Tensor) -> None:
     """Raise ``RuntimeError`` if ``score`` shares its memory with one of the tensors ``kept``

@@ -320,7 +320,7 @@ class ClassifierFreeGuidance:
         if self.batched_mode:
             eps, v = self._doubled(self.doubled_score_fn.eps_and_v, x, t)
             eps_c, eps_u = eps.chunk(2)
-            return self._combine(eps_c, eps_u), v.chunk(2)[0]
+            return self._combine(eps_c, eps_u), None if v is None else v.chunk(2)[0]
         eps_c, v_c = self.cond_score_fn.eps_and_v(x, t)
         if self.w == 0:
             return eps_c, v_c

@@ -352,6 +352,7 @@ def main(argv):
     torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))  # seeds applied once, here
     workdir = Path(FLAGS.workdir)
     _log_to_terminal()
+    finished = False
     try:
         try:
             apply_classes_flag(config, FLAGS.mode, FLAGS.classes)
@@ -362,11 +363,12 @@ def main(argv):
         if ctx.is_main:  # only now: a refused run leaves no workdir behind
             _log_to_file(workdir)
         RUNNERS[FLAGS.mode](config, workdir)
+        finished = True
     except (FileNotFoundError, NotImplementedError, CheckpointError, validation.DatasetError,
             FloatingPointError, WriteError, WorkdirLockedError) as e:  # WriteError: a full disk
         _fail(e)
     finally:
-        distributed.cleanup()
+        distributed.cleanup(finished)
 
 
 def _fail(error: Exception) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 import sde_lib
 from models.utils import ModelFn, get_model_fn, get_score_fn
+from score_sde.discrete_diffusion import RespacedProcess, VLBImportanceSampler, hybrid_loss_terms
 from score_sde.utils import Registry, ScoreFn, batch_mul
 
 #: ``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None) -> loss`` (a scalar
@@ -33,6 +34,8 @@ OptimizeFn = Callable[[torch.optim.Optimizer, object, int], None]
 
 DISCRETE_LOSSES = Registry("discrete loss")
 OPTIMIZERS = Registry("optimizer")
+#: ``training.loss`` of discrete VP training: Ho et al.'s L_simple, or improved DDPM's L_hybrid
+OBJECTIVES = ("simple", "hybrid")
 
 
 def _reduce(sq: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
@@ -323,6 +326,12 @@ def _check_discrete(sde: sde_lib.SDE, conventions: tuple[str, ...], what: str) -
                          f"convention (got {type(sde).__name__})")
 
 
+def learns_sigma(model) -> bool:
+    """Whether ``model`` (or the module a ``DistributedDataParallel`` wraps) outputs the learned
+    variances of improved DDPM (``learn_sigma``)."""
+    return bool(getattr(getattr(model, "module", model), "learn_sigma", False))
+
+
 def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, train: bool,
                       reduce_mean: bool) -> LossFn:
     """Batch mean of a discrete ``objective``; draws labels ~ U{0..N-1} then z ~ N(0, I);
@@ -332,6 +341,11 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
                 shard: slice | None = None, class_labels: torch.Tensor | None = None):
         _check_batch(batch)
         _check_class_labels(class_labels, batch)
+        if learns_sigma(model):
+            raise ValueError(
+                "training.loss='simple' trains only the eps half of a model with learned "
+                "variances (learn_sigma=True): its v would never be trained. Use "
+                "training.loss='hybrid' (discrete VP SDEs) or a model without learn_sigma")
         labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
                                device=batch.device)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
@@ -359,6 +373,62 @@ def get_ddpm_loss_fn(vpsde: sde_lib.SDE, train: bool, reduce_mean: bool = True) 
     ``vp_index`` convention)."""
     _check_discrete(vpsde, ("vp_discrete", "vp_index"), "DDPM")
     return _discrete_loss_fn(ddpm_loss, vpsde, train, reduce_mean)
+
+
+def get_hybrid_loss_fn(sde: sde_lib.SDE, train: bool, *, rescale: bool = False,
+                       importance_sampler: VLBImportanceSampler | None = None) -> LossFn:
+    """``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None)``: the batch mean
+    of L_hybrid = L_simple + L_vlb (Nichol & Dhariwal 2021, eq. 16, as DiT trains it;
+    ``discrete_diffusion.hybrid_loss_terms``) for a model with learned variances.
+
+    Draws steps n ~ U{0..N-1} (or from ``importance_sampler``) then z ~ N(0, I), x_n =
+    sqrt(alpha_bar_n) x_0 + sqrt(1 - alpha_bar_n) z on the SDE's DDPM table; the network sees
+    (x_n, n) and outputs (eps, v). L_vlb's gradient reaches only v (the mean's eps is detached).
+
+    Args:
+        sde: ``discrete_vpsde`` or ``vpsde`` (discrete training).
+        train: the network in training mode.
+        rescale: L_vlb times N / 1000 (the official RESCALED_MSE).
+        importance_sampler: draw n ~ p_n proportional to sqrt(E[L_vlb,n^2]) and weight each
+            sample's loss by 1 / (N p_n) (Sec. 3.3; unbiased for the uniform-n objective); its
+            history records the L_vlb term of every drawn step (of the whole global batch under
+            data parallelism, gathered from the ranks' rows ``shard``).
+    """
+    _check_discrete(sde, ("vp_discrete", "vp_index"), "Hybrid (improved DDPM)")
+    process = RespacedProcess.from_sde(sde)
+    if importance_sampler is not None and importance_sampler.num_timesteps != sde.N:
+        raise ValueError(f"the importance sampler has {importance_sampler.num_timesteps} steps; "
+                         f"the SDE has N={sde.N}")
+
+    def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
+                shard: slice | None = None, class_labels: torch.Tensor | None = None):
+        _check_batch(batch)
+        _check_class_labels(class_labels, batch)
+        if not learns_sigma(model):
+            raise ValueError("training.loss='hybrid' needs a model with learned variances "
+                             "(config.model.learn_sigma=True): L_vlb trains its v")
+        if importance_sampler is None:
+            n = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
+                              device=batch.device)
+            weights = None
+        else:
+            n, weights = importance_sampler.sample(batch.shape[0], generator)
+            n, weights = n.to(batch.device), weights.to(batch.device, batch.dtype)
+        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        x0, n_rows, z, y, w = _rows(shard, batch, n, z, class_labels, weights)
+        x_n = process.q_sample(x0, n_rows, z)
+        out = get_model_fn(model, train=train, class_labels=y)(x_n, n_rows)
+        if out.shape[1] != 2 * x0.shape[1]:
+            raise ValueError(f"a model with learned variances must output 2 x {x0.shape[1]} "
+                             f"channels, got {tuple(out.shape)}")
+        eps, v = out.chunk(2, dim=1)
+        terms = hybrid_loss_terms(process, eps, v, x0, x_n, n_rows, z, rescale=rescale)
+        if importance_sampler is None:
+            return terms["loss"].mean()
+        importance_sampler.update(n, terms["vb"], shard=shard)
+        return (terms["loss"] * w).mean()
+
+    return loss_fn
 
 
 # -- optimisation and the step function ----------------------------------------------------------
@@ -420,7 +490,9 @@ def optimization_manager(config) -> OptimizeFn:
 def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = None,
                 reduce_mean: bool = False, continuous: bool = True,
                 likelihood_weighting: bool = False, *, importance_weighting: bool = False,
-                loss_fn: LossFn | None = None) -> Callable[..., torch.Tensor]:
+                loss_fn: LossFn | None = None, loss: str = "simple", vlb_rescale: bool = False,
+                importance_sampler: VLBImportanceSampler | None = None
+                ) -> Callable[..., torch.Tensor]:
     """``step_fn(state, batch, *, generator=None, shard=None, class_labels=None) -> loss``: one
     training or evaluation step.
 
@@ -429,12 +501,25 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
     ``step += 1``, ``ema.update(model.parameters())``. Evaluation: the loss under ``no_grad``
     with the EMA weights swapped in (``store``/``copy_to``/``restore``). The loss is the
     continuous ``get_sde_loss_fn`` or, with ``continuous=False``, the discrete loss registered for
-    the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss_fn`` overrides.
+    the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss='hybrid'``
+    (discrete VP, a model with learned variances) is :func:`get_hybrid_loss_fn` with
+    ``vlb_rescale`` and ``importance_sampler`` (always a mean over dimensions, as the official
+    L_hybrid: ``reduce_mean`` does not apply); ``loss_fn`` overrides.
     ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
     trains on, with the draws made for the whole batch. ``class_labels`` (B,) of the whole batch
     (class-conditional training) are passed on to the loss, which shards them like the rows.
     Returns the detached loss.
     """
+    if loss not in OBJECTIVES:
+        raise ValueError(f"Unknown loss {loss!r}; valid: {', '.join(OBJECTIVES)}")
+    if loss_fn is None and loss == "hybrid":
+        if continuous or likelihood_weighting or importance_weighting:
+            raise ValueError("loss='hybrid' is discrete training: needs continuous=False and no "
+                             "likelihood or importance weighting")
+        loss_fn = get_hybrid_loss_fn(sde, train, rescale=vlb_rescale,
+                                     importance_sampler=importance_sampler)
+    elif importance_sampler is not None:
+        raise ValueError("an importance_sampler of the steps needs loss='hybrid'")
     if loss_fn is None:
         if continuous:
             loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
@@ -497,6 +582,9 @@ __all__ = [
     "get_ssm_loss_fn",
     "get_smld_loss_fn",
     "get_ddpm_loss_fn",
+    "get_hybrid_loss_fn",
+    "learns_sigma",
+    "OBJECTIVES",
     "get_optimizer",
     "optimization_manager",
     "get_step_fn",

@@ -17,6 +17,7 @@ LAYERS = {
     "score_sde.oracle": 2,
     "models": 2,
     "score_sde.divergence": 2,
+    "score_sde.discrete_diffusion": 2,  # shared discrete-diffusion math (sde_lib, utils only)
     "score_sde.losses": 3,
     "samplers": 3,
     "likelihood": 3,

@@ -81,12 +81,17 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     ours["data"].pop("root")  # ours: where the CIFAR-10 tarball lives
     for key in ("skip_nonfinite", "max_skip_fraction"):  # ours: the non-finite guard
         ours["training"].pop(key)  # (training.nonfinite)
+    # ours: improved-DDPM training and bits/dim, off by default (discrete_diffusion)
+    assert [ours["training"].pop(k) for k in ("loss", "vlb_rescale", "vlb_importance_sampling")
+            ] == ["simple", False, False]
+    assert [ours["eval"].pop(k) for k in ("bpd_method", "vlb_spacing")] == ["ode", None]
     from configs.sampling import CLASS_KEYS, FAST_SAMPLER_OPTIONS
 
     for key in FAST_SAMPLER_OPTIONS:  # ours: the fast samplers' options, None = their default
         assert ours["sampling"].pop(key) is None, key
     # ours: class-conditional training and guidance, off by default (training/classes.py)
     assert ours["model"].pop("num_classes") == 0
+    assert ours["model"].pop("learn_sigma") is False  # ours: improved DDPM's learned variances
     assert [ours["sampling"].pop(k) for k in CLASS_KEYS] == [None, None, False]
     flat = {k: v for k, v in _flat(ours).items()}
     assert flat == _flat(ref)

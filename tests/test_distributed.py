@@ -54,7 +54,10 @@ def _main(*args, nproc=1, check=True):
         if nproc == 1 or "address already in use" not in result.stderr.lower():
             break
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
+        # the head holds the run's own log and any abort message, the tail torchrun's summary
+        err = result.stderr
+        shown = err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
+        raise AssertionError(f"{' '.join(args)} failed:\n{shown}")
     return result
 
 

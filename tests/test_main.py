@@ -283,8 +283,8 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, m
     from score_sde import training
     real = training.loop.get_step_fns
 
-    def nan_at_step_2(config, sde):
-        train_step, eval_step = real(config, sde)
+    def nan_at_step_2(config, sde, *args):
+        train_step, eval_step = real(config, sde, *args)
 
         def step(state, batch, generator=None):
             loss = train_step(state, batch, generator=generator)

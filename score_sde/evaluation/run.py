@@ -317,17 +317,23 @@ def dequantized_bits_per_dim(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tenso
 
 def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: bool, *,
              class_score_fn: Callable[[torch.Tensor], ScoreFn] | None = None) -> dict:
-    """Bits/dim of every image of ``eval.bpd_dataset`` (Song et al. 2021, App. D): per-image
-    values in ``out`` (.npz), mean and standard error; batch b's dequantisation noise and probes
-    come from seed ``config.seed + b``. An ``out`` written with the same settings (a run
-    interrupted later, while sampling) is read instead of solved again.
+    """Bits/dim of every image of ``eval.bpd_dataset`` (Song et al. 2021, App. D; or the
+    variational bound with ``eval.bpd_method = 'vlb'``, ``likelihood.vlb_bits_per_dim``):
+    per-image values in ``out`` (.npz), mean and standard error; batch b's dequantisation noise
+    and probes (or the bound's draws) come from seed ``config.seed + b``. An ``out`` written
+    with the same settings (a run interrupted later, while sampling) is read instead of solved
+    again.
 
     ``class_score_fn(y)`` (a class-conditional model) gives the score of p_t(x | y) for a
     batch's own labels y (B,); the bits/dim are then the conditional ones, and the summary
     says so under ``class_labels``."""
     split = config.eval.bpd_dataset
     data = datasets.get_dataset(config, split)
-    options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
+    vlb = config.eval.get("bpd_method", "ode") == "vlb"  # the bound of a discrete DDPM model
+    if vlb:
+        options = {"bpd_method": "vlb", "vlb_spacing": config.eval.get("vlb_spacing")}
+    else:
+        options = {k: config.eval[k] for k in ("rtol", "atol") if k in config.eval}
     conditional = class_score_fn is not None
     settings = {"split": split, "batch_size": config.eval.batch_size, "n": len(data),
                 "seed": config.seed, "levels": data.levels, **options}
@@ -350,8 +356,13 @@ def eval_bpd(config, score_fn: ScoreFn, sde: sde_lib.SDE, out: Path, progress: b
         if conditional:
             x, labels = x
             batch_score_fn = class_score_fn(labels)
-        bpd, info = dequantized_bits_per_dim(sde, batch_score_fn, x, inverse_scaler, data.levels,
-                                             generator=generator, **options)
+        if vlb:
+            bpd, info = likelihood.vlb_bits_per_dim(sde, batch_score_fn, x, inverse_scaler,
+                                                    levels=data.levels, generator=generator,
+                                                    spacing=options["vlb_spacing"])
+        else:
+            bpd, info = dequantized_bits_per_dim(sde, batch_score_fn, x, inverse_scaler,
+                                                 data.levels, generator=generator, **options)
         values.append(bpd.detach().double().cpu())
         nfe += info["nfe"]
     bpd = torch.cat(values).numpy()

@@ -7,14 +7,16 @@
   (n = step / snapshot_freq) and at the end.
 
 Both hold ``{'model', 'ema', 'optimizer', 'step'}`` as the reference plus ``'rng'`` (every
-generator state as uint8 tensors) and ``'data'`` (iterator positions as ints), so a resumed
-run continues bit for bit. Only tensors, numbers, strings and containers are stored; loading
-uses ``torch.load(weights_only=True)`` (``models.checkpoint.safe_load``).
+generator state as uint8 tensors) and ``'data'`` (iterator positions as ints), and, for a run
+with ``training.vlb_importance_sampling``, ``'importance_sampler'`` (the history of the L_vlb
+terms), so a resumed run continues bit for bit. Only tensors, numbers, strings and containers
+are stored; loading uses ``torch.load(weights_only=True)`` (``models.checkpoint.safe_load``).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -27,6 +29,8 @@ from score_sde.losses import load_optimizer_state
 from score_sde.training.nonfinite import check_state_finite
 from score_sde.training.validation import check_training_tensors, validate_training_checkpoint
 from score_sde.utils import WriteError, atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 META_DIR, META_FILE = "checkpoints-meta", "checkpoint.pth"
 SNAPSHOT_DIR = "checkpoints"
@@ -124,15 +128,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """
     check_state_finite(state)
     step = int(state["step"])
+    ckpt = {
+        "model": state["model"].state_dict(),
+        "ema": state["ema"].state_dict(),
+        "optimizer": state["optimizer"].state_dict(),
+        "step": step,
+        "rng": rng_state(state["generators"]),
+        "data": {name: it.state_dict() for name, it in state["iterators"].items()},
+    }
+    if state.get("importance_sampler") is not None:
+        ckpt["importance_sampler"] = state["importance_sampler"].state_dict()
     try:
-        atomic_save({
-            "model": state["model"].state_dict(),
-            "ema": state["ema"].state_dict(),
-            "optimizer": state["optimizer"].state_dict(),
-            "step": step,
-            "rng": rng_state(state["generators"]),
-            "data": {name: it.state_dict() for name, it in state["iterators"].items()},
-        }, path, what=f"the checkpoint of step {step}")
+        atomic_save(ckpt, path, what=f"the checkpoint of step {step}")
     except WriteError as e:
         raise CheckpointWriteError(e.errno, e.strerror) from e.__cause__
 
@@ -162,6 +169,17 @@ def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[s
             it.load_state_dict(ckpt["data"][name])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unusable RNG state or data position: {e}") from e
+    sampler = state.get("importance_sampler")
+    if sampler is not None:
+        if "importance_sampler" in ckpt:
+            try:
+                sampler.load_state_dict(ckpt["importance_sampler"])
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from e
+        else:
+            log.warning("%s holds no importance-sampler history (a run without "
+                        "training.vlb_importance_sampling): the steps are drawn uniformly until "
+                        "every step has its history again", path)
     state["step"] = int(ckpt["step"])
     return state
 

@@ -66,6 +66,19 @@ def likelihood_options(config) -> dict:
     return options
 
 
+#: ``config.eval.bpd_method``: the probability-flow ODE (Song et al. 2021, App. D) or the
+#: variational bound of a discrete DDPM model (Ho et al. 2020, eq. 5)
+BPD_METHODS = ("ode", "vlb")
+
+
+def vlb_options(config) -> dict:
+    """The options of :func:`likelihood.vlb_bits_per_dim` a likelihood run uses: the spacing
+    ``config.eval.vlb_spacing`` (None: every step of the table), the model's own variance
+    (learned when it has v), the official tanh-approximated decoder, no clipping."""
+    return {"spacing": config.eval.get("vlb_spacing"), "variance": None,
+            "clip_denoised": False, "cdf": "tanh"}
+
+
 def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
     """The checkpoint file selected by ``checkpoint``.
 
@@ -230,12 +243,16 @@ def write_likelihood_record(stem: Path, bpd: np.ndarray, labels: np.ndarray,
 def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
                    checkpoint: str = "", split: str = "", max_images: int = 0,
                    progress: bool = True) -> Path:
-    """Bits/dim of a dataset split through the probability-flow ODE (Song et al. 2021, App. D).
+    """Bits/dim of a dataset split through the probability-flow ODE (Song et al. 2021, App. D)
+    or, with ``config.eval.bpd_method = 'vlb'``, the variational bound of a discrete DDPM model
+    (:func:`likelihood.vlb_bits_per_dim` on the respacing ``config.eval.vlb_spacing``; the
+    quantised data itself, its decoder of L levels).
 
-    Quantised data with L levels (256 for CIFAR-10, 17 for the 8x8 digits) is uniformly
+    ODE: quantised data with L levels (256 for CIFAR-10, 17 for the 8x8 digits) is uniformly
     dequantised, v = (k + u) / L, and bits/dim = -(log p_y(y) + D log a) / (D log 2) + log2 L
     with y = a v + c in model space (the reference's formula for L = 256); point data gets
-    -log2 p(x) / D. Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
+    -log2 p(x) / D. The summary names the method (``bpd_method``) and its options and NFE.
+    Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
     ``.json`` summary into ``workdir/eval_folder/``. A class-conditional model is given each
     image's own label: the bits/dim are the conditional -log2 p(x | y) / D, and the summary
     says so under ``class_labels``.
@@ -245,6 +262,9 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         max_images: evaluate only the first ``max_images`` (0 = the whole split).
     """
     split = split or config.eval.bpd_dataset
+    method = config.eval.get("bpd_method", "ode")
+    if method not in BPD_METHODS:
+        raise ValueError(f"config.eval.bpd_method={method!r}; valid: {', '.join(BPD_METHODS)}")
     path = find_checkpoint(workdir, checkpoint)
     model, step = load_ema_model(config, path)
     sde = get_sde(config)
@@ -258,13 +278,14 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         classes.check_dataset_classes(config, dataset, split)
     iterator = datasets.DataIterator(
         dataset, config.eval.batch_size, seed=config.seed, shuffle=False,
-        uniform_dequantization=dataset.levels is not None, device=config.device,
-        with_labels=conditional)
+        uniform_dequantization=dataset.levels is not None and method == "ode",
+        device=config.device, with_labels=conditional)
     scaler = datasets.get_data_scaler(config)
-    a, _ = likelihood.affine_scaler(datasets.get_data_inverse_scaler(config))
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    a, _ = likelihood.affine_scaler(inverse_scaler)
     offset = math.log2(dataset.levels) if dataset.levels is not None else 0.0
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    options = likelihood_options(config)
+    options = likelihood_options(config) if method == "ode" else vlb_options(config)
     bpds, nfe = [], 0
     for v in tqdm(iterator, total=iterator.batches_per_epoch, disable=not progress,
                   desc=f"bits/dim ({split})"):
@@ -273,10 +294,17 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
             v, y = v
             batch_score_fn = get_score_fn(sde, model, train=False,
                                           continuous=config.training.continuous, class_labels=y)
-        logp, info = likelihood.log_likelihood(sde, batch_score_fn, scaler(v),
-                                               generator=generator, **options)
-        D = v[0].numel()
-        bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
+        if method == "vlb":  # the data on its grid in [0, 1], scaled inside
+            bpd, info = likelihood.vlb_bits_per_dim(sde, batch_score_fn, v, inverse_scaler,
+                                                    levels=dataset.levels, generator=generator,
+                                                    **options)
+            bpds.append(bpd.cpu())
+            options["variance"] = info["variance"]  # as it ran: learned when the model has v
+        else:
+            logp, info = likelihood.log_likelihood(sde, batch_score_fn, scaler(v),
+                                                   generator=generator, **options)
+            D = v[0].numel()
+            bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
         nfe += info["nfe"]
     bpd = torch.cat(bpds).double().numpy()
     stem = Path(workdir) / eval_folder / f"likelihood_{split}_step_{step}"
@@ -284,11 +312,14 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         **run_facts(config, path, step), "split": split, "num_images": len(bpd),
         "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
         if len(bpd) > 1 else float("nan"),
-        "levels": dataset.levels, "nfe": nfe, "likelihood": options,
+        "levels": dataset.levels, "nfe": nfe, "bpd_method": method, "likelihood": options,
     }
+    if method == "vlb":
+        options["steps"] = len(info["timesteps"])
+        summary["bound"] = info["bound"]
     if conditional:
         summary["class_labels"] = CONDITIONAL_BPD
     write_likelihood_record(stem, bpd, dataset.labels.numpy(), summary)
-    log.info("%s bits/dim %.4f +- %.4f over %d images (step %d)", split, summary["bpd"],
-             summary["bpd_stderr"], len(bpd), step)
+    log.info("%s bits/dim (%s) %.4f +- %.4f over %d images (step %d, %d NFE)", split, method,
+             summary["bpd"], summary["bpd_stderr"], len(bpd), step, nfe)
     return stem.with_suffix(".json")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
 from score_sde import datasets, losses
+from score_sde.discrete_diffusion import VLBImportanceSampler
 from score_sde.training import checkpoints, classes, distributed, validation
 from score_sde.training.events import EventLog
 from score_sde.training.images import class_rows, save_image_grid, save_scatter
@@ -78,7 +79,8 @@ def build(config) -> tuple[dict[str, Any], Any]:
     Returns:
         ``state`` = {'model', 'ema', 'optimizer', 'step', 'generators', 'iterators'} and the SDE.
         ``generators`` are the loss draws ('train', 'eval'); ``iterators`` the data ('train',
-        'eval' on the test split).
+        'eval' on the test split). With ``training.vlb_importance_sampling`` the state also
+        holds the ``importance_sampler`` of the training steps (its history is checkpointed).
     """
     device = torch.device(config.device)
     model = create_model(config)
@@ -103,15 +105,24 @@ def build(config) -> tuple[dict[str, Any], Any]:
     }
     state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
                  iterators=iterators)
-    return state, get_sde(config)
+    sde = get_sde(config)
+    if config.training.get("vlb_importance_sampling", False):
+        state["importance_sampler"] = VLBImportanceSampler(sde.N, device=device)
+    return state, sde
 
 
-def get_step_fns(config, sde) -> tuple[Callable, Callable]:
-    """(train_step_fn, eval_step_fn) of ``losses.get_step_fn`` with the config's loss options."""
+def get_step_fns(config, sde, importance_sampler: VLBImportanceSampler | None = None
+                 ) -> tuple[Callable, Callable]:
+    """(train_step_fn, eval_step_fn) of ``losses.get_step_fn`` with the config's loss options
+    (``training.loss``, ``vlb_rescale``; the training step draws its steps from
+    ``importance_sampler`` when given, the evaluation step uniformly)."""
     kwargs = dict(reduce_mean=config.training.reduce_mean,
                   continuous=config.training.continuous,
-                  likelihood_weighting=config.training.likelihood_weighting)
-    train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config), **kwargs)
+                  likelihood_weighting=config.training.likelihood_weighting,
+                  loss=config.training.get("loss", "simple"),
+                  vlb_rescale=config.training.get("vlb_rescale", False))
+    train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config), **kwargs,
+                                    importance_sampler=importance_sampler)
     eval_step = losses.get_step_fn(sde, False, **kwargs)
     return train_step, eval_step
 
@@ -312,7 +323,7 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     guard = NonFiniteGuard(config.device, skip=t.get("skip_nonfinite", False),
                            max_skip_fraction=t.get("max_skip_fraction", 0.01))
     guard.protect(state["optimizer"], state)
-    train_step, eval_step = get_step_fns(config, sde)
+    train_step, eval_step = get_step_fns(config, sde, state.get("importance_sampler"))
     train_step = distributed.data_parallel_step(train_step, state["model"], t.batch_size, ctx)
     scaler = datasets.get_data_scaler(config)
     writer = EventLog(workdir / "tensorboard") if ctx.is_main else None

@@ -88,7 +88,8 @@ def sampling_record(config, info: dict) -> dict[str, Any]:
     resolved = samplers.resolved_options(method, options)
     if "N" in resolved and resolved["N"] is None:  # PC's default: the SDE's number of steps
         resolved["N"] = get_sde(config).N
-    for name in ("step_rule",):  # chosen at run time (PC: 'batch', or 'sample' with seeds)
+    # chosen at run time (PC: 'batch', or 'sample' with seeds; ddpm: learned if the model has v)
+    for name in ("step_rule", "variance"):
         if name in resolved and resolved[name] is None and name in info:
             resolved[name] = info[name]
     read = {config_key(method, name) for name in resolved} | {"method", *CLASS_KEYS}

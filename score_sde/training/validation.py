@@ -30,7 +30,9 @@ from models.checkpoint import (
 )
 from models.utils import get_model
 from score_sde import datasets, losses
+from score_sde.discrete_diffusion import space_timesteps
 from score_sde.training import classes, distributed
+from score_sde.training.sampling import get_sde
 
 #: top-level entries of a training checkpoint (``training.checkpoints.save_checkpoint``)
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "data")
@@ -225,6 +227,63 @@ def validate_config(config, world_size: int = 1) -> None:
     _int(config, "sampling.adaptive_nfe", 2, optional=True, nullable=True)  # None: no budget
     _real(config, "sampling.snr", 0.0, low_open=True)
     classes.check_class_config(config)
+    check_discrete_diffusion_config(config)
+
+
+def _choice(config, key: str, choices: tuple[str, ...]) -> Any:
+    present, value = _get(config, key)
+    if present and value not in choices:
+        raise ValueError(f"config.{key}={value!r}; valid: {', '.join(choices)}")
+    return value if present else None
+
+
+def check_discrete_diffusion_config(config) -> None:
+    """The keys of improved-DDPM training and bits/dim (``training.loss``, ``vlb_rescale``,
+    ``vlb_importance_sampling``, ``eval.bpd_method``, ``eval.vlb_spacing``): 'hybrid' needs
+    discrete training (``training.continuous = False``, ``reduce_mean = True``) of a
+    ``discrete_vpsde`` / ``vpsde`` model with ``model.learn_sigma``; a model with
+    ``learn_sigma`` needs 'hybrid' (it never trains v otherwise); importance sampling needs
+    'hybrid'; 'vlb' bits/dim need a discrete model of such an SDE and a valid spacing.
+
+    Raises:
+        TypeError, ValueError: naming the key, its value and what is allowed.
+    """
+    for key in ("training.vlb_rescale", "training.vlb_importance_sampling"):
+        _bool(config, key)
+    loss = _choice(config, "training.loss", losses.OBJECTIVES) or "simple"
+    t = config.training
+    sde_name = t.get("sde")
+    ddpm_sdes = [n for n in sde_lib.SDES.names()
+                 if hasattr(sde_lib.SDES.get(n), "index_to_time")]
+    learn_sigma = bool(config.get("model", {}).get("learn_sigma", False))
+    if loss == "hybrid":
+        if t.get("continuous", True) or sde_name not in ddpm_sdes:
+            raise ValueError(f"config.training.loss='hybrid' is discrete DDPM training: needs "
+                             f"training.continuous=False and training.sde in "
+                             f"{', '.join(ddpm_sdes)}; got continuous={t.get('continuous')}, "
+                             f"sde={sde_name!r}")
+        if not learn_sigma:
+            raise ValueError("config.training.loss='hybrid' needs config.model.learn_sigma=True "
+                             "(L_vlb trains the network's variances v)")
+        if not t.get("reduce_mean", True):
+            raise ValueError("config.training.loss='hybrid' averages over dimensions (the "
+                             "official L_hybrid); set config.training.reduce_mean=True")
+    elif learn_sigma and not t.get("continuous", True):
+        raise ValueError("config.model.learn_sigma=True with config.training.loss='simple' would "
+                         "never train the variances v; set training.loss='hybrid'")
+    if t.get("vlb_importance_sampling", False) and loss != "hybrid":
+        raise ValueError("config.training.vlb_importance_sampling=True needs "
+                         "config.training.loss='hybrid'")
+    method = _choice(config, "eval.bpd_method", ("ode", "vlb"))
+    if method == "vlb":
+        if t.get("continuous", True) or sde_name not in ddpm_sdes:
+            raise ValueError(f"config.eval.bpd_method='vlb' needs a discrete DDPM model "
+                             f"(training.continuous=False, training.sde in "
+                             f"{', '.join(ddpm_sdes)}); got continuous={t.get('continuous')}, "
+                             f"sde={sde_name!r}")
+        spacing = config.eval.get("vlb_spacing")
+        if spacing is not None:
+            space_timesteps(get_sde(config).N, spacing)  # a bad spacing fails here, naming it
 
 
 # -- dataset files ------------------------------------------------------------------------------
