@@ -12,7 +12,7 @@
     accuracy (the fraction the digits classifier assigns to the class they were drawn for), and
     ``benchmarks/out/dit_sampling_<sampler>.png`` (one class per row), on the run's
     ``config.num_threads`` as the CLI. Then DPM-Solver++(2M) at 20 NFE for several s. The
-    ``ddpm`` ancestral sampler (250 steps) is included when registered.
+    ``ddpm`` ancestral sampler (25 and 250 respaced steps) is included when registered.
 
 Writes ``benchmarks/out/dit_sampling.md`` (pasted into docs/dit.md by update_docs.py) and PNGs.
 Usage: ``python benchmarks/dit_sampling.py --workdir runs/dit_digits [--num_samples 500]``
@@ -51,7 +51,7 @@ CASES = {
     "unipc_3": ("unipc_3", (10, 20)),
     "ddim": ("ddim", (10, 25)),
 }
-DDPM_STEPS = 250
+DDPM_STEPS = (25, 250)
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 4.0)
 
 
@@ -158,16 +158,13 @@ def save_grid(x: torch.Tensor, labels: torch.Tensor, name: str, per_class: int =
     return path
 
 
-def ddpm_budget() -> dict | None:
-    """The ``ddpm`` sampler's option for a 250-step respaced grid, or None (not registered)."""
+def ddpm_budgets() -> list[dict] | None:
+    """The ``ddpm`` sampler's options for respaced grids of 25 and 250 steps (the official DiT
+    samples 250), or None where it is not registered."""
     if "ddpm" not in samplers.SAMPLERS:
         return None
-    accepted = samplers.option_defaults("ddpm")
-    if "nfe" in accepted:
-        return {"nfe": DDPM_STEPS}
-    if "spacing" in accepted:
-        return {"spacing": str(DDPM_STEPS)}
-    return {}
+    key = "nfe" if "nfe" in samplers.option_defaults("ddpm") else "spacing"
+    return [{key: n if key == "nfe" else str(n)} for n in DDPM_STEPS]
 
 
 def sampler_tables(workdir: Path, num_samples: int, seed: int) -> tuple[str, str, str]:
@@ -178,12 +175,12 @@ def sampler_tables(workdir: Path, num_samples: int, seed: int) -> tuple[str, str
         torch.set_num_threads(config.num_threads)
     cases = [(name, method, {"nfe": nfe}) for name, (method, nfes) in CASES.items()
              for nfe in nfes]
-    budget = ddpm_budget()
-    if budget is None:
+    budgets = ddpm_budgets()
+    if budgets is None:
         print("note: the 'ddpm' sampler is not registered (the learned-variance work adds it); "
-              "its row is skipped")
+              "its rows are skipped")
     else:
-        cases.append(("ddpm", "ddpm", budget))
+        cases += [("ddpm", "ddpm", budget) for budget in budgets]
     header = ["sampler", "NFE", "wall (s)", "FDD", "classifier score", "class accuracy"]
     print(f"{'sampler':18s} {'NFE':>5s} {'wall s':>7s} {'FDD':>7s} {'cls score':>9s} "
           f"{'class acc':>9s}")

@@ -11,6 +11,7 @@ digits; samples with DPM-Solver++(2M) in 20 steps, guided with s = 2.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.sampling import get_sampling_config
 
@@ -24,8 +25,13 @@ def get_config():
     training.continuous = False  # integer steps n ~ U{0..N-1}, the eps loss of DDPM and DiT
     training.reduce_mean = True
     training.likelihood_weighting = False
-    # TODO(learned variance): training.loss = 'hybrid' (L_simple + L_vlb, Nichol & Dhariwal 2021)
-    # goes here, with model.learn_sigma = True below, once the hybrid loss lands
+    # the simple eps loss of DDPM (Ho et al. 2020); vlb_rescale and vlb_importance_sampling
+    # apply to 'hybrid' only (configs/digits.py)
+    # TODO(learned variance): DiT's training.loss = 'hybrid' (L_simple + L_vlb, Nichol &
+    # Dhariwal 2021) with model.learn_sigma = True below, once measured on this config
+    training.loss = 'simple'
+    training.vlb_rescale = False
+    training.vlb_importance_sampling = False
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
@@ -54,6 +60,10 @@ def get_config():
     evaluate.enable_loss = True
     evaluate.enable_bpd = True
     evaluate.bpd_dataset = 'test'
+    # bits/dim by the probability-flow ODE ('vlb': the DDPM variational bound on the
+    # respacing vlb_spacing, None = every step)
+    evaluate.bpd_method = 'ode'
+    evaluate.vlb_spacing = placeholder(str)
     evaluate.rtol = 1e-3
     evaluate.atol = 1e-3
 

@@ -173,9 +173,6 @@ def test_every_config_builds_and_takes_a_training_step(module):
     if config.model.name == "dit":  # a DiT of the same kind, small (DiT-XL/2 has 675 M)
         config.model.update(hidden_size=32, depth=1, num_heads=2)
         config.data.image_size = 8
-        # TODO(learned variance): keep learn_sigma once training.loss = 'hybrid' exists (the
-        # simple eps loss cannot take the 2 C output channels)
-        config.model.learn_sigma = False
     elif config.data.get("dataset") != "digits" and "dim" not in config.data:
         config.model.nf = 16 if config.model.name.startswith("ncsnv2") else 32
         if "ch_mult" in config.model:
