@@ -28,7 +28,8 @@ def get_config():
     # the simple eps loss of DDPM (Ho et al. 2020); vlb_rescale and vlb_importance_sampling
     # apply to 'hybrid' only (configs/digits.py)
     # TODO(learned variance): DiT's training.loss = 'hybrid' (L_simple + L_vlb, Nichol &
-    # Dhariwal 2021) with model.learn_sigma = True below, once measured on this config
+    # Dhariwal 2021) with model.learn_sigma = True below, once measured on this config (it
+    # trains: --config.training.loss=hybrid --config.model.learn_sigma=True)
     training.loss = 'simple'
     training.vlb_rescale = False
     training.vlb_importance_sampling = False
