@@ -5,13 +5,14 @@
     latents, 1000 classes, learned sigma) at batch 8 with random weights, median of
     ``--repeats`` after one warm-up; the FLOPs are counted by torch (2 per multiply-add, so
     twice the paper's "Gflops"), and DiT-XL/2 is extrapolated from DiT-B/2 by its FLOPs. A
-    guided step runs the doubled batch (conditional and null label), about twice a forward.
+    guided NFE is one forward of the doubled batch (conditional and null label), also timed.
 (b) Each sampler at 10-25 NFE on the EMA weights of a finished ``dit_digits`` run
     (``--workdir``): ``--num_samples`` samples (every class in turn) guided with the run's
     ``sampling.cfg_scale`` (DiT's s), their Fréchet Digits Distance, classifier score and class
     accuracy (the fraction the digits classifier assigns to the class they were drawn for), and
-    ``benchmarks/out/dit_sampling_<sampler>.png`` (one class per row). Then DPM-Solver++(2M) at
-    20 NFE for several s. The ``ddpm`` ancestral sampler (250 steps) is included when registered.
+    ``benchmarks/out/dit_sampling_<sampler>.png`` (one class per row), on the run's
+    ``config.num_threads`` as the CLI. Then DPM-Solver++(2M) at 20 NFE for several s. The
+    ``ddpm`` ancestral sampler (25 and 250 respaced steps) is included when registered.
 
 Writes ``benchmarks/out/dit_sampling.md`` (pasted into docs/dit.md by update_docs.py) and PNGs.
 Usage: ``python benchmarks/dit_sampling.py --workdir runs/dit_digits [--num_samples 500]``
@@ -50,8 +51,13 @@ CASES = {
     "unipc_3": ("unipc_3", (10, 20)),
     "ddim": ("ddim", (10, 25)),
 }
-DDPM_STEPS = 250
+DDPM_STEPS = (25, 250)
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 4.0)
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"
 
 
 def forward_flops(name: str, batch: int) -> float:
@@ -89,19 +95,20 @@ def forward_table(batch: int, repeats: int) -> str:
     """Part (a): a Markdown table of forward times, with DiT-XL/2 extrapolated."""
     rows, seconds = [], {}
     for name in SIZES:
-        seconds[name] = time_forward(name, batch, repeats)
-        flops = forward_flops(name, batch)
-        rows.append([name, f"{flops / batch / 1e9:.1f}", f"{seconds[name]:.2f}",
-                     f"{2 * seconds[name]:.2f}"])
-        print(f"{name}: {seconds[name]:.2f} s per forward at batch {batch} "
-              f"({flops / batch / 1e9:.1f} GFLOP per image)", flush=True)
+        seconds[name] = time_forward(name, batch, repeats), time_forward(name, 2 * batch, repeats)
+        flops = forward_flops(name, 1)
+        rows.append([name, f"{flops / 1e9:.1f}", *(f"{s:.2f}" for s in seconds[name])])
+        print(f"{name}: {seconds[name][0]:.2f} s per forward at batch {batch}, "
+              f"{seconds[name][1]:.2f} s at {2 * batch} ({flops / 1e9:.1f} GFLOP per image)",
+              flush=True)
     ratio = forward_flops("DiT-XL/2", 1) / forward_flops("DiT-B/2", 1)
-    xl = seconds["DiT-B/2"] * ratio
-    rows.append(["DiT-XL/2 (extrapolated by FLOPs)",
-                 f"{forward_flops('DiT-XL/2', 1) / 1e9:.1f}", f"~{xl:.0f}", f"~{2 * xl:.0f}"])
-    print(f"DiT-XL/2: ~{xl:.0f} s per forward (B/2 time x {ratio:.2f}, the FLOP ratio)")
+    xl = [ratio * s for s in seconds["DiT-B/2"]]
+    rows.append(["DiT-XL/2 (DiT-B/2 x FLOP ratio)", f"{forward_flops('DiT-XL/2', 1) / 1e9:.1f}",
+                 *(f"~{s:.0f}" for s in xl)])
+    print(f"DiT-XL/2: ~{xl[0]:.0f} s per forward, ~{xl[1]:.0f} s per guided step (DiT-B/2's "
+          f"times x {ratio:.2f}, the FLOP ratio)")
     header = ["model (256 px: 4x32x32 latent)", "GFLOP / image",
-              f"forward, batch {batch} (s)", f"guided step, batch {batch} (s)"]
+              f"forward, batch {batch} (s)", f"guided NFE = forward at batch {2 * batch} (s)"]
     return markdown_table(header, rows)
 
 
@@ -151,30 +158,29 @@ def save_grid(x: torch.Tensor, labels: torch.Tensor, name: str, per_class: int =
     return path
 
 
-def ddpm_budget() -> dict | None:
-    """The ``ddpm`` sampler's option for a 250-step respaced grid, or None (not registered)."""
+def ddpm_budgets() -> list[dict] | None:
+    """The ``ddpm`` sampler's options for respaced grids of 25 and 250 steps (the official DiT
+    samples 250), or None where it is not registered."""
     if "ddpm" not in samplers.SAMPLERS:
         return None
-    accepted = samplers.option_defaults("ddpm")
-    if "nfe" in accepted:
-        return {"nfe": DDPM_STEPS}
-    if "spacing" in accepted:
-        return {"spacing": str(DDPM_STEPS)}
-    return {}
+    key = "nfe" if "nfe" in samplers.option_defaults("ddpm") else "spacing"
+    return [{key: n if key == "nfe" else str(n)} for n in DDPM_STEPS]
 
 
 def sampler_tables(workdir: Path, num_samples: int, seed: int) -> tuple[str, str, str]:
     """Part (b): the sampler table, the guidance table and the caption."""
     config, model, step = load_run(workdir)
     scale = config.sampling.cfg_scale
+    if config.get("num_threads"):  # as the CLI runs it (dit_digits: one thread)
+        torch.set_num_threads(config.num_threads)
     cases = [(name, method, {"nfe": nfe}) for name, (method, nfes) in CASES.items()
              for nfe in nfes]
-    budget = ddpm_budget()
-    if budget is None:
+    budgets = ddpm_budgets()
+    if budgets is None:
         print("note: the 'ddpm' sampler is not registered (the learned-variance work adds it); "
-              "its row is skipped")
+              "its rows are skipped")
     else:
-        cases.append(("ddpm", "ddpm", budget))
+        cases += [("ddpm", "ddpm", budget) for budget in budgets]
     header = ["sampler", "NFE", "wall (s)", "FDD", "classifier score", "class accuracy"]
     print(f"{'sampler':18s} {'NFE':>5s} {'wall s':>7s} {'FDD':>7s} {'cls score':>9s} "
           f"{'class acc':>9s}")
@@ -196,7 +202,7 @@ def sampler_tables(workdir: Path, num_samples: int, seed: int) -> tuple[str, str
                        f"{r['accuracy']:.3f}"])
         save_grid(x, labels, f"s{s:g}")
     caption = (f"`dit_digits` at step {step}, EMA weights, {num_samples} samples (every class "
-               f"in turn), seed {seed}, {torch.get_num_threads()} threads")
+               f"in turn), seed {seed}, {_threads()}")
     guidance = markdown_table(["s (cfg_scale)", "w = s - 1", "FDD", "classifier score",
                                "class accuracy"], guided)
     return markdown_table(header, rows), guidance, caption + f", guided with s = {scale:g}"
@@ -211,14 +217,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch of the forward timings")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's default, every core)")
+                        help="torch threads of part (a) (default: torch's default, every "
+                             "core); part (b) uses the run's config.num_threads")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     forward = forward_table(args.batch, args.repeats)
-    text = (f"(a) torch {torch.__version__}, float32, {torch.get_num_threads()} threads, random "
-            f"weights, median of {args.repeats}\n\n{forward}")
+    text = (f"(a) torch {torch.__version__}, float32, {_threads()}, random weights, median of "
+            f"{args.repeats}\n\n{forward}")
     if args.workdir is None or checkpoints.latest_checkpoint(args.workdir) is None:
         where = args.workdir or "runs/dit_digits"
         print(f"no trained dit_digits checkpoint in {where}: run first\n"

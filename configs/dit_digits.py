@@ -6,9 +6,9 @@ dropout 0.1 so that one network learns the 10 conditional scores and the uncondi
 classifier-free guidance at sampling with DiT's scale s (``sampling.cfg_scale``; the
 ``samplers.ClassifierFreeGuidance`` weight is w = s - 1). The network: 2x2 patches of the 8x8x1
 digit (16 tokens), width 128, 4 blocks, 4 heads, learned variances trained with DiT's hybrid
-loss: 1.27 M parameters. Sized to train on a 2-core
-CPU in about 13 minutes (5000 steps of batch 128 on one thread, 0.15 s each) to class-recognisable
-digits; samples with DPM-Solver++(2M) in 20 steps, guided with s = 2.
+loss: 1.27 M parameters. Sized to train on a 2-core CPU in about 13 minutes (5000 steps of batch
+128 on one thread, 0.15 s each) to class-recognisable digits; samples with DPM-Solver++(2M) in 20
+steps, guided with s = 2.
 """
 
 import ml_collections

@@ -14,11 +14,12 @@ FID, the paper's), guided as the official ``forward_with_cfg`` (channels 0-2 onl
 Until the latent-space support lands, ``--mode sample`` stops at the latents (``latents.npz``,
 the log says so) and ``data.vae_path`` (the local SD-VAE folder) is recorded, not used.
 Training is refused: there are no ImageNet latents here (dataset ``imagenet_latents``). The
-training section holds the official recipe (AdamW lr 1e-4, no weight decay, batch 256, EMA
-0.9999, no warm-up or clipping) for when they exist.
+training section holds the official recipe (the hybrid loss, AdamW lr 1e-4, no weight decay,
+batch 256, EMA 0.9999, no warm-up or clipping) for when they exist.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.sampling import get_sampling_config
 
@@ -32,7 +33,8 @@ def get_config():
     training.continuous = False
     training.reduce_mean = True
     training.likelihood_weighting = False
-    # the official objective: L_simple + L_vlb (Nichol & Dhariwal 2021, eq. 16), loss type MSE
+    # the official objective: L_simple + L_vlb (Nichol & Dhariwal 2021), which trains the
+    # learned variances; steps drawn uniformly, L_vlb not rescaled (N = 1000: the same)
     training.loss = 'hybrid'
     training.vlb_rescale = False
     training.vlb_importance_sampling = False
@@ -60,6 +62,8 @@ def get_config():
     evaluate.enable_loss = False
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = 'test'
+    evaluate.bpd_method = 'vlb'  # the DDPM variational bound (needs the latents, as training)
+    evaluate.vlb_spacing = placeholder(str)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = 'imagenet_latents'  # not available here: training is refused, naming it

@@ -218,14 +218,20 @@ def check_inputs(config, workdir: Path, mode: str) -> None:
                 checkpoints_to_evaluate(config, snapshots, workdir)  # raises, listing them
         else:
             find_checkpoint(workdir, FLAGS.checkpoint)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        # a DiT config also samples an official file (imagenet256_dit_xl2 cannot train here)
+        hint = ("; a DiT config also samples an official DiT file: --checkpoint "
+                "/path/DiT-XL-2-256x256.pt" if mode == "sample" and not FLAGS.checkpoint
+                and config.model.get("name") == "dit" else "")
         named_file = mode != "eval" and FLAGS.checkpoint not in ("", "meta") \
             and not FLAGS.checkpoint.isdigit()
         if workdir.is_dir() or named_file:
+            if hint:
+                raise FileNotFoundError(f"{e}{hint}") from None
             raise
         raise FileNotFoundError(f"--workdir {workdir} does not exist: --mode {mode} reads the "
                                 "checkpoints a training run wrote there; train first with "
-                                "--mode train, or check the path") from None
+                                f"--mode train, or check the path{hint}") from None
 
 
 def apply_classes_flag(config, mode: str, values: list[str] | None) -> None:

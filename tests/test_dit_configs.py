@@ -298,3 +298,7 @@ def test_cli_samples_an_official_checkpoint_and_refuses_a_mismatch(tmp_path):
     assert bad.returncode == 1
     last = bad.stderr.strip().splitlines()[-1]
     assert "depth 28 -> 2 (--config.model.depth)" in last and "Traceback" not in bad.stderr
+    none = _run_main("--config=imagenet256_dit_xl2", "--mode=sample", f"--workdir={tmp_path}/x")
+    assert none.returncode == 1 and not (tmp_path / "x").exists()
+    assert none.stderr.strip().splitlines()[-1].endswith(
+        "a DiT config also samples an official DiT file: --checkpoint /path/DiT-XL-2-256x256.pt")
