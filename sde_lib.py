@@ -224,7 +224,8 @@ def _standard_normal_logp(z: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class _VarianceBounded(SDE):
-    """Shared parts of VP-type SDEs: drift -beta(t) x / 2, standard normal prior."""
+    """Shared parts of VP-type SDEs, given beta(t) and log m(t): drift -beta(t) x / 2, standard
+    normal prior, and the variance-preserving diffusion and marginals (sub-VP overrides those)."""
 
     def _beta(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -232,6 +233,21 @@ class _VarianceBounded(SDE):
     def _log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
         """log m(t) = -1/2 int_0^t beta(s) ds."""
         raise NotImplementedError
+
+    def sde(self, x, t):
+        """f = -beta(t) x / 2, g = sqrt(beta(t)) (Song et al. 2021, eq. 11)."""
+        t = as_batch_time(t, x)
+        beta_t = self._beta(t)
+        return -0.5 * batch_mul(beta_t, x), torch.sqrt(beta_t)
+
+    def marginal_coeffs(self, t):
+        """m = exp(log m(t)), s = sqrt(1 - m^2) (eq. 29), via expm1 for small t."""
+        log_m = self._log_mean_coeff(t)
+        return torch.exp(log_m), torch.sqrt(-torch.expm1(2.0 * log_m))
+
+    def log_snr(self, t):
+        """lambda(t) = -log(exp(-2 log m) - 1), computed stably for small and large t."""
+        return -torch.log(torch.expm1(-2.0 * self._log_mean_coeff(t)))
 
     def prior_sampling(self, shape, *, generator=None, device=None, dtype=None):
         """Draw from N(0, I) (Song et al. 2021, App. B)."""
@@ -297,21 +313,6 @@ class VPSDE(_LinearBeta):
     def time_to_index(self, t: torch.Tensor) -> torch.Tensor:
         """The reference's discrete label n = t (N - 1) / T (fractional between steps)."""
         return t * (self.N - 1) / self.T
-
-    def sde(self, x, t):
-        """f = -beta(t) x / 2, g = sqrt(beta(t)) (eq. 11)."""
-        t = as_batch_time(t, x)
-        beta_t = self._beta(t)
-        return -0.5 * batch_mul(beta_t, x), torch.sqrt(beta_t)
-
-    def marginal_coeffs(self, t):
-        """m = exp(-1/2 int beta), s = sqrt(1 - m^2) (eq. 29), via expm1 for small t."""
-        log_m = self._log_mean_coeff(t)
-        return torch.exp(log_m), torch.sqrt(-torch.expm1(2.0 * log_m))
-
-    def log_snr(self, t):
-        """lambda(t) = -log(exp(-2 log m) - 1), computed stably for small and large t."""
-        return -torch.log(torch.expm1(-2.0 * self._log_mean_coeff(t)))
 
     def log_snr_inverse(self, lam):
         """Closed form: solve (beta_1 - beta_0) t^2 / 2 + beta_0 t = softplus(-lam) for t."""
@@ -513,21 +514,6 @@ class DiscreteVPSDE(_VarianceBounded):
     def _beta(self, t):
         """beta(t) = -d log alpha_bar(t) / dt (continuous, piecewise quadratic)."""
         return -self._hermite(t)[1]
-
-    def sde(self, x, t):
-        """f = -beta(t) x / 2, g = sqrt(beta(t)) (Song et al. 2021, eq. 11 with this beta)."""
-        t = as_batch_time(t, x)
-        beta_t = self._beta(t)
-        return -0.5 * batch_mul(beta_t, x), torch.sqrt(beta_t)
-
-    def marginal_coeffs(self, t):
-        """m = sqrt(alpha_bar(t)), s = sqrt(1 - alpha_bar(t)), via expm1 for small t."""
-        log_m = self._log_mean_coeff(t)
-        return torch.exp(log_m), torch.sqrt(-torch.expm1(2.0 * log_m))
-
-    def log_snr(self, t):
-        """lambda(t) = log(alpha_bar / (1 - alpha_bar)), computed stably."""
-        return -torch.log(torch.expm1(-2.0 * self._log_mean_coeff(t)))
 
     def log_snr_inverse(self, lam):
         """The time of log-SNR lam: its piece by search among the knots, then bisection in it
