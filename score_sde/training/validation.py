@@ -256,12 +256,16 @@ def check_discrete_diffusion_config(config) -> None:
     ddpm_sdes = [n for n in sde_lib.SDES.names()
                  if hasattr(sde_lib.SDES.get(n), "index_to_time")]
     learn_sigma = bool(config.get("model", {}).get("learn_sigma", False))
-    if loss == "hybrid":
+
+    def needs_discrete_ddpm(what: str) -> None:
         if t.get("continuous", True) or sde_name not in ddpm_sdes:
-            raise ValueError(f"config.training.loss='hybrid' is discrete DDPM training: needs "
+            raise ValueError(f"{what} needs a discrete DDPM model (it needs "
                              f"training.continuous=False and training.sde in "
-                             f"{', '.join(ddpm_sdes)}; got continuous={t.get('continuous')}, "
+                             f"{', '.join(ddpm_sdes)}); got continuous={t.get('continuous')}, "
                              f"sde={sde_name!r}")
+
+    if loss == "hybrid":
+        needs_discrete_ddpm("config.training.loss='hybrid'")
         if not learn_sigma:
             raise ValueError("config.training.loss='hybrid' needs config.model.learn_sigma=True "
                              "(L_vlb trains the network's variances v)")
@@ -276,11 +280,7 @@ def check_discrete_diffusion_config(config) -> None:
                          "config.training.loss='hybrid'")
     method = _choice(config, "eval.bpd_method", ("ode", "vlb"))
     if method == "vlb":
-        if t.get("continuous", True) or sde_name not in ddpm_sdes:
-            raise ValueError(f"config.eval.bpd_method='vlb' needs a discrete DDPM model "
-                             f"(training.continuous=False, training.sde in "
-                             f"{', '.join(ddpm_sdes)}); got continuous={t.get('continuous')}, "
-                             f"sde={sde_name!r}")
+        needs_discrete_ddpm("config.eval.bpd_method='vlb'")
         spacing = config.eval.get("vlb_spacing")
         if spacing is not None:
             space_timesteps(get_sde(config).N, spacing)  # a bad spacing fails here, naming it
