@@ -358,9 +358,12 @@ class Cascade:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if low_res is not None:
             want = (batch_size, *self.stages[0].shape)
-            if not isinstance(low_res, torch.Tensor) or tuple(low_res.shape) != want:
-                got = tuple(low_res.shape) if isinstance(low_res, torch.Tensor) else low_res
-                raise ValueError(f"low_res must be a tensor of shape {want}, got {got!r}")
+            if not isinstance(low_res, torch.Tensor) or tuple(low_res.shape) != want \
+                    or not torch.is_floating_point(low_res):
+                got = (tuple(low_res.shape), low_res.dtype) if isinstance(low_res, torch.Tensor) \
+                    else low_res
+                raise ValueError(f"low_res must be a floating-point tensor of shape {want}, got "
+                                 f"{got!r}")
             device, dtype = low_res.device, low_res.dtype
         generator = make_generators(generator, seeds, batch_size, device)
         outputs, infos = [], []

@@ -49,9 +49,9 @@ def y(data) -> torch.Tensor:
 
 
 def oracle_factory(data: FullGaussianMixture, sde: sde_lib.SDE, aug_sde: sde_lib.SDE | None,
-                   seen: list | None = None):
+                   seen: list | None = None, A: torch.Tensor = A):
     """The exact conditional score as a stage's score factory: x | y_s under augmentation at the
-    (fixed) level, one posterior per row of y_s."""
+    (fixed) level, one posterior per row of y_s, for y = A x."""
 
     def factory(y_s, level):
         if seen is not None:
@@ -293,6 +293,33 @@ def test_cascade_of_oracle_stages_samples_the_data(data, sde_name, level, trunca
         f"cascade {sde_name} level {level} truncate {truncate}")
 
 
+def test_three_stage_cascade_with_a_stage_both_conditioned_and_truncated(data):
+    """1x1 -> 2x2 -> 4x4: the middle stage samples y1 | y2_s (noised) and stops early at the
+    third stage's level (truncated); the last output is the data, the middle one p_t*(y1)."""
+    sde = SDES["vp"]
+    A2 = area_downsampling_matrix(1, 2, 2, 2)  # (1, 4): 2x2 -> 1x1
+    mid = data.linear_map(A)  # the law of y1 = A x
+    base = Stage(sde, (1, 1, 1), score_fn=data.linear_map(A2 @ A).score_fn(sde),
+                 method="dpm_solver++_3m", options={"nfe": 48})
+    middle = Stage(sde, (1, 2, 2), score_factory=oracle_factory(mid, sde, sde, A=A2),
+                   method="dpm_solver++_3m", options={"nfe": 48}, aug_sde=sde, aug_level=0.2)
+    top = Stage(sde, (1, 4, 4), score_factory=oracle_factory(data, sde, sde),
+                method="dpm_solver++_3m", options={"nfe": 48}, aug_sde=sde, aug_level=0.3,
+                truncate=True)
+    outputs, infos = Cascade([base, middle, top]).sample(N_SAMPLES, generator=_gen(4),
+                                                         dtype=F64)
+    assert [i["conditioning"] for i in infos] == ["none", "noised", "given"]
+    assert [i["truncated"] for i in infos] == [False, True, False]
+    t_star = infos[1]["end_time"]
+    assert abs(t_star - 0.3) < 1e-9
+    y1 = outputs[1].reshape(N_SAMPLES, 4)
+    assert_matches(mid, y1, lambda seed: mid.sample_marginal(
+        N_SAMPLES, sde, t_star, generator=_gen(seed), dtype=F64), "middle stage at t*")
+    x = outputs[2].reshape(N_SAMPLES, D)
+    assert_matches(data, x, lambda seed: data.sample_marginal(
+        N_SAMPLES, sde, 1e-3, generator=_gen(seed), dtype=F64), "three-stage cascade")
+
+
 def test_cascade_from_given_low_resolution_images(data, y):
     sde = SDES["vp"]
     base = Stage(sde, (1, 2, 2), score_fn=data.linear_map(A).score_fn(sde), method="pc")
@@ -345,5 +372,5 @@ def test_stage_and_inputs_are_validated():
     base = Stage(sde, (1, 2, 2), score_fn=lambda x, t: -x)
     with pytest.raises(ValueError, match="plain score_fn"):
         Cascade([base, base])
-    with pytest.raises(ValueError, match="low_res must be a tensor of shape"):
+    with pytest.raises(ValueError, match="low_res must be a floating-point tensor of shape"):
         Cascade([base, stage]).sample(2, low_res=torch.zeros(2, 1, 4, 4))
