@@ -18,6 +18,7 @@ import torch
 
 import sde_lib
 from samplers import SAMPLERS, Cascade, Stage, super_resolve
+from samplers import sample as samplers_sample
 from samplers.cascade import truncation_time
 from score_sde.oracle import FullGaussianMixture, GaussianMixture, area_downsampling_matrix
 
@@ -259,6 +260,13 @@ def test_augmentation_draws_the_noised_observation_at_the_level(data, y, sde_nam
     assert float((eps.std(0) - 1).abs().max()) < 5 / math.sqrt(2 * n)
     super_resolve(stage, y.reshape(1, 1, 2, 2), level=0.0, generator=_gen(3))
     assert torch.equal(seen[-1][0], y.reshape(1, 1, 2, 2))  # level 0: y itself, whatever s(0)
+    # per-sample levels: row 0 clean, row 1 noised (a factory that takes mixed levels)
+    stage.score_factory = lambda y_s, s: seen.append((y_s, s)) or (lambda x, t: -x)
+    _, info = super_resolve(stage, y.reshape(1, 1, 2, 2).expand(2, 1, 2, 2),
+                            level=torch.tensor([0.0, level], dtype=F64), generator=_gen(3))
+    y_s, s = seen[-1]
+    assert torch.equal(y_s[0], y.reshape(1, 2, 2)) and not torch.equal(y_s[1], y.reshape(1, 2, 2))
+    assert info["aug_level"] == [0.0, level] and s.tolist() == [0.0, level]
 
 
 # -- cascades -------------------------------------------------------------------------------------
@@ -336,6 +344,19 @@ def test_cascade_from_given_low_resolution_images(data, y):
 
 
 # -- validation at the boundary -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [n for n in SAMPLERS.names() if SAMPLERS.get(n).stops_at_eps])
+def test_samplers_declaring_stops_at_eps_return_draws_of_p_eps(method):
+    """What truncation relies on: with eps = 0.5, N(0, 0.04 I) data come back with the variance
+    of p_0.5, m^2 0.04 + s^2 (0.92 on VP), not the data's 0.04."""
+    sde, n, eps = SDES["vp"], 4000, 0.5
+    gm = GaussianMixture(torch.ones(1), torch.zeros(1, 2), 0.2)
+    x, info = samplers_sample(sde, gm.score_fn(sde), (n, 2), method, eps=eps, generator=_gen(0),
+                              dtype=F64)
+    m, s = sde.marginal_coeffs(torch.tensor(eps, dtype=F64))
+    var = float(m**2 * 0.04 + s**2)
+    assert abs(float(x.var(0).mean()) / var - 1) < 0.1, f"{method}: var {float(x.var(0).mean())}"
 
 
 def test_truncation_refuses_different_marginals():
