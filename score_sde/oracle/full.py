@@ -7,7 +7,8 @@ covariance is U_k diag(m^2 lambda_k + s^2) U_k^T, so log-densities and scores at
 rotation, without a factorisation per call.
 
 A linear observation y = A x + n, n ~ N(0, R) (R = 0 allowed) gives the posterior x | y, again a
-mixture (Bishop 2006, eqs. 2.113-2.117 per component; the weights by Bayes' rule):
+mixture (Bishop 2006, eqs. 2.113-2.117 per component, in the gain form of a Kalman update, which
+needs no inverse of R; the weights by Bayes' rule):
 
     S_k = A Sigma_k A^T + R,   G_k = Sigma_k A^T S_k^+,
     mu_k|y = mu_k + G_k (y - A mu_k),   Sigma_k|y = Sigma_k - G_k A Sigma_k,
