@@ -85,8 +85,9 @@ def _get(config: dict, key: str, default: Any) -> Any:
 
 def sde_from_scheduler(config: dict) -> sde_lib.DiscreteVPSDE:
     """The DiscreteVPSDE of a diffusers DDPM/DDIM scheduler config: ``trained_betas``, or
-    ``beta_schedule`` (linear | scaled_linear | squaredcos_cap_v2) with ``beta_start``,
-    ``beta_end`` and ``num_train_timesteps`` (diffusers' defaults where absent).
+    ``beta_schedule`` (linear | scaled_linear | squaredcos_cap_v2, :func:`sde_lib.beta_table`)
+    with ``beta_start``, ``beta_end`` and ``num_train_timesteps`` (diffusers' defaults where
+    absent), the table in diffusers' float32 values.
 
     Raises:
         ValueError: an unknown schedule, or ``rescale_betas_zero_snr`` (alpha_bar_N = 0 is not a
@@ -100,9 +101,18 @@ def sde_from_scheduler(config: dict) -> sde_lib.DiscreteVPSDE:
     schedule = _get(config, "beta_schedule", "linear")
     if schedule not in SCHEDULER_BETAS:
         raise ValueError(f"Unknown beta_schedule {schedule!r}; valid: {', '.join(SCHEDULER_BETAS)}")
-    return sde_lib.DiscreteVPSDE(schedule=schedule, beta_start=_get(config, "beta_start", 1e-4),
-                                 beta_end=_get(config, "beta_end", 0.02),
-                                 N=_get(config, "num_train_timesteps", 1000))
+    start, end = float(_get(config, "beta_start", 1e-4)), float(_get(config, "beta_end", 0.02))
+    N = int(_get(config, "num_train_timesteps", 1000))
+    sde_lib.beta_table(schedule, N, start, end)  # validates the values, naming them
+    # The table as diffusers builds it, in float32 (its linspace differs from a float64 one
+    # rounded to float32 by an ulp in a third of the entries: ~1e-7 of the samples)
+    if schedule == "linear":
+        betas = torch.linspace(start, end, N, dtype=torch.float32)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, N, dtype=torch.float32) ** 2
+    else:
+        betas = sde_lib.beta_table(schedule, N).to(torch.float32)
+    return sde_lib.DiscreteVPSDE(betas.to(torch.float64))
 
 
 def scheduler_timesteps(config: dict, num_inference_steps: int) -> list[int]:
@@ -125,16 +135,22 @@ def scheduler_timesteps(config: dict, num_inference_steps: int) -> list[int]:
 
 
 def ddim_time_grid(config: dict, num_inference_steps: int, sde: sde_lib.DiscreteVPSDE
-                   ) -> torch.Tensor:
-    """Explicit times (float64, decreasing) on which ``samplers.ddim`` (eta = 0) takes the steps
-    of diffusers' ``DDIMScheduler`` with this config (Song, Meng & Ermon 2021, eq. 12).
+                   ) -> tuple[sde_lib.DiscreteVPSDE, dict[str, Any]]:
+    """The SDE and ``samplers.ddim`` options (eta = 0) that take the steps of diffusers'
+    ``DDIMScheduler`` with this config (Song, Meng & Ermon 2021, eq. 12).
 
-    DDIMScheduler steps from timestep k to k - N // n (n = ``num_inference_steps``), below 0 to
-    the final alpha_bar: 1 with ``set_alpha_to_one`` (time 0: the last step returns x0^), else
-    alpha_bar_0 (time t_0 = 1 / N; a last step from timestep 0 to it is the identity and is left
-    out, so the grid may have n - 1 steps). Times are t_k = (k + 1) / N
-    (:meth:`sde_lib.DiscreteVPSDE.index_to_time`).
+    DDIMScheduler starts from x_T ~ N(0, I) at its first timestep k_0 (980 of 1000 with
+    'leading' spacing, not the table's end) and steps from k to k - N // n (n =
+    ``num_inference_steps``), below 0 to the final alpha_bar: 1 with ``set_alpha_to_one``
+    (time 0: the last step returns x0^, ``final_time_zero``), else alpha_bar_0 (time 1 / N; a
+    last step from timestep 0 to it is the identity and is left out, so the grid may have n - 1
+    steps). The returned SDE is the table's first k_0 + 1 steps, so that its end time T is
+    k_0 (the same index map t = (k + 1) / N', :meth:`sde_lib.DiscreteVPSDE.index_to_time`, and
+    the same alpha_bar_k at every kept step): sample with
+    ``samplers.sample(sde_k, get_score_fn(sde_k, model), x_T, 'ddim', **options)``.
 
+    Returns:
+        (sde_k, {'grid': times (n + 1,) float64, 'nfe', 'eta': 0.0, 'final_time_zero'}).
     Raises:
         ValueError: a spacing whose steps do not chain (k - N // n is not the next timestep, as
             'linspace' when N / n is not an integer): no time grid reproduces it.
@@ -148,15 +164,22 @@ def ddim_time_grid(config: dict, num_inference_steps: int, sde: sde_lib.Discrete
                 f"{k_next} (timestep_spacing={_get(config, 'timestep_spacing', 'leading')!r}, "
                 f"{num_inference_steps} steps of {N}): not a chain of times; use 'leading' or "
                 f"'trailing' with a step count that divides {N}")
+    if not 0 <= ks[0] < N:
+        raise ValueError(f"the first timestep {ks[0]} lies outside the table of {N} steps")
+    sde_k = sde if ks[0] == N - 1 else sde_lib.DiscreteVPSDE(sde.discrete_betas[:ks[0] + 1])
     last = ks[-1] - stride
-    times = [(k + 1) / N for k in ks]
+    steps = list(ks)
     if last >= 0:
-        times.append((last + 1) / N)
-    elif _get(config, "set_alpha_to_one", True):
+        steps.append(last)
+    times = [(k + 1) / sde_k.N for k in steps]
+    to_one = bool(_get(config, "set_alpha_to_one", True))
+    if last < 0 and to_one:
         times.append(0.0)
-    elif ks[-1] != 0:
-        times.append(1 / N)
-    return torch.tensor(times, dtype=torch.float64)
+    elif last < 0 and ks[-1] != 0:
+        times.append(1 / sde_k.N)
+    grid = torch.tensor(times, dtype=torch.float64)
+    return sde_k, {"grid": grid, "nfe": len(times) - 1, "eta": 0.0,
+                   "final_time_zero": last < 0 and to_one}
 
 
 def _scheduler_config(root: Path) -> Path:

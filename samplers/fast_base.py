@@ -66,8 +66,9 @@ class FastSampler(Sampler):
 
     default_grid = "logsnr"
     default_nfe = 10
-    #: an explicit grid may end at t = 0 (a last step onto the data, where s(0) = 0)
-    allows_zero_end = False
+    #: an explicit grid may end at t = 0 (a last step onto the data, where s(0) = 0); an
+    #: option of the samplers whose step is defined there (DDIM)
+    final_time_zero = False
 
     def __init__(self, *, nfe: int | None = None, eps: float | None = None,
                  grid: str | torch.Tensor | Sequence[float] | None = None, **options: Any) -> None:
@@ -78,7 +79,7 @@ class FastSampler(Sampler):
             TIME_GRIDS.get(self.grid)  # unknown names fail here, listing the valid ones
             self.eps = check_float("eps", 1e-3 if eps is None else eps, 0.0)
         else:
-            self.grid = check_time_grid(self.grid, allow_zero_end=self.allows_zero_end)
+            self.grid = check_time_grid(self.grid, allow_zero_end=self.final_time_zero)
             last = float(self.grid[-1])
             if eps is not None and not math.isclose(check_float("eps", eps, 0.0), last,
                                                     rel_tol=1e-9):
