@@ -151,3 +151,15 @@ def test_short_training_run_lowers_digit_reconstruction_error(reconstruction):
     assert math.isfinite(float(terms["kl"])) and float(terms["kl"]) > 0
     # the decoder variance follows the residual (MSE << 1): its log-scale fell from 0
     assert float(ae.decoder_log_scale.detach()) < -0.1
+
+
+def test_without_diffusers_the_error_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from models.autoencoders.diffusers_vae import load_sd_vae
+    from models.diffusers_unet import load_diffusers_unet
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    for load in (load_sd_vae, load_diffusers_unet):
+        with pytest.raises(ImportError, match=r'pip install -e "\.\[latent\]"'):
+            load(tmp_path)
