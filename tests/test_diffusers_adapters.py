@@ -4,6 +4,7 @@ UNet2DModel + scheduler as a score model on its DiscreteVPSDE (score and determi
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -248,3 +249,35 @@ def test_pixel_loader_errors(tmp_path):
     (tmp_path / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         load_diffusers_unet(tmp_path)
+
+
+def test_sample_mode_on_a_diffusers_pixel_folder(tmp_path):
+    """``--mode sample --checkpoint <pipeline folder>`` (``run_sample``, what main.py calls):
+    PNG grid and record, on the scheduler's SDE; a config of another SDE or shape is refused
+    naming the keys to set."""
+    from configs import digits
+    from score_sde.training.diffusers_pixel import load_diffusers_pixel
+    from score_sde.training.inference import run_sample
+
+    folder = tmp_path / "ddpm-digits"
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4).save_pretrained(folder / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    # digits with the DDPM table that DDPMScheduler's defaults describe (linear 1e-4 .. 0.02)
+    config = digits.get_config()
+    config.device = "cpu"
+    config.training.sde = "discrete_vpsde"
+    config.sampling.method, config.sampling.nfe, config.eval.batch_size = "ddim", 4, 4
+    out = run_sample(config, tmp_path / "run", checkpoint=str(folder), num_samples=4,
+                     progress=False)
+    assert out == tmp_path / "run" / "eval" / "samples_ddpm-digits"
+    record = json.loads((out / "info.json").read_text())
+    assert (out / "sample.png").is_file() and record["nfe"] == 4
+    assert record["checkpoint_layout"].startswith("diffusers UNet2DModel")
+    config.model.num_scales = 500
+    config.data.image_size = 16
+    with pytest.raises(ValueError, match=r"image_size=8 .*--config.model.num_scales=1000"):
+        load_diffusers_pixel(config, folder)
