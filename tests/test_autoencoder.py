@@ -75,6 +75,17 @@ def test_sample_latent_draws_the_posterior():
     torch.testing.assert_close(again, z[:3])  # same seed, same bits
 
 
+def test_inputs_of_another_dtype_are_cast_in_and_back():
+    torch.manual_seed(0)
+    ae = KLAutoencoder(1, latent_channels=2, channels=8)  # float32 weights
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    mean, log_std = ae.encode(x)
+    assert mean.dtype == log_std.dtype == torch.float64
+    torch.testing.assert_close(mean, ae.encode(x.float())[0].double())
+    assert ae.decode(mean).dtype == torch.float64
+    assert (ae.device, ae.dtype) == (torch.device("cpu"), torch.float32)
+
+
 def test_shapes_and_validation():
     ae = KLAutoencoder(3, latent_channels=4, channels=8, channel_mult=(1, 2, 2))
     assert ae.downsampling == 4

@@ -147,26 +147,27 @@ class Autoencoder(nn.Module):
 
         Args:
             x: (B, C, H, W) images in the data's scaling ([-1, 1] for the SD VAEs); any device
-                and floating dtype: cast to the autoencoder's, results cast back.
+                and floating dtype: moved to the autoencoder's, results moved back.
         Returns:
-            (mean, log_std), each (B, c, h, w) in ``x``'s dtype.
+            (mean, log_std), each (B, c, h, w) on ``x``'s device, in its dtype.
         """
         self._check_images(x)
-        mean, log_std = self.encode_raw(x.to(self.dtype))
+        mean, log_std = self.encode_raw(x.to(device=self.device, dtype=self.dtype))
         mean = (mean - self.shift) * self.scale_factor
         log_std = log_std + math.log(self.scale_factor)
-        return mean.to(x.dtype), log_std.to(x.dtype)
+        return mean.to(device=x.device, dtype=x.dtype), log_std.to(device=x.device, dtype=x.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) for model-space latents z_model (B, c, h, w): the decoder at
-        z = z_model / scale_factor + shift (the only place the map is inverted)."""
+        z = z_model / scale_factor + shift (the only place the map is inverted); on z's device,
+        in its dtype."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() != 4 \
                 or z.shape[1] != self.latent_channels:
             raise ValueError(f"{type(self).__name__}: latents must be a floating (B, "
                              f"{self.latent_channels}, h, w) tensor, got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
-        x = self.decode_raw(z.to(self.dtype) / self.scale_factor + self.shift)
-        return x.to(z.dtype)
+        z_raw = z.to(device=self.device, dtype=self.dtype) / self.scale_factor + self.shift
+        return self.decode_raw(z_raw).to(device=z.device, dtype=z.dtype)
 
     def sample_latent(self, x: torch.Tensor, generator: torch.Generator | None = None
                       ) -> torch.Tensor:
