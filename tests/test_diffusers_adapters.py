@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -114,6 +115,42 @@ def test_vae_scale_override_and_old_attention_names(vae_folder, tmp_path):
     x = _images()
     with torch.no_grad():
         assert torch.equal(load_sd_vae(old, folder).encode(x)[0], load_sd_vae(folder).encode(x)[0])
+
+
+def _ldm_name(key: str, n_up: int) -> str:
+    """diffusers' AutoencoderKL key -> the original latent-diffusion (CompVis) name."""
+    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
+    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+    key = re.sub(r"up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
+                 lambda m: f"up.{n_up - 1 - int(m[1])}."
+                           f"{'block' if m[2] == 'resnets' else 'upsample'}.", key)
+    key = key.replace("mid_block.resnets.0.", "mid.block_1.")
+    key = key.replace("mid_block.resnets.1.", "mid.block_2.")
+    for new, old in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                     ("to_out.0", "proj_out")):
+        key = key.replace(f"mid_block.attentions.0.{new}.", f"mid.attn_1.{old}.")
+    return key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+
+
+def test_vae_single_file_in_the_latent_diffusion_layout(vae_folder, tmp_path):
+    """A single file with the original latent-diffusion names (as in a full SD checkpoint,
+    under ``first_stage_model.``; attention as 1x1 convs) loads through diffusers' key map."""
+    folder, vae = vae_folder
+    state = {}
+    for k, v in vae.state_dict().items():
+        name = _ldm_name(k, n_up=2)
+        if ".attn_1." in name and name.endswith(".weight") and v.dim() == 2:
+            v = v[:, :, None, None]
+        state[f"first_stage_model.{name}"] = v.contiguous()
+    assert "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight" in state
+    safetensors.torch.save_file(state, tmp_path / "ldm.safetensors")
+    x = _images()
+    with torch.no_grad():
+        ours = load_sd_vae(tmp_path / "ldm.safetensors", folder)
+        reference = load_sd_vae(folder)
+        assert torch.equal(ours.encode(x)[0], reference.encode(x)[0])
+        z = reference.encode(x)[0]
+        assert torch.equal(ours.decode(z), reference.decode(z))
 
 
 def test_vae_refuses_bad_weights_and_names_what_to_download(vae_folder, tmp_path):
