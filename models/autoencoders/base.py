@@ -109,10 +109,12 @@ class Autoencoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights (inputs are moved there, outputs moved back)."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights (inputs are cast to it, outputs cast back)."""
         return next(self.parameters()).dtype
 
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, int, int]:
