@@ -25,6 +25,7 @@ FAST_SAMPLER_OPTIONS = {
     'N': int,                    # PC steps (default: the SDE's N, model.num_scales)
     'lower_order_final': bool,   # DPM-Solver / UniPC: lower order on the last steps
     'eta': float,                # DDIM stochasticity
+    'final_time_zero': bool,     # DDIM: an explicit grid may end at t = 0 (x0_hat last)
     'churn': float,              # EDM Heun: S_churn
     's_noise': float,
     's_tmin': float,

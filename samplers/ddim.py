@@ -20,7 +20,7 @@ import torch
 
 from samplers.base import NoiseSource, check_fresh_score, register_sampler
 from samplers.base import progress_bar as _progress_bar
-from samplers.fast_base import FastSampler, check_float
+from samplers.fast_base import FastSampler, check_bool, check_float
 
 
 @register_sampler("ddim")
@@ -29,6 +29,8 @@ class DDIM(FastSampler):
 
     Options (besides ``nfe``, ``eps``, ``grid``): ``eta`` in [0, 1]: 0 deterministic DDIM, 1 the
     DDPM-like ancestral sampler. One score evaluation per step; ``nfe`` steps.
+    ``final_time_zero``: an explicit ``grid`` may end at t = 0 (m = 1, s = 0: the last step
+    returns x0_hat, as DDIM's final step to alpha_bar = 1, e.g. diffusers' ``set_alpha_to_one``).
     """
 
     order = 1
@@ -36,7 +38,9 @@ class DDIM(FastSampler):
     stochastic = True  # with eta > 0; eta = 0 draws no noise after x_T
     default_grid = "logsnr"
 
-    def __init__(self, *, eta: float = 0.0, **options: Any) -> None:
+    def __init__(self, *, eta: float = 0.0, final_time_zero: bool = False, **options: Any
+                 ) -> None:
+        self.final_time_zero = check_bool("final_time_zero", final_time_zero)
         super().__init__(**options)
         self.eta = check_float("eta", eta, 0.0, 1.0, closed_low=True, closed_high=True)
 

@@ -67,6 +67,9 @@ class FastSampler(Sampler):
     default_grid = "logsnr"
     default_nfe = 10
     stops_at_eps = True
+    #: an explicit grid may end at t = 0 (a last step onto the data, where s(0) = 0); an
+    #: option of the samplers whose step is defined there (DDIM)
+    final_time_zero = False
 
     def __init__(self, *, nfe: int | None = None, eps: float | None = None,
                  grid: str | torch.Tensor | Sequence[float] | None = None, **options: Any) -> None:
@@ -77,7 +80,7 @@ class FastSampler(Sampler):
             TIME_GRIDS.get(self.grid)  # unknown names fail here, listing the valid ones
             self.eps = check_float("eps", 1e-3 if eps is None else eps, 0.0)
         else:
-            self.grid = check_time_grid(self.grid)
+            self.grid = check_time_grid(self.grid, allow_zero_end=self.final_time_zero)
             last = float(self.grid[-1])
             if eps is not None and not math.isclose(check_float("eps", eps, 0.0), last,
                                                     rel_tol=1e-9):
@@ -104,9 +107,11 @@ class FastSampler(Sampler):
         return marginal_table(sde, self.grid, x)
 
 
-def check_time_grid(grid: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """Explicit times as a float64 CPU tensor (n + 1,), n >= 1, finite, positive and strictly
-    decreasing (from T to eps); else a ``ValueError`` saying what is wrong."""
+def check_time_grid(grid: torch.Tensor | Sequence[float], allow_zero_end: bool = False
+                    ) -> torch.Tensor:
+    """Explicit times as a float64 CPU tensor (n + 1,), n >= 1, finite, positive (the last may
+    be 0 with ``allow_zero_end``) and strictly decreasing (from T to eps); else a
+    ``ValueError`` saying what is wrong."""
     try:
         t = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -115,8 +120,11 @@ def check_time_grid(grid: torch.Tensor | Sequence[float]) -> torch.Tensor:
     if t.dim() != 1 or t.numel() < 2:
         raise ValueError(f"an explicit grid must be 1-D with at least 2 times, got shape "
                          f"{tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-        raise ValueError(f"grid times must be finite and positive, got {t.tolist()}")
+    last_ok = bool(t[-1] >= 0) if allow_zero_end else bool(t[-1] > 0)
+    positive = bool((t[:-1] > 0).all()) and last_ok
+    if not bool(torch.isfinite(t).all()) or not positive:
+        last = " (the last may be 0)" if allow_zero_end else ""
+        raise ValueError(f"grid times must be finite and positive{last}, got {t.tolist()}")
     if not bool((t[1:] < t[:-1]).all()):
         raise ValueError(f"grid times must decrease strictly (from T to eps), got {t.tolist()}")
     return t.clone()

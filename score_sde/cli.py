@@ -110,8 +110,10 @@ flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' 
                     "'meta' = the preemption checkpoint, n = checkpoints/checkpoint_n.pth, or a "
                     "file path (a training checkpoint .pth, ours or the reference's, a "
                     ".safetensors state dict used as is, or with a DiT config an official DiT "
-                    "file such as DiT-XL-2-256x256.pt, its EMA weights). Weights with NaN/inf "
-                    "values, of a non-float dtype or of another architecture are refused.")
+                    "file such as DiT-XL-2-256x256.pt, its EMA weights), or a diffusers "
+                    "UNet2DModel pipeline folder (unet/ + scheduler/, local files; the latent "
+                    "extra). Weights with NaN/inf values, of a non-float dtype or of another "
+                    "architecture are refused.")
 flags.DEFINE_integer("num_samples", 64, "sample: number of samples (drawn in batches of "
                      "config.eval.batch_size).", lower_bound=1)
 flags.DEFINE_string("split", "", "likelihood: dataset split ('train' or 'test'); default "

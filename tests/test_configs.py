@@ -223,7 +223,8 @@ def test_a_placeholder_option_is_left_to_the_sampler_and_a_set_one_is_passed():
     assert sampling_options(config)[1]["eta"] == 0.5
     record = sampling_record(config, {"nfe": 30})
     # the options as the sampler ran them, its own defaults filled in
-    assert record["options"] == {"eta": 0.5, "nfe": 30, "eps": 1e-3, "grid": "logsnr"}
+    assert record["options"] == {"eta": 0.5, "nfe": 30, "eps": 1e-3, "grid": "logsnr",
+                                 "final_time_zero": False}
     # set for PC, which this method does not run: recorded as not applied
     assert record["not_applied"]["predictor"] == config.sampling.predictor
     assert "nfe" not in record["not_applied"] and "eta" not in record["not_applied"]

@@ -33,6 +33,8 @@ from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
 from score_sde import datasets
 from score_sde.training import checkpoints, classes
+from score_sde.training.diffusers_pixel import LAYOUT as DIFFUSERS_LAYOUT
+from score_sde.training.diffusers_pixel import is_diffusers_checkpoint, load_diffusers_pixel
 from score_sde.training.loop import write_samples
 from score_sde.training.official_dit import LAYOUTS, load_official_dit, official_dit_layout
 from score_sde.training.sampling import generate, get_sde, sampling_record
@@ -85,7 +87,8 @@ def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
     Args:
         workdir: the training workdir.
         checkpoint: '' = the latest (preemption or snapshot, whichever is further), 'meta' = the
-            preemption checkpoint, an integer n = ``checkpoints/checkpoint_{n}.pth``, or a path.
+            preemption checkpoint, an integer n = ``checkpoints/checkpoint_{n}.pth``, or a path
+            (a file, or a diffusers pixel pipeline folder: :mod:`training.diffusers_pixel`).
     """
     workdir = Path(workdir)
     if checkpoint == "":
@@ -102,7 +105,7 @@ def find_checkpoint(workdir: str | Path, checkpoint: str = "") -> Path:
         path = checkpoints.snapshot_path(workdir, int(checkpoint))
     else:
         path = Path(checkpoint)
-    if not path.is_file():
+    if not path.is_file() and not is_diffusers_checkpoint(path):
         available = [str(n) for n, _ in checkpoints.list_snapshots(workdir)]
         raise FileNotFoundError(
             f"checkpoint {checkpoint!r} not found at {path}; snapshots in {workdir}: "
@@ -120,6 +123,8 @@ def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
     (e.g. ``ema.safetensors`` of a ``models.convert`` output). Every tensor is checked against
     the model (dtype, shape, finiteness; ``models.checkpoint.check_tensors``).
 
+    A diffusers UNet2DModel pipeline folder is loaded by
+    :func:`training.diffusers_pixel.load_diffusers_pixel` (it samples on its scheduler's SDE).
     An official DiT file (:func:`training.official_dit.official_dit_layout`) is loaded into
     the config's DiT by ``models.dit_checkpoint.load_dit_checkpoint`` (its EMA weights, strictly;
     another architecture is refused naming both).
@@ -127,6 +132,8 @@ def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
     Returns:
         (model on ``config.device``, the checkpoint's step, or 0 if it has none).
     """
+    if is_diffusers_checkpoint(path):
+        return load_diffusers_pixel(config, path), 0
     layout = official_dit_layout(path)
     if layout is not None:
         return load_official_dit(config, path, layout), 0
@@ -177,9 +184,10 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     path = find_checkpoint(workdir, checkpoint)
-    layout = official_dit_layout(path)
+    diffusers_folder = is_diffusers_checkpoint(path)
+    layout = None if diffusers_folder else official_dit_layout(path)
     model, step = load_ema_model(config, path)
-    sde = get_sde(config)
+    sde = model.sde if diffusers_folder else get_sde(config)  # the scheduler's own table
     latent = latent_space(config)
     inverse_scaler = (lambda z: z) if latent else datasets.get_data_inverse_scaler(config)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
@@ -202,13 +210,16 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
         if y is not None:
             labels.append(y.cpu())
         nfe += info["nfe"]  # counted score evaluations, summed over the batches
-    name = f"samples_{Path(path).stem}" if layout is not None else f"samples_step_{step}"
+    named = layout is not None or diffusers_folder
+    name = f"samples_{Path(path).stem}" if named else f"samples_step_{step}"
     folder = Path(workdir) / eval_folder / name  # made by the first write
     y_all = torch.cat(labels) if labels else None
     record = {**run_facts(config, path, step), "num_samples": num_samples, "batch_size": batch,
               "nfe": nfe, "sampling": {**sampling_record(config, info), "nfe": nfe}}
     if layout is not None:
         record["checkpoint_layout"] = LAYOUTS[layout]
+    if diffusers_folder:
+        record["checkpoint_layout"] = DIFFUSERS_LAYOUT
     if latent:
         out = write_latents(torch.cat(chunks), folder, y_all)
         record["latents"] = {"file": out.name, "decoded": False, "note": LATENT_STOP,
@@ -267,7 +278,7 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         raise ValueError(f"config.eval.bpd_method={method!r}; valid: {', '.join(BPD_METHODS)}")
     path = find_checkpoint(workdir, checkpoint)
     model, step = load_ema_model(config, path)
-    sde = get_sde(config)
+    sde = model.sde if is_diffusers_checkpoint(path) else get_sde(config)
     score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
     dataset = datasets.get_dataset(config, split)
     if max_images:
