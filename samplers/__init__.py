@@ -76,3 +76,8 @@ __all__ += [
     "ode_flow",
     "pc_time_grid",
 ]
+
+# Super-resolution and cascades (issue 23): model-agnostic stages around samplers.sample.
+from samplers.cascade import Cascade, ScoreFactory, Stage, super_resolve  # noqa: E402
+
+__all__ += ["Cascade", "ScoreFactory", "Stage", "super_resolve"]

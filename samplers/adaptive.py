@@ -105,6 +105,7 @@ class AdaptiveSDE(Sampler):
     order = 1  # strong order of the improved-Euler (extrapolated) pair on additive noise
     nfe_per_step = 2
     stochastic = True
+    stops_at_eps = True
     # a config's sampling.nfe is the fast samplers' exact budget (30 for digits); this solver's
     # optional cap is sampling.adaptive_nfe, None by default, so the CLI runs it uncapped
     config_keys = {"nfe": "adaptive_nfe"}

@@ -119,11 +119,15 @@ class Sampler:
         stochastic: whether the sampler draws noise after x_T.
         config_keys: option -> its ``config.sampling`` key, where a config shares the option's
             name with other samplers in another meaning (the CLI reads options by name).
+        stops_at_eps: the sampler returns x at the time given by its ``eps`` option, any time in
+            (0, T), with nothing after it but an optional ``denoise`` step (what truncated
+            conditioning augmentation in ``samplers.cascade`` needs).
     """
 
     order: int = 1
     nfe_per_step: int = 1
     stochastic: bool = False
+    stops_at_eps: bool = False
     config_keys: dict[str, str] = {}
 
     def __init__(self, **options: Any) -> None:

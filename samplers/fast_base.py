@@ -66,6 +66,7 @@ class FastSampler(Sampler):
 
     default_grid = "logsnr"
     default_nfe = 10
+    stops_at_eps = True
 
     def __init__(self, *, nfe: int | None = None, eps: float | None = None,
                  grid: str | torch.Tensor | Sequence[float] | None = None, **options: Any) -> None:

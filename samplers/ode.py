@@ -304,6 +304,7 @@ class ODESampler(Sampler):
     order = 5
     nfe_per_step = 6
     stochastic = False
+    stops_at_eps = True
 
     def __init__(
         self,
