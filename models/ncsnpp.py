@@ -74,9 +74,10 @@ class NCSNpp(ClassConditional, ImageConditional, nn.Module):
     class_dropout_prob, learn_sigma, cond_channels, cond_upsample, cond_dropout_prob;
     ``config.data``: centered, image_size, num_channels.
 
-    Call: ``model(x, time_cond, class_labels=None, cond_image=None, cond_level=None)`` with x (B, C, H, W) and time_cond (B,) the
-    noise level sigma (Fourier embedding) or the time label 999 t (positional embedding);
-    returns (B, C, H, W), or (B, 2 C, H, W) with ``learn_sigma``.
+    Call: ``model(x, time_cond, class_labels=None, cond_image=None, cond_level=None)`` with
+    x (B, C, H, W) and time_cond (B,) the noise level sigma (Fourier embedding) or the time
+    label 999 t (positional embedding); returns (B, C, H, W), or (B, 2 C, H, W) with
+    ``learn_sigma``.
     """
 
     def __init__(self, config) -> None:

@@ -380,8 +380,8 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
                                device=batch.device)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         batch, labels, z, y = _rows(shard, batch, labels, z, class_labels)
-        return objective(get_model_fn(model, train=train, class_labels=y, **image_cond), sde, batch, labels, z,
-                         reduce_mean).mean()
+        model_fn = get_model_fn(model, train=train, class_labels=y, **image_cond)
+        return objective(model_fn, sde, batch, labels, z, reduce_mean).mean()
 
     return loss_fn
 
