@@ -225,11 +225,14 @@ def test_a_cascade_config_trains_and_samples_end_to_end(tmp_path):
     stage's grid with the stage's size and a record whose NFE is the stages' sum; --low_res
     images replace the base stage's output."""
     config = _tiny_cascade()
+    config.training.snapshot_sampling = True  # the SR stage super-resolves test digits
     for _name, cfg in cascade.stage_configs(config):
         validation.validate_config(cfg)
     cascade.train_cascade(config, tmp_path, progress=False)
-    for name in ("base", "sr"):
+    for name, size in (("base", 4), ("sr", 8)):
         assert checkpoints.latest_checkpoint(tmp_path / name) is not None
+        with np.load(tmp_path / name / "samples" / "iter_3" / "sample.npz") as data:
+            assert data["samples"].shape == (8, size, size, 1)
     folder = cascade.run_sample_cascade(config, tmp_path, num_samples=5, progress=False)
     sizes = {}
     for name in ("base", "sr"):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.utils import get_cond_score_factory, get_score_fn
+from models.utils import get_score_fn
 from samplers.cascade import Cascade, Stage, super_resolve
 from score_sde import datasets
 from score_sde.training import super_resolution
@@ -141,19 +141,15 @@ def train_cascade(config, workdir: str | Path, *, progress: bool = True) -> None
 def build_stage(cfg, model, base: bool) -> Stage:
     """A ``samplers.cascade.Stage`` of stage config ``cfg`` and its network (EMA weights, eval
     mode): the base stage's plain score, or a super-resolution stage's score factory with the
-    augmentation SDE and ``sampling.cond_level`` / ``sampling.cond_truncate``."""
+    augmentation SDE and ``sampling.cond_level`` / ``sampling.cond_truncate``
+    (:func:`training.super_resolution.sampling_stage`)."""
     sde = get_sde(cfg)
+    if not base:
+        return super_resolution.sampling_stage(cfg, sde, model)
     method, options = sampling_options(cfg)
-    shape = datasets.data_shape(cfg)
-    continuous = cfg.training.continuous
-    if base:
-        return Stage(sde=sde, shape=shape, method=method, options=options,
-                     score_fn=get_score_fn(sde, model, train=False, continuous=continuous))
-    return Stage(sde=sde, shape=shape, method=method, options=options,
-                 score_factory=get_cond_score_factory(sde, model, continuous),
-                 aug_sde=super_resolution.get_aug_sde(cfg),
-                 aug_level=float(cfg.sampling.get("cond_level", 0.0)),
-                 truncate=bool(cfg.sampling.get("cond_truncate", False)))
+    return Stage(sde=sde, shape=datasets.data_shape(cfg), method=method, options=options,
+                 score_fn=get_score_fn(sde, model, train=False,
+                                       continuous=cfg.training.continuous))
 
 
 def load_stages(config, workdir: str | Path, checkpoint: str = "") -> list[tuple]:

@@ -178,7 +178,8 @@ def log_scalars(writer, step: int, **scalars: float) -> None:
 def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     """Sample a batch with the EMA weights into ``workdir/samples/iter_{step}/``
     (``sample.png`` grid or scatter plot, ``sample.npz``); a class-conditional model samples
-    class ``classes[i mod len(classes)]`` for sample i, with ``config.sampling``'s guidance."""
+    class ``classes[i mod len(classes)]`` for sample i, with ``config.sampling``'s guidance; a
+    super-resolution stage super-resolves the first test images, downsampled."""
     folder = workdir / "samples" / f"iter_{step}"  # made by the first write
     model = state["model"]
     shape = (config.training.batch_size, *datasets.data_shape(config))
@@ -186,6 +187,12 @@ def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     sampled = classes.sample_classes(config)
     labels = None if sampled is None else classes.sample_class_labels(
         sampled, 0, shape[0], config.device)
+    if super_resolution.read_low_res_size(config):  # super-resolve the first test images
+        with ema_weights(model, state["ema"]):
+            x = super_resolution.super_resolve_test_images(
+                config, sde, model, state["iterators"]["eval"].dataset, shape[0], generator)
+        write_samples(x, folder)
+        return folder
     with ema_weights(model, state["ema"]):
         x, _ = generate(config, sde, model, shape, generator=generator,
                         inverse_scaler=datasets.get_data_inverse_scaler(config),

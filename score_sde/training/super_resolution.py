@@ -23,8 +23,11 @@ import torch
 
 import sde_lib
 from models.image_conditioning import read_cond_channels, read_image_cond_options
+from models.utils import get_cond_score_factory
 from samplers.base import NoiseSource
-from samplers.cascade import augment
+from samplers.cascade import Stage, augment, super_resolve
+from score_sde.datasets import data_shape, get_data_inverse_scaler, get_data_scaler
+from score_sde.training.sampling import sampling_options
 from score_sde.utils.resize import DOWNSAMPLE_METHODS, downsample
 
 #: ``training.cond_aug_dist``: s ~ U[0, s_max] per example, or s = s_max for every example
@@ -42,7 +45,6 @@ def read_low_res_size(config) -> int:
     """
     size = config.data.get("low_res_size", 0)
     size = 0 if size is None else size
-    image_size = config.data.image_size
     channels = read_cond_channels(config)
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"config.data.low_res_size must be an integer >= 0 (0: no low-resolution "
@@ -52,6 +54,7 @@ def read_low_res_size(config) -> int:
             raise ValueError(f"config.model.cond_channels = {channels} needs the low-resolution "
                              "images it is conditioned on: set config.data.low_res_size")
         return 0
+    image_size = config.data.image_size
     method = config.data.get("downsample", "area")
     if method not in DOWNSAMPLE_METHODS:
         raise ValueError(f"Unknown config.data.downsample {method!r}; valid: "
@@ -128,3 +131,29 @@ def conditioning_kwargs(config, batch: torch.Tensor, generator: torch.Generator 
         s = batch.new_full((batch.shape[0],), s_max)
     y_s = augment(y, get_aug_sde(config), s, NoiseSource(generator)) if s_max > 0 else y
     return {"cond_image": y_s, "cond_level": s}
+
+
+def sampling_stage(config, sde: sde_lib.SDE, model) -> Stage:
+    """The ``samplers.cascade.Stage`` of a super-resolution config and its network (eval mode):
+    the model's score factory, ``config.sampling``'s sampler, the augmentation SDE and the level
+    ``sampling.cond_level`` (truncation: ``sampling.cond_truncate``)."""
+    method, options = sampling_options(config)
+    return Stage(sde=sde, shape=data_shape(config), method=method, options=options,
+                 score_factory=get_cond_score_factory(sde, model, config.training.continuous),
+                 aug_sde=get_aug_sde(config),
+                 aug_level=float(config.sampling.get("cond_level", 0.0)),
+                 truncate=bool(config.sampling.get("cond_truncate", False)))
+
+
+@torch.no_grad()
+def super_resolve_test_images(config, sde: sde_lib.SDE, model, dataset, num: int,
+                              generator: torch.Generator | None) -> torch.Tensor:
+    """Super-resolution (B, C, H, W) in data space of the first ``num`` images of ``dataset``
+    (cycled), downsampled to ``data.low_res_size``: the snapshot samples of a super-resolution
+    stage, whose null-conditioned samples alone would say little."""
+    device = next(model.parameters()).device
+    index = torch.arange(num) % len(dataset)
+    x = get_data_scaler(config)(dataset.as_float(index).to(device))
+    y = low_res(config, x)
+    samples, _ = super_resolve(sampling_stage(config, sde, model), y, generator=generator)
+    return get_data_inverse_scaler(config)(samples)
