@@ -6,6 +6,8 @@ cascade's ``cascade.<stage>`` sections then override. Configs without them read 
 defaults.
 """
 
+from ml_collections.config_dict import placeholder
+
 
 def add_cascade_keys(config):
     """Add the cascade keys to ``config`` with their "off" values; returns it."""
@@ -27,4 +29,7 @@ def add_cascade_keys(config):
     # truncated conditioning augmentation (stop the previous stage there instead of noising)
     config.sampling.cond_level = 0.
     config.sampling.cond_truncate = False
+    # ours: classifier-free guidance on the image, DiT's scale s (None or 1: none; needs
+    # model.cond_dropout_prob > 0 in training)
+    config.sampling.cond_cfg_scale = placeholder(float)
     return config

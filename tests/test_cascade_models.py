@@ -158,6 +158,32 @@ def test_score_factory_binds_the_conditioning_and_broadcasts_a_scalar_level():
     assert not torch.allclose(factory(y, 0.9)(x, t), direct)
 
 
+def test_guidance_on_the_image_combines_the_conditional_and_null_scores():
+    """sampling.cond_cfg_scale = s: the score is u + s (c - u) with c conditioned on y_s and u on
+    the null conditioning (scores are -eps / sigma, so the eps rule is the score rule); each
+    score costs two network calls; s = 1 is the conditional score alone."""
+    config = _sr_config()
+    config.model.nf = 32
+    torch.manual_seed(0)
+    model = create_model(config).eval()
+    _randomize(model)
+    from score_sde.training.sampling import get_sde
+
+    sde = get_sde(config)
+    y, x, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 8, 8), torch.full((3,), 0.4)
+    c = get_score_fn(sde, model, continuous=True, cond_image=y,
+                     cond_level=torch.full((3,), 0.1))(x, t)
+    u = get_score_fn(sde, model, continuous=True)(x, t)
+    assert (c - u).abs().mean() > 1e-3 * c.abs().mean()
+    config.sampling.cond_cfg_scale = 3.0
+    guided = super_resolution.sampling_stage(config, sde, model).score_factory(y, 0.1)
+    torch.testing.assert_close(guided(x, t), u + 3.0 * (c - u), rtol=1e-5, atol=1e-5)
+    assert guided.nfe_per_call == 2
+    config.sampling.cond_cfg_scale = 1.0
+    plain = super_resolution.sampling_stage(config, sde, model).score_factory(y, 0.1)
+    torch.testing.assert_close(plain(x, t), c, rtol=0, atol=0)
+
+
 def test_resize_operators():
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
     low = downsample(x, 4)
@@ -294,6 +320,7 @@ def test_a_super_resolution_stage_resumes_bitwise(tmp_path):
     ("training.cond_aug_max", 2.0, "cond_aug_max must be a level in \\[0, 1"),
     ("training.cond_aug_sde", "vp", "Unknown SDE 'vp'"),
     ("sampling.cond_level", -0.5, "cond_level must be a level in \\[0, 1"),
+    ("sampling.cond_cfg_scale", float("nan"), "cond_cfg_scale must be a finite number"),
 ])
 def test_config_errors_name_the_bad_value(key, value, message):
     config = _sr_config()

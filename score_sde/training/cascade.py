@@ -208,7 +208,7 @@ def _sampling_record(cfg, info: dict) -> dict:
     """``sampling_record`` of a stage; a super-resolution stage reads its ``cond_*`` keys."""
     record = sampling_record(cfg, {k: v for k, v in info.items() if k != "options"})
     if super_resolution.read_low_res_size(cfg):
-        for key in ("cond_level", "cond_truncate"):
+        for key in ("cond_level", "cond_truncate", "cond_cfg_scale"):
             record["not_applied"].pop(key, None)
     return record
 

@@ -23,7 +23,8 @@ import torch
 
 import sde_lib
 from models.image_conditioning import read_cond_channels, read_image_cond_options
-from models.utils import get_cond_score_factory
+from models.utils import get_cond_score_factory, get_score_fn
+from samplers import ClassifierFreeGuidance
 from samplers.base import NoiseSource
 from samplers.cascade import Stage, augment, super_resolve
 from score_sde.datasets import data_shape, get_data_inverse_scaler, get_data_scaler
@@ -107,6 +108,7 @@ def check_super_resolution_config(config) -> None:
                 or not 0 <= level <= T):
             raise ValueError(f"config.sampling.cond_level must be a level in [0, {T}] (a time "
                              f"of training.cond_aug_sde), got {level!r}")
+        read_cond_cfg_scale(config)
 
 
 def low_res(config, x: torch.Tensor) -> torch.Tensor:
@@ -133,13 +135,44 @@ def conditioning_kwargs(config, batch: torch.Tensor, generator: torch.Generator 
     return {"cond_image": y_s, "cond_level": s}
 
 
+def read_cond_cfg_scale(config) -> float | None:
+    """``config.sampling.cond_cfg_scale`` s (None when absent or None: no guidance), a finite
+    number; guidance on the image in DiT's convention eps_u + s (eps_c - eps_u)."""
+    scale = config.get("sampling", {}).get("cond_cfg_scale", None)
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"config.sampling.cond_cfg_scale must be a finite number (1: the "
+                         f"conditional model alone) or None, got {scale!r}")
+    return float(scale)
+
+
+def guided_factory(factory, uncond_score_fn, scale: float | None):
+    """``factory`` with classifier-free guidance on the image (Ho & Salimans 2022): the score
+    (1 + w) score(x | y_s) - w score(x), w = s - 1, the unconditional score that of the null
+    conditioning (``models.image_conditioning``); two network calls per score (None or s = 1:
+    ``factory`` itself)."""
+    if scale is None or scale == 1.0:
+        return factory
+
+    def guided(y_s, level):
+        return ClassifierFreeGuidance(factory(y_s, level), uncond_score_fn, scale - 1.0)
+
+    return guided
+
+
 def sampling_stage(config, sde: sde_lib.SDE, model) -> Stage:
     """The ``samplers.cascade.Stage`` of a super-resolution config and its network (eval mode):
-    the model's score factory, ``config.sampling``'s sampler, the augmentation SDE and the level
-    ``sampling.cond_level`` (truncation: ``sampling.cond_truncate``)."""
+    the model's score factory (guided by ``sampling.cond_cfg_scale``), ``config.sampling``'s
+    sampler, the augmentation SDE and the level ``sampling.cond_level`` (truncation:
+    ``sampling.cond_truncate``)."""
     method, options = sampling_options(config)
+    continuous = config.training.continuous
+    factory = guided_factory(get_cond_score_factory(sde, model, continuous),
+                             get_score_fn(sde, model, train=False, continuous=continuous),
+                             read_cond_cfg_scale(config))
     return Stage(sde=sde, shape=data_shape(config), method=method, options=options,
-                 score_factory=get_cond_score_factory(sde, model, config.training.continuous),
+                 score_factory=factory,
                  aug_sde=get_aug_sde(config),
                  aug_level=float(config.sampling.get("cond_level", 0.0)),
                  truncate=bool(config.sampling.get("cond_truncate", False)))
