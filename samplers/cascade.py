@@ -62,7 +62,7 @@ class Stage:
         shape: (C, H, W) of one sample, without the batch dimension.
         score_factory: ``score_factory(y_s, level) -> score_fn`` (see :data:`ScoreFactory`);
             required for a super-resolution stage, optional for the base stage (called with
-            ``y_s = None`` and level 0).
+            ``y_s = None`` and a (B,) tensor of zero levels).
         score_fn: a plain ``score_fn(x, t)`` instead of a factory: the base stage only.
         method: a registered sampler name (``samplers.SAMPLERS``).
         options: the sampler's options (``nfe``, ``eps``, ``solver``, ...).
@@ -358,9 +358,12 @@ class Cascade:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if low_res is not None:
             want = (batch_size, *self.stages[0].shape)
-            if not isinstance(low_res, torch.Tensor) or tuple(low_res.shape) != want:
-                got = tuple(low_res.shape) if isinstance(low_res, torch.Tensor) else low_res
-                raise ValueError(f"low_res must be a tensor of shape {want}, got {got!r}")
+            if not isinstance(low_res, torch.Tensor) or tuple(low_res.shape) != want \
+                    or not torch.is_floating_point(low_res):
+                got = (tuple(low_res.shape), low_res.dtype) if isinstance(low_res, torch.Tensor) \
+                    else low_res
+                raise ValueError(f"low_res must be a floating-point tensor of shape {want}, got "
+                                 f"{got!r}")
             device, dtype = low_res.device, low_res.dtype
         generator = make_generators(generator, seeds, batch_size, device)
         outputs, infos = [], []
@@ -396,7 +399,7 @@ class Cascade:
 
 def _end_time(stage: Stage, info: dict) -> float | None:
     """The time a stage's sampler stopped at: its eps when it stops there, else 0."""
-    if info.get("method") is None:
+    if info.get("method") is None:  # given low_res: not sampled
         return None
     return float(info["options"]["eps"]) if SAMPLERS.get(stage.method).stops_at_eps else 0.0
 

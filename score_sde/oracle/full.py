@@ -7,7 +7,8 @@ covariance is U_k diag(m^2 lambda_k + s^2) U_k^T, so log-densities and scores at
 rotation, without a factorisation per call.
 
 A linear observation y = A x + n, n ~ N(0, R) (R = 0 allowed) gives the posterior x | y, again a
-mixture (Bishop 2006, eqs. 2.113-2.117 per component; the weights by Bayes' rule):
+mixture (Bishop 2006, eqs. 2.113-2.117 per component, in the gain form of a Kalman update, which
+needs no inverse of R; the weights by Bayes' rule):
 
     S_k = A Sigma_k A^T + R,   G_k = Sigma_k A^T S_k^+,
     mu_k|y = mu_k + G_k (y - A mu_k),   Sigma_k|y = Sigma_k - G_k A Sigma_k,
@@ -174,8 +175,11 @@ class FullGaussianMixture:
         """Draw n data points x_0 = mu_k + U_k sqrt(lambda_k) z (n, D) (row b from mixture b in a
         batch of n mixtures), and their labels (n,) if asked; singular Sigma_k are allowed."""
         rows = self._rows(n, "cpu")
-        probs = self.log_weights.exp()[rows]  # (n, K)
-        labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        probs = self.log_weights.exp()  # (N, K)
+        if self.batch_size == 1:
+            labels = torch.multinomial(probs[0], n, replacement=True, generator=generator)
+        else:
+            labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         scaled = self.eigvals[labels].sqrt() * z  # (n, D) in the eigenbasis
         x = self.means[rows, labels] + torch.einsum("nij,nj->ni", self.eigvecs[labels], scaled)
@@ -286,8 +290,9 @@ class FullGaussianMixture:
         means = self.means @ A.T  # (N, K, M)
         covs = A @ self.covs @ A.T
         lam, U = _eigh_psd(covs, "A Sigma_k A^T")
-        return FullGaussianMixture._from_parts(self.log_weights, means if self.batched
-                                               else means[0], lam, U)
+        if self.batched:
+            return FullGaussianMixture._from_parts(self.log_weights, means, lam, U)
+        return FullGaussianMixture._from_parts(self.log_weights[0], means[0], lam, U)
 
     def condition(self, A, y, noise_cov=None) -> FullGaussianMixture:
         """The exact posterior x | y for y = A x + n, n ~ N(0, R) (module docstring), one mixture
