@@ -349,3 +349,26 @@ def test_cascade_config_errors_name_the_stage_and_values():
     config.cascade.base.model.cond_channels = 1
     with pytest.raises(ValueError, match="base stage 'base' must be unconditional"):
         cascade.stage_configs(config)
+
+
+def test_low_res_images_from_a_folder_are_super_resolved(tmp_path):
+    """``--low_res=FOLDER`` with a single SR config: 8x8 PNGs are area-downsampled to the stage's
+    4x4 and super-resolved to 8x8; the record names the level and the conditioning."""
+    from PIL import Image
+
+    config = cascade.stage_config(_tiny_cascade(sr_iters=2), "sr")
+    train(config, tmp_path / "sr", progress=False)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(folder / f"{k}.png")
+    y = cascade.read_low_res(folder, config, "cpu")
+    assert y.shape == (3, 1, 4, 4) and -1 <= float(y.min()) and float(y.max()) <= 1
+    out = cascade.run_super_resolution(config, tmp_path / "sr", str(folder), progress=False)
+    with np.load(out / "sample.npz") as data:
+        assert data["samples"].shape == (3, 8, 8, 1)
+    record = json.loads((out / "info.json").read_text())
+    assert record["aug_level"] == pytest.approx(0.1) and record["conditioning"] == "noised"
+    with pytest.raises(FileNotFoundError, match="no .png"):
+        cascade.read_low_res(tmp_path / "sr" / "checkpoints", config, "cpu")
