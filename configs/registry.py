@@ -21,6 +21,10 @@ CONFIGS = {
     # DiT-XL/2 at 256x256 in SD-VAE latent space (sampling an official checkpoint)
     'dit_digits': 'configs.dit_digits',
     'imagenet256_dit_xl2': 'configs.imagenet256_dit_xl2',
+    # cascaded generation (Ho, Saharia et al. 2022): 4x4 -> 8x8 digits; a 32 -> 64 -> 128
+    # image-folder cascade (sizes documented, not trained here)
+    'digits_cascade': 'configs.digits_cascade',
+    'folder_cascade': 'configs.folder_cascade',
 }
 
 

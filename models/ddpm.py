@@ -23,6 +23,9 @@ label used for unconditional passes (classifier-free guidance, Ho & Salimans 202
 or 0 nothing is added, so unconditional state dicts are the reference's.
 ``config.model.class_dropout_prob`` drops labels to the null label in training mode.
 
+Image conditioning (ours): ``config.model.cond_channels > 0`` adds ``cond_conv`` and
+``cond_level_embed`` (:mod:`models.image_conditioning`), zero-initialised.
+
 Learned variances (ours): ``config.model.learn_sigma = True`` doubles the output channels, the
 next C after the noise prediction being improved DDPM's variance interpolation v (Nichol &
 Dhariwal 2021, eq. 15). Absent or False, the model is exactly the reference's.
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 
 from models.conditioning import ClassConditional
+from models.image_conditioning import ImageConditional, read_image_cond_options
 from models.layers import (
     AttnBlock,
     Downsample,
@@ -50,8 +54,14 @@ from models.layers import (
 from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 
+def _level_positional(level: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of the augmentation level s (B,) in [0, 1], as of a time
+    label 999 s."""
+    return get_timestep_embedding(999 * level, dim)
+
+
 @register_model("ddpm")
-class DDPM(ClassConditional, nn.Module):
+class DDPM(ClassConditional, ImageConditional, nn.Module):
     """DDPM noise-prediction U-Net (Ho et al. 2020), optionally class-conditional.
 
     Args:
@@ -63,6 +73,9 @@ class DDPM(ClassConditional, nn.Module):
             ``sigmas`` when ``scale_by_sigma``).
         class_labels: optional (B,) integer classes in [0, num_classes]; ``num_classes`` is the
             null label, used for every sample when None. Only for ``num_classes > 0``.
+        cond_image, cond_level: optional (B, cond_channels, h, w) low-resolution image and its
+            augmentation level (B,) in [0, 1] (``models.image_conditioning``); only for
+            ``cond_channels > 0``, where None is the null conditioning.
         Returns (B, C, H, W) in x's dtype: the noise prediction (divided by sigma if
         ``scale_by_sigma``); (B, 2 C, H, W) with ``learn_sigma``, the next C channels the
         variance interpolation v (never divided by sigma).
@@ -103,7 +116,8 @@ class DDPM(ClassConditional, nn.Module):
         modules: list[nn.Module] = [dense(nf, temb_dim), dense(temb_dim, temb_dim)]
 
         # Downsampling path; skip_channels records what each skip connection carries.
-        modules.append(ddpm_conv3x3(channels, nf))
+        input_conv = ddpm_conv3x3(channels, nf)
+        modules.append(input_conv)
         skip_channels = [nf]
         in_ch = nf
         for level in range(num_resolutions):
@@ -139,12 +153,18 @@ class DDPM(ClassConditional, nn.Module):
         # Class conditioning (ours): label_embedding (num_classes + 1, 4 nf), null label last;
         # same name and initialisation as NCSN++'s.
         self._init_classes(config, temb_dim)
+        # image conditioning (ours, models.image_conditioning), built last
+        self._init_image_cond(**read_image_cond_options(config), input_conv=input_conv,
+                              level_features=functools.partial(_level_positional, dim=nf),
+                              features_dim=nf, temb_dim=temb_dim, act=get_act(config))
 
     def forward(
         self,
         x: torch.Tensor,
         labels: torch.Tensor,
         class_labels: torch.Tensor | None = None,
+        cond_image: torch.Tensor | None = None,
+        cond_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise prediction (B, C, H, W) at x for time labels (B,); see the class docstring."""
         check_image_inputs(self, x, labels, self.channels)
@@ -156,9 +176,14 @@ class DDPM(ClassConditional, nn.Module):
         class_emb = self.class_embedding(class_labels, x.shape[0], x.device)
         if class_emb is not None:
             temb = temb + class_emb
+        cond_features, level_emb = self.image_cond_terms(x, cond_image, cond_level)
+        if level_emb is not None:
+            temb = temb + level_emb
 
         h = x if self.centered else 2 * x - 1.0
         hs = [next(modules)(h)]  # (B, nf, H, W)
+        if cond_features is not None:  # the input conv's share of the concatenated [y_up, flag]
+            hs[0] = hs[0] + cond_features
         for level in range(self.num_resolutions):
             for _ in range(self.num_res_blocks):
                 h = next(modules)(hs[-1], temb)

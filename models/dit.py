@@ -19,6 +19,11 @@ variance interpolation v, Nichol & Dhariwal 2021, eq. 15).
 * Class labels: K = ``num_classes``; with label dropout (``class_dropout_prob > 0``) the
   embedding has K + 1 rows and ``null_label`` = K; without, ``null_label`` is None and ``y`` is
   required. ``num_classes = 0`` builds an unconditional DiT (no ``y_embedder``).
+* Image conditioning (ours, :mod:`models.image_conditioning`): ``cond_channels > 0`` adds
+  ``cond_conv``, a zero-initialised patch convolution over the upsampled low-resolution image and
+  its flag, added to the patch embedding, and ``cond_level_embed`` (DiT's timestep features of
+  999 s, then a zero-ended MLP) added to c; built after the official initialisation, so the
+  official modules are initialised as without.
 """
 
 from __future__ import annotations
@@ -28,13 +33,16 @@ from torch import nn
 
 from models.conditioning import read_class_dropout_prob, read_num_classes
 from models.dit_layers import (
+    FREQUENCY_EMBEDDING_SIZE,
     DiTBlock,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
     sincos_pos_embed_2d,
+    timestep_embedding,
 )
+from models.image_conditioning import ImageConditional, read_image_cond_options
 from models.utils import read_learn_sigma, register_model
 
 #: Official named sizes (Peebles & Xie 2023, Table 1): depth, hidden size, heads; patch 2, 4, 8.
@@ -56,7 +64,7 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-class DiT(nn.Module):
+class DiT(ImageConditional, nn.Module):
     """Diffusion transformer (Peebles & Xie 2023) with the official constructor and state dict.
 
     Args:
@@ -71,8 +79,10 @@ class DiT(nn.Module):
             null label (row ``num_classes`` of the label table).
         num_classes: K (0: unconditional, no label embedder).
         learn_sigma: output 2 C channels (epsilon, then v) instead of C.
+        cond_channels, cond_upsample, cond_dropout_prob: image conditioning (ours; 0: none).
 
-    Call: ``model(x (B, C, H, W), t (B,), y (B,) or None) -> (B, out_channels, H, W)``.
+    Call: ``model(x (B, C, H, W), t (B,), y (B,) or None, cond_image=None, cond_level=None)
+    -> (B, out_channels, H, W)``.
     """
 
     def __init__(
@@ -87,6 +97,9 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        cond_channels: int = 0,
+        cond_upsample: str = "bicubic",
+        cond_dropout_prob: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("patch_size", patch_size),
@@ -130,6 +143,11 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        self._init_image_cond(cond_channels=cond_channels, cond_upsample=cond_upsample,
+                              cond_dropout_prob=cond_dropout_prob,
+                              input_conv=self.x_embedder.proj, level_features=_level_features,
+                              features_dim=FREQUENCY_EMBEDDING_SIZE, temb_dim=hidden_size,
+                              act=nn.SiLU())
 
     @classmethod
     def from_config(cls, config) -> DiT:
@@ -161,6 +179,7 @@ class DiT(nn.Module):
                                                        default=0.1 if num_classes else 0.0),
             num_classes=num_classes,
             learn_sigma=read_learn_sigma(config, "dit"),
+            **read_image_cond_options(config),
         )
 
     @property
@@ -232,7 +251,8 @@ class DiT(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, cond_image: torch.Tensor | None = None,
+                cond_level: torch.Tensor | None = None) -> torch.Tensor:
         """The DiT output at noisy inputs x and timesteps t (Peebles & Xie 2023, Fig. 3).
 
         Args:
@@ -243,6 +263,8 @@ class DiT(nn.Module):
                 ``class_dropout_prob``.
             class_labels: the toolkit's keyword for y (``models.utils.get_model_fn`` binds
                 labels by that name); give y or class_labels, not both.
+            cond_image, cond_level: (B, cond_channels, h, w) low-resolution image and its
+                augmentation level (B,) in [0, 1] (``models.image_conditioning``).
         Returns:
             (B, out_channels, H, W) in the network's dtype: epsilon, then v with ``learn_sigma``.
         """
@@ -253,6 +275,10 @@ class DiT(nn.Module):
         self._check_inputs(x, t, y)
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t)  # (B, D)
+        cond_features, level_emb = self.image_cond_terms(x, cond_image, cond_level)
+        if cond_features is not None:  # (B, D, H / p, W / p) -> (B, T, D), as the patches
+            h = h + cond_features.flatten(2).transpose(1, 2)
+            c = c + level_emb
         if self.y_embedder is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device)
@@ -319,6 +345,12 @@ def dit_parameter_count(name: str, **overrides) -> int:
     with torch.device("meta"):
         model = build_dit(name, **overrides)
     return sum(p.numel() for p in model.parameters())
+
+
+def _level_features(level: torch.Tensor) -> torch.Tensor:
+    """DiT's timestep features (B, 256) of the augmentation level s (B,) in [0, 1], as of the
+    timestep 999 s."""
+    return timestep_embedding(999 * level)
 
 
 @register_model("dit")

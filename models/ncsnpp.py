@@ -17,6 +17,11 @@ label used for classifier-free guidance (Ho & Salimans 2022); ``class_dropout_pr
 to it in training mode. ``learn_sigma = True`` doubles the output channels (the next C are improved
 DDPM's variance interpolation v, Nichol & Dhariwal 2021, eq. 15). With ``num_classes`` and
 ``learn_sigma`` absent the model and its state dict are exactly the reference's.
+
+Optional image conditioning (``config.model.cond_channels > 0``, super-resolution stages of a
+cascade; :mod:`models.image_conditioning`): the upsampled low-resolution image and a flag channel
+enter through ``cond_conv`` beside the input convolution, the augmentation level through
+``cond_level_embed`` added to the time embedding; both zero-initialised.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 
 from models import layerspp
 from models.conditioning import ClassConditional
+from models.image_conditioning import ImageConditional, read_image_cond_options
 from models.layers import ddpm_conv3x3, dense, get_act, get_sigmas, get_timestep_embedding
 from models.layerspp import group_norm
 from models.utils import check_image_inputs, read_learn_sigma, register_model
@@ -51,19 +57,27 @@ def _choice(config, key: str) -> str:
     return value
 
 
+def _level_positional(level: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of the augmentation level s (B,) in [0, 1], as of a time
+    label 999 s (the positional time embedding of DDPM++)."""
+    return get_timestep_embedding(999 * level, dim)
+
+
 @register_model("ncsnpp")
-class NCSNpp(ClassConditional, nn.Module):
+class NCSNpp(ClassConditional, ImageConditional, nn.Module):
     """NCSN++ / DDPM++ score network (Song et al. 2021, App. H) from an ml_collections config.
 
     Reads ``config.model``: nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
     resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type, progressive,
     progressive_input, progressive_combine, embedding_type, fourier_scale, init_scale, conv_size,
     scale_by_sigma, nonlinearity, sigma_min, sigma_max, num_scales and optionally num_classes,
-    class_dropout_prob, learn_sigma; ``config.data``: centered, image_size, num_channels.
+    class_dropout_prob, learn_sigma, cond_channels, cond_upsample, cond_dropout_prob;
+    ``config.data``: centered, image_size, num_channels.
 
-    Call: ``model(x, time_cond, class_labels=None)`` with x (B, C, H, W) and time_cond (B,) the
-    noise level sigma (Fourier embedding) or the time label 999 t (positional embedding);
-    returns (B, C, H, W), or (B, 2 C, H, W) with ``learn_sigma``.
+    Call: ``model(x, time_cond, class_labels=None, cond_image=None, cond_level=None)`` with
+    x (B, C, H, W) and time_cond (B,) the noise level sigma (Fourier embedding) or the time
+    label 999 t (positional embedding); returns (B, C, H, W), or (B, 2 C, H, W) with
+    ``learn_sigma``.
     """
 
     def __init__(self, config) -> None:
@@ -159,7 +173,8 @@ class NCSNpp(ClassConditional, nn.Module):
         self.learn_sigma = read_learn_sigma(config, "ncsnpp")
         out_channels = 2 * channels if self.learn_sigma else channels
         input_pyramid_ch = channels
-        modules.append(ddpm_conv3x3(channels, nf))
+        input_conv = ddpm_conv3x3(channels, nf)
+        modules.append(input_conv)
         hs_c = [nf]
         in_ch = nf
         for i_level in range(num_resolutions):
@@ -234,6 +249,20 @@ class NCSNpp(ClassConditional, nn.Module):
                 f"model.num_classes = {self.num_classes} needs model.conditional = True "
                 "(the class embedding is added to the time embedding)"
             )
+        # Image conditioning (ours, models.image_conditioning), built last.
+        cond = read_image_cond_options(config)
+        if cond["cond_channels"] and not conditional:
+            raise ValueError(
+                f"model.cond_channels = {cond['cond_channels']} needs model.conditional = True "
+                "(the augmentation level's embedding is added to the time embedding)"
+            )
+        if cond["cond_channels"]:
+            if embedding_type == "fourier":
+                level_features = layerspp.GaussianFourierProjection(nf, scale=m.fourier_scale)
+            else:
+                level_features = functools.partial(_level_positional, dim=nf)
+            self._init_image_cond(**cond, input_conv=input_conv, level_features=level_features,
+                                  features_dim=embed_dim, temb_dim=nf * 4, act=get_act(config))
 
     def _embed(
         self, modules: Iterator[nn.Module], time_cond: torch.Tensor, dtype: torch.dtype
@@ -255,7 +284,8 @@ class NCSNpp(ClassConditional, nn.Module):
         return temb, used_sigmas
 
     def forward(
-        self, x: torch.Tensor, time_cond: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, time_cond: torch.Tensor, class_labels: torch.Tensor | None = None,
+        cond_image: torch.Tensor | None = None, cond_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Score (NCSN++, sigma-scaled) or noise prediction (DDPM++) at x.
 
@@ -265,6 +295,10 @@ class NCSNpp(ClassConditional, nn.Module):
             time_cond: (B,) sigma for the Fourier embedding, the time label for positional.
             class_labels: (B,) int64 in [0, num_classes]; ``num_classes`` (or None) is the null
                 label. Only for class-conditional models.
+            cond_image: (B, cond_channels, h, w) low-resolution image in model space (already
+                augmented), upsampled inside; None: the null conditioning. Only with
+                ``cond_channels > 0`` (``models.image_conditioning``).
+            cond_level: (B,) its augmentation level s in [0, 1] (None: 0).
         Returns:
             (B, C, H, W) in x's dtype; (B, 2 C, H, W) with ``learn_sigma``, the next C channels
             the variance interpolation v (never divided by sigma).
@@ -275,6 +309,9 @@ class NCSNpp(ClassConditional, nn.Module):
         class_emb = self.class_embedding(class_labels, x.shape[0], x.device)  # (B, 4 nf) or None
         if class_emb is not None:
             temb = temb + class_emb
+        cond_features, level_emb = self.image_cond_terms(x, cond_image, cond_level)
+        if level_emb is not None:
+            temb = temb + level_emb
 
         if not self.centered:
             x = 2 * x - 1.0  # [0, 1] -> [-1, 1]
@@ -282,6 +319,8 @@ class NCSNpp(ClassConditional, nn.Module):
         # Downsampling path; hs holds every skip connection.
         input_pyramid = x if self.progressive_input != "none" else None
         hs = [next(modules)(x)]
+        if cond_features is not None:  # the input conv's share of the concatenated [y_up, flag]
+            hs[0] = hs[0] + cond_features
         for i_level in range(self.num_resolutions):
             for _ in range(self.num_res_blocks):
                 h = next(modules)(hs[-1], temb)

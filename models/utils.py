@@ -91,23 +91,30 @@ def check_image_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
         )
 
 
+def _bound_kwargs(class_labels: torch.Tensor | None, cond_image: torch.Tensor | None,
+                  cond_level: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The conditioning keyword arguments bound into every network call (only those given)."""
+    kwargs = {"class_labels": class_labels, "cond_image": cond_image, "cond_level": cond_level}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def get_model_fn(model: nn.Module, train: bool = False,
-                 class_labels: torch.Tensor | None = None) -> ModelFn:
+                 class_labels: torch.Tensor | None = None,
+                 cond_image: torch.Tensor | None = None,
+                 cond_level: torch.Tensor | None = None) -> ModelFn:
     """``model_fn(x, labels)`` that puts ``model`` in train or eval mode before each call.
 
     ``class_labels`` (B,) integers, when given, are bound: every call is
     ``model(x, labels, class_labels=class_labels)`` (``models.conditioning``); None calls
     ``model(x, labels)`` as for an unconditional model (a class-conditional one then sees its
-    null label).
+    null label). ``cond_image`` (B, C_y, h, w) and ``cond_level`` (B,) of an image-conditional
+    model (``models.image_conditioning``) are bound the same way.
     """
-    if class_labels is None:
-        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            model.train(train)
-            return model(x, labels)
-    else:
-        def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            model.train(train)
-            return model(x, labels, class_labels=class_labels)
+    kwargs = _bound_kwargs(class_labels, cond_image, cond_level)
+
+    def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model.train(train)
+        return model(x, labels, **kwargs)
 
     return model_fn
 
@@ -242,6 +249,7 @@ def get_score_adapter(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool,
 def get_score_fn(
     sde: sde_lib.SDE, model: nn.Module | ModelFn, train: bool = False, continuous: bool = False,
     class_labels: torch.Tensor | None = None, learned_variance: bool | None = None,
+    cond_image: torch.Tensor | None = None, cond_level: torch.Tensor | None = None,
 ) -> ScoreFn:
     """``score_fn(x, t)`` for a network trained with the reference's conventions.
 
@@ -257,16 +265,53 @@ def get_score_fn(
         learned_variance: the output holds C more channels of the variance interpolation v
             (None: ``model.learn_sigma`` of a module, else False). The score uses the eps half;
             ``score_fn.eps_and_v(x, t)`` returns both halves.
+        cond_image: (B, C_y, h, w) low-resolution conditioning image in model space, already
+            augmented, bound into every call of an image-conditional model (the score of
+            p_t(x | y_s)); None: the null conditioning.
+        cond_level: (B,) its augmentation level s in [0, 1].
     Returns:
         ``score_fn(x (B, *D), t (B,)) -> score (B, *D)``.
     """
     if learned_variance is None:
         learned_variance = bool(getattr(model, "learn_sigma", False))
+    kwargs = _bound_kwargs(class_labels, cond_image, cond_level)
     if isinstance(model, nn.Module):
-        model_fn = get_model_fn(model, train=train, class_labels=class_labels)
-    elif class_labels is None:
+        model_fn = get_model_fn(model, train=train, **kwargs)
+    elif not kwargs:
         model_fn = model
     else:
         def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return model(x, labels, class_labels=class_labels)
+            return model(x, labels, **kwargs)
     return get_score_adapter(sde, model_fn, continuous, learned_variance)
+
+
+#: ``score_factory(y_low_aug (B, C_y, h, w), level (B,) or a number) -> score_fn(x, t)``
+ScoreFactory = Callable[[torch.Tensor, "torch.Tensor | float"], ScoreFn]
+
+
+def get_cond_score_factory(
+    sde: sde_lib.SDE, model: nn.Module | ModelFn, continuous: bool = False,
+    class_labels: torch.Tensor | None = None,
+) -> ScoreFactory:
+    """``score_factory(y_low_aug, level) -> score_fn`` of an image-conditional network: the
+    score of p_t(x | y_s) (Ho, Saharia et al. 2022, Sec. 4.1) with the augmented low-resolution
+    image y_s = m(s) y + sigma(s) eps (B, C_y, h, w) and its level s bound (a number or (B,)).
+
+    This is what a super-resolution stage of ``samplers.cascade`` calls; eval mode.
+
+    Raises:
+        ValueError: a module without image conditioning (``cond_channels = 0``).
+    """
+    if isinstance(model, nn.Module) and not getattr(model, "cond_channels", 0):
+        raise ValueError(f"{type(model).__name__} has no image conditioning "
+                         "(config.model.cond_channels = 0): it cannot be a super-resolution stage")
+
+    def score_factory(y_low_aug: torch.Tensor, level) -> ScoreFn:
+        if not isinstance(y_low_aug, torch.Tensor) or y_low_aug.dim() != 4:
+            raise ValueError("y_low_aug must be a (B, C_y, h, w) tensor")
+        level = torch.as_tensor(level, device=y_low_aug.device, dtype=y_low_aug.dtype)
+        level = level.expand(y_low_aug.shape[0]) if level.dim() == 0 else level
+        return get_score_fn(sde, model, train=False, continuous=continuous,
+                            class_labels=class_labels, cond_image=y_low_aug, cond_level=level)
+
+    return score_factory

@@ -9,6 +9,9 @@ anywhere; both call :func:`run`.
     python main.py --config digits --mode sample --workdir runs/digits
     python main.py --config digits --mode likelihood --workdir runs/digits
     python main.py --config digits --mode eval --workdir runs/digits
+    python main.py --config digits_cascade --mode train --workdir runs/cascade
+    python main.py --config digits_cascade --mode sample --workdir runs/cascade \\
+        --low_res=runs/cascade/base/eval/samples_step_1000/sample.npz
     python main.py --config imagenet256_dit_xl2 --mode sample --workdir runs/dit \\
         --checkpoint /path/DiT-XL-2-256x256.pt --classes=207,360,387,974
     torchrun --standalone --nproc_per_node 4 main.py --config vp_cifar --workdir runs/vp_cifar
@@ -18,6 +21,11 @@ Under ``torchrun`` training is data-parallel (``training.distributed``): the glo
 
 ``--config`` takes a short name (see ``configs/registry.py``) or a config file path;
 ``--config.<section>.<key>=value`` overrides any existing key (a misspelt key is an error).
+
+A cascade config (it has a ``cascade`` section, ``training.cascade``) runs every stage: train
+trains each in ``<workdir>/<stage>/`` in turn, sample samples the base then each
+super-resolution stage (``--low_res`` replaces the base's output); likelihood and eval take one
+stage's config and workdir.
 
 Output: log lines go to stderr and, once the run has passed validation, to
 ``<workdir>/stdout.txt`` (created then, with the workdir: a run refused at the door leaves
@@ -124,6 +132,10 @@ flags.DEFINE_list("classes", None, "sample: class indices to sample from a class
                   "model (config.model.num_classes = K > 0), e.g. --classes=3,7: sample i has "
                   "class classes[i mod len(classes)]; overrides config.sampling.classes "
                   "(default: every class 0..K-1 in turn).")
+flags.DEFINE_string("low_res", None, "sample: low-resolution images to super-resolve (a folder "
+                    "of images or an .npz with uint8 (N, h, w[, C]) 'samples'): with a super-"
+                    "resolution config (data.low_res_size > 0) or a cascade config, whose base "
+                    "stage they replace.")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -270,18 +282,51 @@ def _log_to_file(workdir: Path) -> None:
 
 
 def run_train(config, workdir: Path) -> None:
-    """``--mode train``."""
+    """``--mode train`` (every stage of a cascade config in turn)."""
+    from score_sde.training.cascade import is_cascade, train_cascade
     from score_sde.training.loop import train
 
-    train(config, workdir, progress=show_progress())
+    if is_cascade(config):
+        train_cascade(config, workdir, progress=show_progress())
+    else:
+        train(config, workdir, progress=show_progress())
 
 
 def run_sample(config, workdir: Path) -> None:
-    """``--mode sample``."""
+    """``--mode sample``: samples; a cascade config's every stage; ``--low_res`` images
+    super-resolved."""
+    from score_sde.training import cascade
     from score_sde.training.inference import run_sample
 
-    run_sample(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
-               num_samples=FLAGS.num_samples, progress=show_progress())
+    if cascade.is_cascade(config):
+        cascade.run_sample_cascade(config, workdir, FLAGS.eval_folder,
+                                   checkpoint=FLAGS.checkpoint, num_samples=FLAGS.num_samples,
+                                   low_res=FLAGS.low_res, progress=show_progress())
+    elif FLAGS.low_res is not None:
+        cascade.run_super_resolution(config, workdir, FLAGS.low_res, FLAGS.eval_folder,
+                                     checkpoint=FLAGS.checkpoint, progress=show_progress())
+    else:
+        run_sample(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint,
+                   num_samples=FLAGS.num_samples, progress=show_progress())
+
+
+def validate_cascade_run(config, workdir: Path, mode: str, world_size: int) -> None:
+    """``validate_run`` and ``check_inputs`` of every stage of a cascade config (train and
+    sample; the other modes take one stage's config).
+
+    Raises:
+        ValueError: another mode, a stage that does not chain, or a bad stage value.
+    """
+    from score_sde.training import cascade, validation
+
+    if mode not in ("train", "sample"):
+        raise ValueError(f"--mode {mode} takes one stage: run it with that stage's config "
+                         f"and --workdir <workdir>/<stage> (a cascade config runs train and "
+                         f"sample)")
+    for name, cfg in cascade.stage_configs(config):
+        stage_dir = cascade.stage_workdir(workdir, name)
+        validation.validate_run(cfg, stage_dir, mode, world_size)
+        check_inputs(cfg, stage_dir, mode)
 
 
 def run_likelihood(config, workdir: Path) -> None:
@@ -358,8 +403,13 @@ def main(argv):
     try:
         try:
             apply_classes_flag(config, FLAGS.mode, FLAGS.classes)
-            validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
-            check_inputs(config, workdir, FLAGS.mode)
+            if FLAGS.low_res is not None and FLAGS.mode != "sample":
+                raise ValueError(f"--low_res applies to --mode sample, not --mode {FLAGS.mode}")
+            if "cascade" in config:
+                validate_cascade_run(config, workdir, FLAGS.mode, ctx.world_size)
+            else:
+                validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
+                check_inputs(config, workdir, FLAGS.mode)
         except (ValueError, TypeError) as e:  # config values, DatasetError, CheckpointError
             _fail(e)
         if ctx.is_main:  # only now: a refused run leaves no workdir behind

@@ -5,7 +5,8 @@ Every objective is one function of the model and its random draws (``dsm_loss``,
 (``get_sde_loss_fn``, ``get_smld_loss_fn``, ``get_ddpm_loss_fn``, ``get_ssm_loss_fn``) return
 ``loss_fn(model, batch, *, generator=None, shard=None, class_labels=None) -> scalar`` that draws
 them from an injected ``torch.Generator`` and averages over the batch. ``class_labels`` (B,)
-(class-conditional training) reach the network as ``model(x, t_label, class_labels=...)``; they
+(class-conditional training) reach the network as ``model(x, t_label, class_labels=...)``, and
+``cond_image`` / ``cond_level`` (image-conditional training) likewise; they
 draw nothing, so the draws are those of unconditional training. Label dropout for
 classifier-free guidance is the model's own (its label embedder), never the loss's. Semantics and
 draw order are those of the reference implementation (yang-song/score_sde_pytorch ``losses.py``),
@@ -75,6 +76,27 @@ def _rows(shard: slice | None, *tensors: torch.Tensor | None) -> tuple[torch.Ten
     if shard is None:
         return tensors
     return tuple(None if x is None else x[shard] for x in tensors)
+
+
+#: the image conditioning a loss passes on to the network (``models.image_conditioning``)
+IMAGE_COND_KEYS = ("cond_image", "cond_level")
+
+
+def _image_cond_rows(image_cond: dict, batch: torch.Tensor, shard: slice | None
+                     ) -> dict[str, torch.Tensor]:
+    """The losses' boundary check of the image conditioning ``cond_image`` (B, C_y, h, w) and
+    ``cond_level`` (B,) of the whole batch, cut to the rows of ``shard``."""
+    unknown = sorted(set(image_cond) - set(IMAGE_COND_KEYS))
+    if unknown:
+        raise TypeError(f"unexpected loss arguments {unknown}; the image conditioning is "
+                        f"{', '.join(IMAGE_COND_KEYS)}")
+    image_cond = {k: v for k, v in image_cond.items() if v is not None}
+    for key, value in image_cond.items():
+        if not isinstance(value, torch.Tensor) or value.shape[:1] != batch.shape[:1]:
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{key} must be a tensor with the batch's {batch.shape[0]} rows, "
+                             f"got {found}")
+    return dict(zip(image_cond, _rows(shard, *image_cond.values())))
 
 
 def _check_eps(sde: sde_lib.SDE, eps: float) -> float:
@@ -273,13 +295,16 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None, class_labels: torch.Tensor | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None,
+                **image_cond: torch.Tensor):
         _check_batch(batch)
         _check_class_labels(class_labels, batch)
+        image_cond = _image_cond_rows(image_cond, batch, shard)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         batch, t, z, y = _rows(shard, batch, t, z, class_labels)
-        score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y)
+        score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y,
+                                **image_cond)
         return dsm_loss(score_fn, sde, batch, t, z, reduce_mean, likelihood_weighting,
                         importance_weighting, eps).mean()
 
@@ -304,16 +329,19 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None, class_labels: torch.Tensor | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None,
+                **image_cond: torch.Tensor):
         _check_batch(batch)
         _check_class_labels(class_labels, batch)
+        image_cond = _image_cond_rows(image_cond, batch, shard)
         t = draw_t(batch, sde, eps, generator)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         v = torch.randn((num_probes, *batch.shape), generator=generator, device=batch.device,
                         dtype=batch.dtype)
         batch, t, z, y = _rows(shard, batch, t, z, class_labels)
         v = v if shard is None else v[:, shard]
-        score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y)
+        score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y,
+                                **image_cond)
         return ssm_loss(score_fn, sde, batch, t, z, v, reduce_mean, likelihood_weighting,
                         importance_weighting, eps, create_graph=train).mean()
 
@@ -338,9 +366,11 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
     ``class_labels`` (B,) are bound into the network (``models.utils.get_model_fn``)."""
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None, class_labels: torch.Tensor | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None,
+                **image_cond: torch.Tensor):
         _check_batch(batch)
         _check_class_labels(class_labels, batch)
+        image_cond = _image_cond_rows(image_cond, batch, shard)
         if learns_sigma(model):
             raise ValueError(
                 "training.loss='simple' trains only the eps half of a model with learned "
@@ -350,8 +380,8 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
                                device=batch.device)
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         batch, labels, z, y = _rows(shard, batch, labels, z, class_labels)
-        return objective(get_model_fn(model, train=train, class_labels=y), sde, batch, labels, z,
-                         reduce_mean).mean()
+        model_fn = get_model_fn(model, train=train, class_labels=y, **image_cond)
+        return objective(model_fn, sde, batch, labels, z, reduce_mean).mean()
 
     return loss_fn
 
@@ -401,9 +431,11 @@ def get_hybrid_loss_fn(sde: sde_lib.SDE, train: bool, *, rescale: bool = False,
                          f"the SDE has N={sde.N}")
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None, class_labels: torch.Tensor | None = None):
+                shard: slice | None = None, class_labels: torch.Tensor | None = None,
+                **image_cond: torch.Tensor):
         _check_batch(batch)
         _check_class_labels(class_labels, batch)
+        image_cond = _image_cond_rows(image_cond, batch, shard)
         if not learns_sigma(model):
             raise ValueError("training.loss='hybrid' needs a model with learned variances "
                              "(config.model.learn_sigma=True): L_vlb trains its v")
@@ -417,7 +449,7 @@ def get_hybrid_loss_fn(sde: sde_lib.SDE, train: bool, *, rescale: bool = False,
         z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         x0, n_rows, z, y, w = _rows(shard, batch, n, z, class_labels, weights)
         x_n = process.q_sample(x0, n_rows, z)
-        out = get_model_fn(model, train=train, class_labels=y)(x_n, n_rows)
+        out = get_model_fn(model, train=train, class_labels=y, **image_cond)(x_n, n_rows)
         if out.shape[1] != 2 * x0.shape[1]:
             raise ValueError(f"a model with learned variances must output 2 x {x0.shape[1]} "
                              f"channels, got {tuple(out.shape)}")
@@ -507,7 +539,9 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
     L_hybrid: ``reduce_mean`` does not apply); ``loss_fn`` overrides.
     ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
     trains on, with the draws made for the whole batch. ``class_labels`` (B,) of the whole batch
-    (class-conditional training) are passed on to the loss, which shards them like the rows.
+    (class-conditional training) are passed on to the loss, which shards them like the rows;
+    so are ``cond_image`` (B, C_y, h, w) and ``cond_level`` (B,) of an image-conditional model
+    (a super-resolution stage of a cascade, :mod:`training.cascade`).
     Returns the detached loss.
     """
     if loss not in OBJECTIVES:
@@ -538,12 +572,13 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = 
         raise ValueError("a training step_fn needs optimize_fn (see optimization_manager)")
 
     def step_fn(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                shard: slice | None = None, class_labels: torch.Tensor | None = None,
+                **image_cond: torch.Tensor) -> torch.Tensor:
         model: nn.Module = state["model"]
         ema = state.get("ema")
         # only what is given: a custom loss_fn of an unconditional run need not take labels
         extra = {} if class_labels is None else {"class_labels": class_labels}
+        extra.update({k: v for k, v in image_cond.items() if v is not None})
         if train:
             optimizer = state["optimizer"]
             optimizer.zero_grad(set_to_none=True)

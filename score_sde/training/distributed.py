@@ -299,12 +299,14 @@ def data_parallel_step(train_step: Callable[..., torch.Tensor], model: torch.nn.
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def step(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+             class_labels: torch.Tensor | None = None, **image_cond: torch.Tensor
+             ) -> torch.Tensor:
         if batch.shape[0] != batch_size:
             raise ValueError(f"expected the global batch of {batch_size} rows, got "
                              f"{batch.shape[0]}")
         view = dict(state, model=ddp, ema=state["ema"] if ctx.is_main else None)
         extra = {} if class_labels is None else {"class_labels": class_labels}
+        extra.update(image_cond)  # cond_image, cond_level: sharded by the loss like the labels
         loss = train_step(view, batch, generator=generator, shard=rows, **extra)
         state["step"] = view["step"]
         return loss

@@ -10,7 +10,9 @@ checkpoint of ``workdir`` automatically.
 A class-conditional run (``model.num_classes > 0``, :mod:`training.classes`) reads each batch
 with its labels (``DataIterator(with_labels=True)``: the same batches and data positions as an
 unconditional run) and passes them to the training and evaluation losses; label dropout for
-classifier-free guidance is the model's own, the loop never drops labels.
+classifier-free guidance is the model's own, the loop never drops labels. A super-resolution
+stage (``data.low_res_size > 0``) gets each batch's augmented low-resolution conditioning
+(:func:`training.super_resolution.conditioning_kwargs`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from models.ema import ExponentialMovingAverage
 from models.utils import create_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import VLBImportanceSampler
-from score_sde.training import checkpoints, classes, distributed, validation
+from score_sde.training import checkpoints, classes, distributed, super_resolution, validation
 from score_sde.training.events import EventLog
 from score_sde.training.images import class_rows, save_image_grid, save_scatter
 from score_sde.training.lock import WorkdirLock
@@ -176,7 +178,8 @@ def log_scalars(writer, step: int, **scalars: float) -> None:
 def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     """Sample a batch with the EMA weights into ``workdir/samples/iter_{step}/``
     (``sample.png`` grid or scatter plot, ``sample.npz``); a class-conditional model samples
-    class ``classes[i mod len(classes)]`` for sample i, with ``config.sampling``'s guidance."""
+    class ``classes[i mod len(classes)]`` for sample i, with ``config.sampling``'s guidance; a
+    super-resolution stage super-resolves the first test images, downsampled."""
     folder = workdir / "samples" / f"iter_{step}"  # made by the first write
     model = state["model"]
     shape = (config.training.batch_size, *datasets.data_shape(config))
@@ -184,6 +187,12 @@ def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     sampled = classes.sample_classes(config)
     labels = None if sampled is None else classes.sample_class_labels(
         sampled, 0, shape[0], config.device)
+    if super_resolution.read_low_res_size(config):  # super-resolve the first test images
+        with ema_weights(model, state["ema"]):
+            x = super_resolution.super_resolve_test_images(
+                config, sde, model, state["iterators"]["eval"].dataset, shape[0], generator)
+        write_samples(x, folder)
+        return folder
     with ema_weights(model, state["ema"]):
         x, _ = generate(config, sde, model, shape, generator=generator,
                         inverse_scaler=datasets.get_data_inverse_scaler(config),
@@ -231,12 +240,16 @@ def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float)
     bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{rate:.1f}")
 
 
-def evaluate(state, eval_step, scaler, writer, step: int) -> None:
+def evaluate(state, eval_step, scaler, writer, step: int, config=None) -> None:
     """The loss on one test batch with the EMA weights (the reference's ``eval_freq`` loss), with
-    its class labels in a class-conditional run."""
+    its class labels in a class-conditional run and, for a super-resolution stage of
+    ``config``, its augmented low-resolution conditioning (:mod:`training.super_resolution`)."""
     batch, class_labels = next_batch(state["iterators"]["eval"], scaler)
-    eval_loss = eval_step(state, batch, generator=state["generators"]["eval"],
-                          **labels_kwargs(class_labels))
+    generator = state["generators"]["eval"]
+    cond = {} if config is None else super_resolution.conditioning_kwargs(config, batch,
+                                                                          generator)
+    eval_loss = eval_step(state, batch, generator=generator, **labels_kwargs(class_labels),
+                          **cond)
     log.info("step: %d, eval_loss: %.5e", step, float(eval_loss))
     log_scalars(writer, step, eval_loss=float(eval_loss))
 
@@ -333,8 +346,9 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     try:
         while state["step"] < t.n_iters:
             batch, class_labels = next_batch(state["iterators"]["train"], scaler)
-            loss = train_step(state, batch, generator=state["generators"]["train"],
-                              **labels_kwargs(class_labels))
+            generator = state["generators"]["train"]
+            loss = train_step(state, batch, generator=generator, **labels_kwargs(class_labels),
+                              **super_resolution.conditioning_kwargs(config, batch, generator))
             step, last = state["step"], state["step"] == t.n_iters  # steps completed
             guard.observe_loss(loss, step)  # read on the host only at the side effects
             window_images += batch.shape[0]
@@ -347,7 +361,8 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
                                     ctx, "logging", config.device)
                 window_start, window_images = time.perf_counter(), 0
             if step % t.eval_freq == 0:
-                distributed.on_main(partial(evaluate, state, eval_step, scaler, writer, step),
+                distributed.on_main(partial(evaluate, state, eval_step, scaler, writer, step,
+                                            config),
                                     ctx, "the evaluation loss", config.device)
             snapshot = step % t.snapshot_freq == 0 or last
             if snapshot:  # first the step's outputs ...

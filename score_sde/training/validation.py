@@ -33,6 +33,7 @@ from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
 from score_sde.training import classes, distributed
 from score_sde.training.sampling import get_sde
+from score_sde.training.super_resolution import check_super_resolution_config
 
 #: top-level entries of a training checkpoint (``training.checkpoints.save_checkpoint``)
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "data")
@@ -228,6 +229,7 @@ def validate_config(config, world_size: int = 1) -> None:
     _real(config, "sampling.snr", 0.0, low_open=True)
     classes.check_class_config(config)
     check_discrete_diffusion_config(config)
+    check_super_resolution_config(config)  # data.low_res_size, model.cond_*, training.cond_aug_*
 
 
 def _choice(config, key: str, choices: tuple[str, ...]) -> Any:
