@@ -134,10 +134,14 @@ def _levels(path: Path, im: Image.Image, size: int, channels: int, bits: int) ->
 
 def scan(root: Path) -> tuple[list[Path], list[int], tuple[str, ...], Counter]:
     """Image files under ``root`` with their labels, the class names and the count of the other
-    (skipped) files by lower-case extension ('' for none; hidden files are not counted)."""
+    (skipped) files by lower-case extension ('' for none; hidden files are not counted). Beside
+    class sub-folders, files directly in ``root`` belong to no class and are skipped too."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     groups = [(d.name, d) for d in subdirs] if subdirs else [("", root)]
     files, labels, skipped = [], [], Counter()
+    if subdirs:
+        skipped.update(p.suffix.lower() for p in root.iterdir()
+                       if p.is_file() and not p.name.startswith("."))
     for label, (_, folder) in enumerate(groups):
         for path in sorted(folder.rglob("*")):
             if not path.is_file() or path.name.startswith("."):
