@@ -311,5 +311,23 @@ def test_the_array_cache_builds_once_and_never_reads_a_partial_file(tmp_path):
     store.path(key).write_bytes(store.path(key).read_bytes()[:100])  # a torn copy from elsewhere
     rebuilt = store.get_or_build(key, (2, 3), np.float32, fill)
     assert len(fills) == 2 and np.array_equal(rebuilt, np.arange(6).reshape(2, 3))
-    (store.folder / f".{store.path(key).name}.99.abcd.tmp").write_bytes(b"half written")
+    stale = store.folder / f".{store.path(key).name}.99.abcd.tmp"  # a killed build's
+    stale.write_bytes(b"half written")
     assert store.get(key, (2, 3), np.float32) is not None and len(fills) == 2
+    assert store.remove_temporaries() == [stale] and not stale.exists()
+    assert store.path(key).is_file()
+
+
+def test_files_beside_class_folders_are_skipped_and_bad_loader_keys_are_named(tmp_path):
+    root = _grey_folder(tmp_path / "images", n=4)
+    Image.new("L", (8, 8)).save(root / "stray.png")  # in no class folder
+    data = datasets.get_dataset(_config(root))
+    assert len(data) == 4 and data.summary().endswith("2 classes, skipped 1 file: .png x1")
+    for key, value, message in [
+        ("num_workers", "four", "num_workers must be 'auto' or an int >= 0, got 'four'"),
+        ("cache", "", "data.cache must be 'none', 'auto' or a folder, got ''"),
+        ("alpha_background", (255, 255), r"an RGB triple of ints in 0..255, got \(255, 255\)"),
+    ]:
+        config = _config(root, **{key: value})
+        with pytest.raises(ValueError, match=message):
+            datasets.check_loader_config(config)

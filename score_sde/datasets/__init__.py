@@ -73,6 +73,14 @@ def num_data_workers(config, dataset: ArrayDataset) -> int:
                                        decodes_files(dataset))
 
 
+def check_loader_config(config) -> None:
+    """Check the loader keys ``data.num_workers``, ``data.cache`` and ``data.alpha_background``
+    before any work (each raises ValueError naming the value and what is allowed)."""
+    workers.resolve_num_workers(config.data.get("num_workers", "auto"), True)
+    cache_folder(config)
+    folder.alpha_background(config)
+
+
 def get_dataset(config, split: str = "train", *,
                 workdir: str | os.PathLike | None = None) -> ArrayDataset:
     """Load ``split`` of the dataset named by ``config.data.dataset``; image files are read
@@ -134,6 +142,7 @@ __all__ = [
     "ArrayDataset",
     "DataIterator",
     "cache_folder",
+    "check_loader_config",
     "data_shape",
     "decodes_files",
     "get_data_inverse_scaler",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from score_sde.datasets.workers import Prefetcher
 from score_sde.utils import Registry
 
 #: name -> ``loader(config, split) -> ArrayDataset`` (``config.data.dataset`` names a loader).
@@ -218,8 +219,6 @@ class DataIterator:
             raise StopIteration
         if self.num_workers:
             if self._prefetcher is None:
-                from score_sde.datasets.workers import Prefetcher  # imports this module
-
                 self._prefetcher = Prefetcher(self.worker_copy(), self.num_workers, self.device)
             item = self._prefetcher.get(position)
         else:

@@ -60,6 +60,17 @@ class ArrayCache:
             return None
         return array
 
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files of killed builds; returns them. Only for a folder no other
+        process builds in (e.g. the cache under a workdir whose lock this process holds)."""
+        if not self.folder.is_dir():
+            return []
+        stale = [p for p in self.folder.iterdir() if p.is_file()
+                 and p.name.startswith(TEMPORARY[0]) and p.name.endswith(TEMPORARY[1])]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def get_or_build(self, key: str, shape: tuple[int, ...], dtype,
                      fill: Callable[[np.ndarray], None], name: str = "array") -> np.ndarray:
         """The array of ``key``; built first by ``fill(out)`` (which writes every element of the

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from score_sde.datasets.base import ArrayDataset, register_dataset
 from score_sde.datasets.cache import ArrayCache, cache_key
+from score_sde.datasets.workers import as_is, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -252,16 +253,12 @@ class _Decoded(torch.utils.data.Dataset):
         return k, self.images[list(rows)].numpy()
 
 
-def _as_is(item):
-    return item
-
-
 def decode_all(images: FolderImages, out: np.ndarray, num_workers: int = 0,
                chunk: int = 64) -> None:
     """Decode every file of ``images`` into ``out`` (N, C, S, S), with ``num_workers`` worker
     processes (0: in this one)."""
     loader = DataLoader(_Decoded(images, chunk), batch_size=None, num_workers=num_workers,
-                        collate_fn=_as_is)
+                        collate_fn=as_is, worker_init_fn=one_thread)
     for k, levels in loader:
         out[k * chunk:k * chunk + levels.shape[0]] = levels
 
@@ -296,7 +293,12 @@ def cached(dataset: ArrayDataset, folder: str | Path, num_workers: int = 0) -> A
                         dataset.levels, dataset.classes, dataset.notes)
 
 
-def _alpha_background(config) -> tuple[int, int, int]:
+def alpha_background(config) -> tuple[int, int, int]:
+    """``config.data.alpha_background`` (default white) as an RGB triple.
+
+    Raises:
+        ValueError: not three ints in 0..255.
+    """
     background = config.data.get("alpha_background", WHITE)
     if len(tuple(background)) != 3 or not all(
             isinstance(v, int) and 0 <= v <= 255 for v in background):
@@ -324,7 +326,7 @@ def load_folder(config, split: str) -> ArrayDataset:
     channels = config.data.num_channels
     if channels not in (1, 3):
         raise ValueError(f"data.num_channels must be 1 or 3 for images, got {channels}")
-    background = _alpha_background(config)
+    background = alpha_background(config)
     files, labels, classes, skipped = scan(root)
     if not files:
         raise FileNotFoundError(

@@ -72,11 +72,13 @@ class _Positions(Sampler):
         return self.iterator.positions(*self.start)
 
 
-def _as_is(item):
+def as_is(item):
+    """A loader item as built (no collation: a worker returns whole batches)."""
     return item
 
 
-def _one_thread(worker_id: int) -> None:
+def one_thread(worker_id: int) -> None:
+    """A worker's start: torch on one thread (the workers share the cores with the step)."""
     torch.set_num_threads(1)
 
 
@@ -95,8 +97,8 @@ class Prefetcher:
         cuda = device is not None and torch.device(device).type == "cuda"
         self._loader = DataLoader(
             _Batches(iterator), batch_size=None, sampler=self._sampler,
-            num_workers=num_workers, collate_fn=_as_is, pin_memory=cuda,
-            persistent_workers=True, prefetch_factor=2, worker_init_fn=_one_thread)
+            num_workers=num_workers, collate_fn=as_is, pin_memory=cuda,
+            persistent_workers=True, prefetch_factor=2, worker_init_fn=one_thread)
         self._stream = None
         self._next_position: tuple[int, int] | None = None
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
 from score_sde import datasets, losses
+from score_sde.datasets.cache import ArrayCache
 from score_sde.discrete_diffusion import VLBImportanceSampler
 from score_sde.training import checkpoints, classes, distributed, validation
 from score_sde.training.events import EventLog
@@ -321,6 +322,8 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     def prepare_workdir():
         write_config(config, workdir)
         checkpoints.remove_stale_temporaries(workdir)  # left by a killed run: we hold the lock
+        if config.data.get("cache") == "auto":  # the decode cache under the workdir is ours too
+            ArrayCache(datasets.cache_folder(config, workdir)).remove_temporaries()
 
     # rank 0 writes; a failure there (a full disk) reaches every rank instead of a hang
     distributed.on_main(prepare_workdir, ctx, "writing config.json", config.device)

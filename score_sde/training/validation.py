@@ -217,6 +217,7 @@ def validate_config(config, world_size: int = 1) -> None:
     _int(config, "data.num_channels", optional=True)
     _int(config, "data.dim", optional=True)
     _int(config, "data.num_samples", optional=True)
+    datasets.check_loader_config(config)  # num_workers, cache, alpha_background
     _check_resolutions(config)
 
     _name(config, "sampling.method", samplers.SAMPLERS, optional=True)
