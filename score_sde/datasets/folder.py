@@ -231,9 +231,19 @@ class CachedImages:
     def __len__(self) -> int:
         return self.array.shape[0]
 
+    def __getstate__(self) -> dict:
+        # Pickled for a spawned worker: the whole cached file by its path, not its bytes.
+        whole = self.path is not None and np.load(self.path, mmap_mode="r").shape == self.shape
+        return {"path": self.path} if whole else {"path": None, "array": np.asarray(self.array)}
+
+    def __setstate__(self, state: dict) -> None:
+        array = state.get("array")
+        self.__init__(np.load(state["path"], mmap_mode="r") if array is None else array,
+                      state["path"])
+
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return CachedImages(self.array[index], self.path)
+            return CachedImages(self.array[index], None)
         indices = torch.as_tensor(index).reshape(-1).numpy()
         batch = self.array[indices]  # a copy in memory: (B, C, S, S)
         return torch.from_numpy(batch.astype(np.int32) if batch.dtype == np.uint16 else batch)
