@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--nf", type=int, default=16, help="channels of the DDPM++ network")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per feed")
     args = parser.parse_args()
+    args.load_before = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -185,9 +187,10 @@ def save(results: list[dict], args) -> None:
         [f"DDPM++ step (nf {args.nf}, 64 px, batch {args.step_batch_size}) fed by", "s / step",
          "vs. in memory"],
         [[r["source"], f"{r['s_per_step']:.3f}", f"{r['vs_memory']:.2f}x"] for r in steps])
+    load = (args.load_before, os.getloadavg()[0])  # other work competing for the cores
     caption = (f"{torch.get_num_threads()} torch thread(s), "
-               f"{datasets.workers.available_cores()} cores; "
-               "`python benchmarks/data_pipeline.py`\n\n")
+               f"{datasets.workers.available_cores()} cores, load average {load[0]:.1f} before "
+               f"and {load[1]:.1f} after; `python benchmarks/data_pipeline.py`\n\n")
     md = write_table("data_pipeline", caption + table)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [r["source"] for r in loader if r["px"] == 256]

@@ -231,7 +231,7 @@ class DataIterator:
             return item
         device = torch.device(self.device)
         non_blocking = device.type == "cuda"  # from pinned memory: overlaps the step
-        if isinstance(item, tuple):
+        if isinstance(item, (tuple, list)):  # (x, y)
             return tuple(t.to(device, non_blocking=non_blocking) for t in item)
         return item.to(device, non_blocking=non_blocking)
 
