@@ -7,15 +7,17 @@ Makes two folders of synthetic photo-like JPEGs in a temporary directory (256 an
 smooth gradients, shapes and sensor noise, quality 90) and reads them at 64 px (RGB, random
 flips, as a training run does):
 
-* the loader alone, images/s, with ``num_workers`` 0, 1 and 2 (decoding each batch from the
-  files), and from the decode cache (built first; its build time is printed too);
+* the loader alone, images/s and CPU ms per image (this process and its workers) over one
+  ordered pass, with ``num_workers`` 0, 1 and 2 (decoding each batch from the files), and from
+  the decode cache (built first; its build time is printed too);
 * the training step of a small DDPM++ (the ``digits`` network with ``--nf`` 16 channels at
   64 x 64 x 3, batch 16) fed by: data in memory, the decode cache, and the files with 0 and 2
   workers. Seconds per step (batch included) are the median of ``--steps`` steps after one
   untimed step (which starts the workers); the four feeds take turns, step by step.
 
-On a machine with few cores the workers share them with the step, so the worker rows show how
-decoding scales with cores rather than a GPU's overlap (there the step runs on the device).
+On a machine with few cores the workers share them with the step (and with any other work: the
+caption gives the load average), so the wall rates of the worker rows show how decoding scales
+with the cores that are free, and the CPU time per image what decoding costs.
 Prints a table, writes ``benchmarks/out/data_pipeline.{json,md,png}`` (the Markdown is quoted in
 docs/datasets.md by ``benchmarks/update_docs.py``).
 """
@@ -26,6 +28,7 @@ import argparse
 import importlib
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -69,15 +72,23 @@ def folder_config(root: Path, cache: str = "none"):
     return config
 
 
-def loader_rate(iterator: DataIterator, batches: int) -> float:
-    """Images/s over ``batches`` batches, the workers' start included (so that batches built
-    ahead before the clock started cannot inflate the rate)."""
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    rate = batches * iterator.batch_size / (time.perf_counter() - t0)
-    iterator.close()
-    return rate
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the workers, once closed)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def loader_rate(iterator: DataIterator) -> tuple[float, float]:
+    """(images/s, CPU ms per image of this process and its workers) of one ordered pass, the
+    workers' start included. The pass ends, so the workers build no batch that is not read; on a
+    machine busy with other work the wall rate falls, the CPU time per image does not."""
+    t0, c0, images = time.perf_counter(), _cpu_seconds(), 0
+    for x in iterator:
+        images += x.shape[0]
+    wall = time.perf_counter() - t0
+    iterator.close()  # the workers end: their CPU time is counted
+    return images / wall, 1e3 * (_cpu_seconds() - c0) / images
 
 
 def step_times(config, feeds: dict[str, DataIterator], steps: int) -> dict[str, float]:
@@ -111,7 +122,7 @@ def main() -> None:
     """Make the folders, measure, print the table and write the outputs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images_256", type=int, default=512, help="256 px JPEGs")
-    parser.add_argument("--images_1024", type=int, default=64, help="1024 px JPEGs")
+    parser.add_argument("--images_1024", type=int, default=96, help="1024 px JPEGs")
     parser.add_argument("--batch_size", type=int, default=32, help="of the loader rows")
     parser.add_argument("--step_batch_size", type=int, default=16)
     parser.add_argument("--nf", type=int, default=16, help="channels of the DDPM++ network")
@@ -126,23 +137,25 @@ def main() -> None:
             config = folder_config(root)
             files = datasets.get_dataset(config)
             batch = min(args.batch_size, n)
-            batches = 2 * (n // batch)  # two epochs
             for w in (0, 1, 2):
                 it = datasets.get_data_iterator(config, batch_size=batch, dataset=files,
-                                                num_workers=w)
+                                                train=False, num_workers=w)
+                rate, cpu = loader_rate(it)
                 results.append(dict(kind="loader", px=px, source=f"files, {w} workers",
-                                    images_per_s=loader_rate(it, batches)))
+                                    images_per_s=rate, cpu_ms_per_image=cpu))
             t0 = time.perf_counter()
             config.data.cache = str(tmp / f"cache{px}")
             cached = datasets.get_dataset(config)  # decoded with 'auto' workers
             build = time.perf_counter() - t0
             it = datasets.get_data_iterator(config, batch_size=batch, dataset=cached,
-                                            num_workers=0)
+                                            train=False, num_workers=0)
+            rate, cpu = loader_rate(it)
             results.append(dict(kind="loader", px=px, source="decode cache, 0 workers",
-                                images_per_s=loader_rate(it, batches), cache_build_s=build))
+                                images_per_s=rate, cpu_ms_per_image=cpu, cache_build_s=build))
             for r in results[-4:]:
                 print(f"loader  {px:4d} px JPEGs -> 64 px  {r['source']:25s} "
-                      f"{r['images_per_s']:8.0f} images/s", flush=True)
+                      f"{r['images_per_s']:8.0f} images/s  {r['cpu_ms_per_image']:7.3f} CPU ms "
+                      f"per image", flush=True)
             print(f"        cache build ({n} images): {build:.2f} s", flush=True)
         # the training step, on the 256 px folder
         config = folder_config(tmp / "jpeg256", str(tmp / "cache256"))
@@ -178,10 +191,13 @@ def save(results: list[dict], args) -> None:
     (OUT / "data_pipeline.json").write_text(json.dumps(results, indent=2) + "\n")
     loader = [r for r in results if r["kind"] == "loader"]
     steps = [r for r in results if r["kind"] == "step"]
+    big = {r["source"]: r for r in loader if r["px"] == 1024}
     table = markdown_table(
-        ["read at 64 px", "images / s (256 px JPEGs)", "images / s (1024 px JPEGs)"],
-        [[r["source"], f"{r['images_per_s']:.0f}",
-          f"{next(q['images_per_s'] for q in loader if q['px'] == 1024 and q['source'] == r['source']):.0f}"]  # noqa: E501
+        ["read at 64 px", "256 px JPEGs: images / s", "CPU ms / image",
+         "1024 px JPEGs: images / s", "CPU ms / image"],
+        [[r["source"], f"{r['images_per_s']:.0f}", f"{r['cpu_ms_per_image']:.2f}",
+          f"{big[r['source']]['images_per_s']:.0f}",
+          f"{big[r['source']]['cpu_ms_per_image']:.2f}"]
          for r in loader if r["px"] == 256])
     table += "\n" + markdown_table(
         [f"DDPM++ step (nf {args.nf}, 64 px, batch {args.step_batch_size}) fed by", "s / step",
