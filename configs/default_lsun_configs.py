@@ -72,6 +72,12 @@ def get_default_configs():
     data.uniform_dequantization = False
     data.centered = False
     data.num_channels = 3
+    # ours, for image folders (data.dataset = 'folder'): worker processes decoding batches
+    # ahead of the step ('auto': min(4, cores) for folders, 0 for data in memory)
+    data.num_workers = 'auto'
+    # decode cache: 'none', 'auto' (workdir/data_cache) or a folder that runs may share
+    data.cache = 'auto'
+    data.alpha_background = (255, 255, 255)  # RGB under transparent pixels (0..255)
 
     # model
     config.model = model = ml_collections.ConfigDict()

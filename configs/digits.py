@@ -67,6 +67,15 @@ def get_config():
     data.centered = True
     data.random_flip = False  # a mirrored digit is not a digit
     data.uniform_dequantization = False
+    # --config.data.dataset=folder reads the images under data.root instead, at the 8x8 grey
+    # size above unless data.image_size / data.num_channels are set too
+    data.root = 'data/images'
+    # ours, for image folders (data.dataset = 'folder'): worker processes decoding batches
+    # ahead of the step ('auto': min(4, cores) for folders, 0 for data in memory)
+    data.num_workers = 'auto'
+    # decode cache: 'none', 'auto' (workdir/data_cache) or a folder that runs may share
+    data.cache = 'auto'
+    data.alpha_background = (255, 255, 255)  # RGB under transparent pixels (0..255)
 
     config.model = model = ml_collections.ConfigDict()
     model.name = 'ncsnpp'

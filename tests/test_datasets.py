@@ -142,7 +142,7 @@ def test_image_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         datasets.get_dataset(config, "train")
     config.data.root = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no .png/.jpg/.jpeg images"):
+    with pytest.raises(FileNotFoundError, match="no .png/.jpg/.jpeg/.webp/.bmp/.tif.* images"):
         datasets.get_dataset(config, "train")
 
 

@@ -5,9 +5,16 @@ the analytic Gaussian mixture, behind one loader registry and one resumable iter
 ``gmm``; ``imagenet_latents``, DiT's SD-VAE latents, is named but refused until the latent-space
 support lands); ``get_data_scaler`` / ``get_data_inverse_scaler`` map [0, 1] to model space and back
 (``data.centered``), as in the reference.
+
+Image folders are decoded in worker processes ahead of the step (``data.num_workers``,
+:mod:`datasets.workers`) and, with ``data.cache``, once into a memory-mapped decode cache
+(:mod:`datasets.cache`, :func:`datasets.folder.cached`).
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -17,6 +24,7 @@ from score_sde.datasets import (  # noqa: F401  (registers the loaders)
     folder,
     latents,
     toy,
+    workers,
 )
 from score_sde.datasets.base import (
     DATASETS,
@@ -35,9 +43,54 @@ def data_shape(config) -> tuple[int, ...]:
     return (config.data.num_channels, config.data.image_size, config.data.image_size)
 
 
-def get_dataset(config, split: str = "train") -> ArrayDataset:
-    """Load ``split`` of the dataset named by ``config.data.dataset``."""
-    return DATASETS.get(config.data.dataset)(config, split)
+def decodes_files(dataset: ArrayDataset) -> bool:
+    """Whether ``dataset``'s samples come from image files (decoded or cached), not memory."""
+    return isinstance(dataset.data, (folder.FolderImages, folder.CachedImages))
+
+
+def cache_folder(config, workdir: str | os.PathLike | None = None) -> Path | None:
+    """Where ``config.data.cache`` puts decoded images: None for ``'none'``; for ``'auto'``,
+    ``workdir/data_cache`` (None without a workdir); otherwise the path it names (a cache that
+    several runs may share).
+
+    Raises:
+        ValueError: an empty value.
+    """
+    value = config.data.get("cache", "none")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"config.data.cache must be 'none', 'auto' or a folder, got {value!r}")
+    if value == "none":
+        return None
+    if value == "auto":
+        return None if workdir is None else Path(workdir) / "data_cache"
+    return Path(value).expanduser()
+
+
+def num_data_workers(config, dataset: ArrayDataset) -> int:
+    """``config.data.num_workers`` resolved for ``dataset``: ``'auto'`` (the default) is
+    min(4, available cores) for image files and 0 for data in memory."""
+    return workers.resolve_num_workers(config.data.get("num_workers", "auto"),
+                                       decodes_files(dataset))
+
+
+def check_loader_config(config) -> None:
+    """Check the loader keys ``data.num_workers``, ``data.cache`` and ``data.alpha_background``
+    before any work (each raises ValueError naming the value and what is allowed)."""
+    workers.resolve_num_workers(config.data.get("num_workers", "auto"), True)
+    cache_folder(config)
+    folder.alpha_background(config)
+
+
+def get_dataset(config, split: str = "train", *,
+                workdir: str | os.PathLike | None = None) -> ArrayDataset:
+    """Load ``split`` of the dataset named by ``config.data.dataset``; image files are read
+    through the decode cache of ``config.data.cache`` (:func:`cache_folder`; ``'auto'`` needs
+    ``workdir``), which the first call builds (decoding with ``num_workers`` processes)."""
+    dataset = DATASETS.get(config.data.dataset)(config, split)
+    where = cache_folder(config, workdir)
+    if where is not None and isinstance(dataset.data, folder.FolderImages):
+        dataset = folder.cached(dataset, where, num_data_workers(config, dataset))
+    return dataset
 
 
 def get_data_iterator(
@@ -50,6 +103,7 @@ def get_data_iterator(
     dataset: ArrayDataset | None = None,
     device: torch.device | str | None = None,
     with_labels: bool = False,
+    num_workers: int | None = None,
 ) -> DataIterator:
     """A seeded batch iterator over ``split`` with the config's augmentation.
 
@@ -63,6 +117,8 @@ def get_data_iterator(
         dataset: an already loaded dataset (else loaded here).
         device: where batches go.
         with_labels: yield ``(x, y)`` with the class labels y (B,) (class-conditional runs).
+        num_workers: processes building batches ahead; default ``config.data.num_workers``
+            resolved by :func:`num_data_workers`. The batches are the same bits for every value.
     Returns:
         An iterator of (B, *data_shape(config)) float tensors in [0, 1] (model space comes from
         ``get_data_scaler``), or of ``(x, y)`` pairs ``with_labels``.
@@ -77,6 +133,7 @@ def get_data_iterator(
         uniform_dequantization=config.data.uniform_dequantization,
         device=device,
         with_labels=with_labels,
+        num_workers=num_data_workers(config, dataset) if num_workers is None else num_workers,
     )
 
 
@@ -84,10 +141,14 @@ __all__ = [
     "DATASETS",
     "ArrayDataset",
     "DataIterator",
+    "cache_folder",
+    "check_loader_config",
     "data_shape",
+    "decodes_files",
     "get_data_inverse_scaler",
     "get_data_iterator",
     "get_data_scaler",
     "get_dataset",
+    "num_data_workers",
     "register_dataset",
 ]

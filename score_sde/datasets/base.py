@@ -3,11 +3,14 @@
 Every loader returns an :class:`ArrayDataset`: a tensor of samples in [0, 1] (images as integer
 levels or float, toy data as float points) and integer labels. :class:`DataIterator` cuts it into
 shuffled batches; its position is a small ``state_dict`` so a resumed run sees the same batches
-(and the same flips and dequantisation noise) as an uninterrupted one.
+(and the same flips and dequantisation noise) as an uninterrupted one. Batch b of epoch e is a
+pure function of (seed, e, b) (:meth:`DataIterator.batch_at`), so worker processes can build the
+next batches ahead of the step (``num_workers``, :mod:`datasets.workers`) without changing a bit.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from score_sde.datasets.workers import Prefetcher
 from score_sde.utils import Registry
 
 #: name -> ``loader(config, split) -> ArrayDataset`` (``config.data.dataset`` names a loader).
@@ -35,12 +39,14 @@ class ArrayDataset:
             17 for the 8x8 digits), used by uniform dequantisation and bits/dim; ``None`` for
             continuous data.
         classes: class names, index = label.
+        notes: extra clauses of the summary (an image folder's skipped files, images with alpha).
     """
 
     data: torch.Tensor
     labels: torch.Tensor
     levels: int | None = None
     classes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.data.shape[0] != self.labels.shape[0]:
@@ -76,7 +82,8 @@ class ArrayDataset:
             shown = f"{bits:.0f}" if bits.is_integer() else f"{bits:.2f}"
             depth = f"{shown}-bit ({self.levels} levels)"
         classes = f"{len(self.classes)} classes" if self.classes else "no classes"
-        return f"{len(self)} {kind} of shape {tuple(self.data.shape[1:])}, {depth}, {classes}"
+        return ", ".join((f"{len(self)} {kind} of shape {tuple(self.data.shape[1:])}", depth,
+                          classes, *self.notes))
 
     def as_float(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Samples ``index`` as float32 in [0, 1] (integer levels k -> k / (levels - 1)) or as
@@ -115,6 +122,9 @@ class DataIterator:
             class-conditional training; otherwise x alone. The labels are read at the same
             indices and draw nothing, so batches, augmentations and ``state_dict`` are the same
             either way.
+        num_workers: worker processes that build the next batches ahead (0: built here when
+            asked). The batches are the same bits for every value; ``state_dict`` is the
+            position of the last batch returned, not of the last one built.
     """
 
     def __init__(
@@ -128,6 +138,7 @@ class DataIterator:
         uniform_dequantization: bool = False,
         device: torch.device | str | None = None,
         with_labels: bool = False,
+        num_workers: int = 0,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -139,6 +150,8 @@ class DataIterator:
             raise ValueError("uniform_dequantization needs quantised data (images)")
         if random_flip and not dataset.is_image:
             raise ValueError("random_flip applies to images only; set data.random_flip=False")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -147,9 +160,12 @@ class DataIterator:
         self.uniform_dequantization = uniform_dequantization
         self.device = device
         self.with_labels = bool(with_labels)
+        self.num_workers = num_workers
         self.epoch = 0
         self.batch = 0
         self._order: torch.Tensor | None = None
+        self._order_epoch = -1
+        self._prefetcher = None  # the worker processes' batches (datasets.workers.Prefetcher)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -157,40 +173,82 @@ class DataIterator:
         n = len(self.dataset)
         return n // self.batch_size if self.shuffle else -(-n // self.batch_size)
 
-    def _epoch_order(self) -> torch.Tensor:
-        n = len(self.dataset)
-        if not self.shuffle:
-            return torch.arange(n)
-        g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch))
-        return torch.randperm(n, generator=g)
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order_epoch != epoch:
+            n = len(self.dataset)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(_seed_of(self.seed, epoch))
+                self._order = torch.randperm(n, generator=g)
+            else:
+                self._order = torch.arange(n)
+            self._order_epoch = epoch
+        return self._order
 
-    def __iter__(self) -> DataIterator:
-        return self
-
-    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if self.batch >= self.batches_per_epoch:
-            if not self.shuffle:
-                raise StopIteration
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._order = None
-        if self._order is None:
-            self._order = self._epoch_order()
-        start = self.batch * self.batch_size
-        index = self._order[start:start + self.batch_size]
+    def batch_at(self, epoch: int, batch: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``batch`` of epoch ``epoch`` on the CPU: a pure function of (seed, epoch, batch)
+        (the permutation of the epoch, then the batch's flips and dequantisation noise)."""
+        start = batch * self.batch_size
+        index = self._epoch_order(epoch)[start:start + self.batch_size]
         x = self.dataset.as_float(index)  # (B, C, H, W) or (B, D)
-        g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, self.batch))
+        g = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch))
         if self.random_flip:
             flip = torch.rand(x.shape[0], generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.uniform_dequantization:
             levels = self.dataset.levels
             x = (x * (levels - 1) + torch.rand(x.shape, generator=g)) / levels
-        self.batch += 1
-        x = x.to(self.device) if self.device is not None else x
-        if not self.with_labels:
-            return x
-        y = self.dataset.labels[index].long()  # (B,)
-        return x, (y.to(self.device) if self.device is not None else y)
+        return (x, self.dataset.labels[index].long()) if self.with_labels else x  # y: (B,)
+
+    def positions(self, epoch: int, batch: int):
+        """The positions (epoch, batch) from (epoch, batch) on, in the order ``__next__`` reads
+        them (endless when shuffling, else up to the end of the one pass)."""
+        while True:
+            if batch >= self.batches_per_epoch:
+                if not self.shuffle:
+                    return
+                epoch, batch = epoch + 1, 0
+            yield epoch, batch
+            batch += 1
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        position = next(self.positions(self.epoch, self.batch), None)
+        if position is None:
+            raise StopIteration
+        if self.num_workers:
+            if self._prefetcher is None:
+                self._prefetcher = Prefetcher(self.worker_copy(), self.num_workers, self.device)
+            item = self._prefetcher.get(position)
+        else:
+            item = self.batch_at(*position)
+        self.epoch, self.batch = position[0], position[1] + 1
+        return self._to_device(item)
+
+    def _to_device(self, item):
+        if self.device is None:
+            return item
+        device = torch.device(self.device)
+        non_blocking = device.type == "cuda"  # from pinned memory: overlaps the step
+        if isinstance(item, (tuple, list)):  # (x, y)
+            return tuple(t.to(device, non_blocking=non_blocking) for t in item)
+        return item.to(device, non_blocking=non_blocking)
+
+    def worker_copy(self) -> DataIterator:
+        """A copy for worker processes: the same batch function, no workers of its own."""
+        clone = copy.copy(self)
+        clone.num_workers, clone._prefetcher = 0, None
+        return clone
+
+    def close(self) -> None:
+        """Stop the worker processes (started again by the next batch)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_prefetcher": None}
 
     def state_dict(self) -> dict[str, int]:
         """The position: ``{'epoch', 'batch', 'seed'}`` (plain ints)."""
@@ -201,7 +259,8 @@ class DataIterator:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data iterator state has seed {state['seed']}, expected {self.seed}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self._order = None
+        if self._prefetcher is not None:
+            self._prefetcher.restart()  # the batches built ahead belong to the old position
 
 
 def get_data_scaler(config) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -199,7 +199,7 @@ def shard_dataset(dataset: ArrayDataset, batch_size: int, ctx: Context) -> Array
     if rows is None:
         return dataset
     return ShardedDataset(dataset.data, dataset.labels, dataset.levels, dataset.classes,
-                          rows=rows, batch_size=batch_size)
+                          dataset.notes, rows=rows, batch_size=batch_size)
 
 
 # -- collectives that every rank calls at the same point ------------------------------------------

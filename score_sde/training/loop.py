@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model
 from score_sde import datasets, losses
+from score_sde.datasets.cache import ArrayCache
 from score_sde.discrete_diffusion import VLBImportanceSampler
 from score_sde.training import checkpoints, classes, distributed, super_resolution, validation
 from score_sde.training.events import EventLog
@@ -75,8 +76,13 @@ def write_config(config, workdir: str | Path) -> Path:
     return path
 
 
-def build(config) -> tuple[dict[str, Any], Any]:
+def build(config, workdir: str | Path | None = None) -> tuple[dict[str, Any], Any]:
     """The live training state and the SDE for ``config`` (on ``config.device``).
+
+    Image folders are read through the decode cache ``config.data.cache`` (``'auto'``: under
+    ``workdir``; rank 0 builds it while the other ranks wait) and decoded ahead of the step by
+    ``config.data.num_workers`` processes (the training iterator; the evaluation batches, one per
+    ``eval_freq`` steps, are built when asked).
 
     Returns:
         ``state`` = {'model', 'ema', 'optimizer', 'step', 'generators', 'iterators'} and the SDE.
@@ -92,18 +98,22 @@ def build(config) -> tuple[dict[str, Any], Any]:
         name: torch.Generator(device=device).manual_seed(config.seed + k)
         for k, name in enumerate(("train", "eval"))
     }
-    train_data = datasets.get_dataset(config, "train")
-    eval_data = datasets.get_dataset(config, "test")
+    ctx = distributed.context()
+    if datasets.cache_folder(config, workdir) is not None:  # decoded once, not once per rank
+        distributed.on_main(lambda: datasets.get_dataset(config, "train", workdir=workdir), ctx,
+                            "building the decode cache", device)
+    train_data = datasets.get_dataset(config, "train", workdir=workdir)
+    eval_data = datasets.get_dataset(config, "test", workdir=workdir)
     for split, data in (("train", train_data), ("test", eval_data)):
         classes.check_dataset_classes(config, data, split)
     with_labels = classes.read_num_classes(config) > 0  # a class-conditional run
-    train_data = distributed.shard_dataset(train_data, config.training.batch_size,
-                                           distributed.context())
+    train_data = distributed.shard_dataset(train_data, config.training.batch_size, ctx)
     iterators = {
         "train": datasets.get_data_iterator(config, "train", device=device, dataset=train_data,
                                             with_labels=with_labels),
         "eval": datasets.get_data_iterator(config, "test", seed=config.seed + 1, device=device,
-                                           dataset=eval_data, with_labels=with_labels),
+                                           dataset=eval_data, with_labels=with_labels,
+                                           num_workers=0),
     }
     state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
                  iterators=iterators)
@@ -148,8 +158,9 @@ def labels_kwargs(class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
 
 def log_start(config, state, workdir: Path, resume: Path | None, world_size: int = 1) -> None:
     """One block of log lines before the first step: device and threads, parameter count,
-    dataset sizes and summary (of the iterators' ``dataset``, when they have one), workdir, and
-    the step resumed from (or a fresh start)."""
+    dataset sizes and summary (of the iterators' ``dataset``, when they have one), the data
+    loader (the resolved ``data.num_workers`` and the decode cache), workdir, and the step resumed
+    from (or a fresh start)."""
     model, iterators = state["model"], state["iterators"]
     train_data = getattr(iterators["train"], "dataset", None)
     eval_data = getattr(iterators["eval"], "dataset", None)
@@ -163,6 +174,12 @@ def log_start(config, state, workdir: Path, resume: Path | None, world_size: int
     if train_data is not None and eval_data is not None:
         lines.append(f"start: dataset {config.data.dataset}, {train_data.data.shape[0]} train / "
                      f"{len(eval_data)} eval examples: {train_data.summary()}")
+        workers = getattr(iterators["train"], "num_workers", 0)
+        cache = getattr(train_data.data, "path", None)
+        lines.append(f"start: data loader: {workers} worker process{'es' * (workers != 1)} "
+                     f"(data.num_workers={config.data.get('num_workers', 'auto')!r}), "
+                     f"decode cache {cache if cache is not None else 'off'} "
+                     f"(data.cache={config.data.get('cache', 'none')!r})")
     lines += [f"start: workdir {Path(workdir).resolve()}",
               f"start: {start} of {config.training.n_iters} (training.n_iters)"]
     for line in lines:
@@ -318,10 +335,12 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     def prepare_workdir():
         write_config(config, workdir)
         checkpoints.remove_stale_temporaries(workdir)  # left by a killed run: we hold the lock
+        if config.data.get("cache") == "auto":  # the decode cache under the workdir is ours too
+            ArrayCache(datasets.cache_folder(config, workdir)).remove_temporaries()
 
     # rank 0 writes; a failure there (a full disk) reaches every rank instead of a hang
     distributed.on_main(prepare_workdir, ctx, "writing config.json", config.device)
-    state, sde = build(config)
+    state, sde = build(config, workdir)
     resume = checkpoints.resume_checkpoint(workdir)
     if resume is not None:
         checkpoints.restore_checkpoint(resume, state)
@@ -381,4 +400,7 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
         bar.close()
         if writer is not None:
             writer.close()
+        for iterator in state["iterators"].values():
+            if hasattr(iterator, "close"):
+                iterator.close()  # the data workers
     return state

@@ -218,6 +218,7 @@ def validate_config(config, world_size: int = 1) -> None:
     _int(config, "data.num_channels", optional=True)
     _int(config, "data.dim", optional=True)
     _int(config, "data.num_samples", optional=True)
+    datasets.check_loader_config(config)  # num_workers, cache, alpha_background
     _check_resolutions(config)
 
     _name(config, "sampling.method", samplers.SAMPLERS, optional=True)
@@ -318,7 +319,7 @@ def validate_dataset(config, splits: tuple[str, ...] = ("train",),
         try:
             dataset = datasets.get_dataset(config, split)
             if name == "folder":
-                _decode_images(dataset.data.files, verified)
+                _decode_images(dataset.data, verified)
         except DatasetError:
             raise
         except Exception as e:  # any reader's error on a bad file becomes one clear message
@@ -341,10 +342,9 @@ def validate_dataset(config, splits: tuple[str, ...] = ("train",),
         classes.check_dataset_classes(config, dataset, split)
 
 
-def _decode_images(files: list[Path], verified: str | os.PathLike | None) -> None:
+def _decode_images(images, verified: str | os.PathLike | None) -> None:
+    """Decode each file of ``images`` (``datasets.folder.FolderImages``) as training will."""
     import json
-
-    from PIL import Image
 
     from score_sde.utils import atomic_write_bytes
 
@@ -353,13 +353,12 @@ def _decode_images(files: list[Path], verified: str | os.PathLike | None) -> Non
         with contextlib.suppress(ValueError, OSError):
             known = dict(json.loads(Path(verified).read_text()))
     done = {}
-    for path in files:
+    for i, path in enumerate(images.files):
         stat = path.stat()
         key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
         if known.get(key) != stamp:
             try:
-                with Image.open(path) as im:
-                    im.load()
+                images[[i]]  # EXIF, alpha, resize: everything training does to it
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
                 raise DatasetError(f"image {path} is corrupt or not an image: "
                                    f"{type(e).__name__}: {e}") from e
