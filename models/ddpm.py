@@ -47,6 +47,7 @@ from models.layers import (
     get_sigmas,
     get_timestep_embedding,
 )
+from models.memory import read_memory_options, set_grad_checkpoint, to_memory_format
 from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 
@@ -139,6 +140,10 @@ class DDPM(ClassConditional, nn.Module):
         # Class conditioning (ours): label_embedding (num_classes + 1, 4 nf), null label last;
         # same name and initialisation as NCSN++'s.
         self._init_classes(config, temb_dim)
+        # Memory options (models.memory): recomputed blocks, NHWC layout (create_model converts
+        # the parameters; forward converts the input).
+        self.grad_checkpoint, self.channels_last = read_memory_options(config, "ddpm")
+        set_grad_checkpoint(self, self.grad_checkpoint)
 
     def forward(
         self,
@@ -148,6 +153,8 @@ class DDPM(ClassConditional, nn.Module):
     ) -> torch.Tensor:
         """Noise prediction (B, C, H, W) at x for time labels (B,); see the class docstring."""
         check_image_inputs(self, x, labels, self.channels)
+        if self.channels_last:
+            x = to_memory_format(x, channels_last=True)
         modules = iter(self.all_modules)
         # Computed in float32 as the reference, then in the network's dtype.
         temb = get_timestep_embedding(labels, self.nf).to(x.dtype)  # (B, nf)
@@ -182,6 +189,8 @@ class DDPM(ClassConditional, nn.Module):
 
         h = self.act(next(modules)(h))
         h = next(modules)(h)  # (B, C, H, W), or (B, 2 C, H, W) with learn_sigma
+        if self.channels_last:
+            h = to_memory_format(h, channels_last=False)
 
         if self.scale_by_sigma:
             if labels.dtype.is_floating_point:

@@ -35,6 +35,7 @@ from models.dit_layers import (
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
+from models.memory import read_memory_options, set_grad_checkpoint
 from models.utils import read_learn_sigma, register_model
 
 #: Official named sizes (Peebles & Xie 2023, Table 1): depth, hidden size, heads; patch 2, 4, 8.
@@ -149,7 +150,12 @@ class DiT(nn.Module):
             raise ValueError("dit takes its input as given (no [0, 1] -> [-1, 1] shift): set "
                              "config.data.centered = True")
         num_classes = read_num_classes(config)
-        return cls(
+        # channels_last is refused: DiT works on tokens (B, T, D); its one convolution (the
+        # patch embedding) has stride = kernel = p and gains nothing from NHWC.
+        grad_checkpoint, _ = read_memory_options(
+            config, "dit", channels_last=False,
+            why="; DiT is a transformer on (B, T, D) tokens")
+        model = cls(
             input_size=config.data.image_size,
             patch_size=m.patch_size,
             in_channels=config.data.num_channels,
@@ -162,6 +168,8 @@ class DiT(nn.Module):
             num_classes=num_classes,
             learn_sigma=read_learn_sigma(config, "dit"),
         )
+        set_grad_checkpoint(model, grad_checkpoint)  # the DiT blocks (models.memory)
+        return model
 
     @property
     def null_label(self) -> int | None:

@@ -31,6 +31,7 @@ from models import layerspp
 from models.conditioning import ClassConditional
 from models.layers import ddpm_conv3x3, dense, get_act, get_sigmas, get_timestep_embedding
 from models.layerspp import group_norm
+from models.memory import read_memory_options, set_grad_checkpoint, to_memory_format
 from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 _CHOICES = {
@@ -234,6 +235,10 @@ class NCSNpp(ClassConditional, nn.Module):
                 f"model.num_classes = {self.num_classes} needs model.conditional = True "
                 "(the class embedding is added to the time embedding)"
             )
+        # Memory options (models.memory): recomputed blocks, NHWC layout (create_model converts
+        # the parameters; forward converts the input).
+        self.grad_checkpoint, self.channels_last = read_memory_options(config, "ncsnpp")
+        set_grad_checkpoint(self, self.grad_checkpoint)
 
     def _embed(
         self, modules: Iterator[nn.Module], time_cond: torch.Tensor, dtype: torch.dtype
@@ -270,6 +275,8 @@ class NCSNpp(ClassConditional, nn.Module):
             the variance interpolation v (never divided by sigma).
         """
         check_image_inputs(self, x, time_cond, self.config.data.num_channels)
+        if self.channels_last:
+            x = to_memory_format(x, channels_last=True)
         modules = iter(self.all_modules)
         temb, used_sigmas = self._embed(modules, time_cond, x.dtype)
         class_emb = self.class_embedding(class_labels, x.shape[0], x.device)  # (B, 4 nf) or None
@@ -328,6 +335,8 @@ class NCSNpp(ClassConditional, nn.Module):
             h = next(modules)(h)
         if next(modules, None) is not None:
             raise RuntimeError("NCSNpp.forward left modules unused")
+        if self.channels_last:
+            h = to_memory_format(h, channels_last=False)  # (B, C, H, W) in the default layout
 
         if self.scale_by_sigma:
             # sigmas is float64 (the reference's buffer): divide in h's dtype, so the output
