@@ -5,14 +5,17 @@
     python benchmarks/grad_checkpoint.py --configs vp_cifar --batch_size 8 --steps 3
 
 Each setting runs in its own process (torch's CPU allocator is invisible to ``tracemalloc``, and
-a process's peak resident size only grows): the model, its input and its gradient buffers are
-built and the peak RSS read; then one training-mode forward + backward of a mean-square output
-runs and the peak is read again. The difference is the peak memory of the pass: the activations
-kept for the backward, the gradients and the transient buffers of the largest layer; the
-one-off costs of a first pass (thread pools, kernel caches) are the same in every setting.
-Seconds per pass are the median of ``--steps`` further passes (wall time; CPU time too, since a
-shared machine inflates wall time). On a GPU the same comparison is
+a process's peak resident size only grows). A training-mode forward + backward of a mean-square
+output first runs on one sample, paying the one-off costs (thread pools, kernel caches, the
+gradient buffers) and peaking at the activations of one sample; the peak RSS is read, one pass
+runs on B samples, and the peak is read again. The growth is the activation memory of B - 1
+samples (what the backward keeps, plus the transient buffers of the largest layer), so
+``MB/sample`` = growth / (B - 1): the memory that scales with the batch, which is what
+checkpointing saves. Seconds per pass are the median of ``--steps`` further passes at B (wall
+time; CPU time too, since a shared machine inflates wall time). On a GPU the same comparison is
 ``torch.cuda.max_memory_allocated``; the CPU figures show the relative memory and cost.
+
+CIFAR-10 configs run at ``--batch_size`` (default 8); the others at their own batch size.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ def _peak_mb() -> float:
 
 
 def measure(name: str, setting: str, batch_size: int, steps: int) -> dict:
-    """Peak memory growth (MB) and seconds of one forward + backward of config ``name``."""
+    """Activation memory per sample (MB) and seconds of one forward + backward of config
+    ``name`` at ``batch_size`` (the config's own batch size unless it trains on CIFAR-10)."""
     from models.utils import create_model
 
     config = importlib.import_module(CONFIGS[name]).get_config()
     config.device = "cpu"
     config.model.update(SETTINGS[setting])
+    if config.data.dataset != "CIFAR10":
+        batch_size = config.training.batch_size
     torch.manual_seed(0)
     model = create_model(config).train()
     g = torch.Generator().manual_seed(0)
@@ -62,25 +68,25 @@ def measure(name: str, setting: str, batch_size: int, steps: int) -> dict:
         labels = torch.randint(0, config.model.num_scales, (batch_size,), generator=g)
     else:  # NCSN++: sigma
         labels = torch.rand(batch_size, generator=g) * config.model.sigma_max + 0.01
-    for p in model.parameters():  # the gradient buffers exist before the measured pass
-        p.grad = torch.zeros_like(p)
 
-    def step() -> None:
-        model(x, labels).square().mean().backward()
+    def step(n: int) -> None:
+        model(x[:n], labels[:n]).square().mean().backward()
 
+    step(1)
     before = _peak_mb()
-    step()
-    peak = _peak_mb() - before
+    step(batch_size)
+    per_sample = (_peak_mb() - before) / (batch_size - 1)
     times, cpu_times = [], []
     for _ in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        step()
+        step(batch_size)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     return {"config": name, "model": config.model.name, "setting": setting,
             "batch_size": batch_size,
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "peak_MB": round(peak, 1), "s_per_pass": round(sorted(times)[steps // 2], 3),
+            "MB_per_sample": round(per_sample, 2),
+            "s_per_pass": round(sorted(times)[steps // 2], 3),
             "cpu_s_per_pass": round(sorted(cpu_times)[steps // 2], 3),
             "threads": torch.get_num_threads()}
 
@@ -100,7 +106,7 @@ def main() -> None:
         print(json.dumps(measure(*args.child, args.batch_size, args.steps)))
         return
     rows = []
-    header = f"{'config':12} {'setting':16} {'batch':>5} {'params M':>8} {'peak MB':>8} " \
+    header = f"{'config':12} {'setting':16} {'batch':>5} {'params M':>8} {'MB/sample':>9} " \
              f"{'vs plain':>8} {'s/pass':>7} {'cpu s':>7}"
     print(header)
     for name in args.configs:
@@ -114,10 +120,10 @@ def main() -> None:
                  str(args.batch_size), "--steps", str(args.steps)],
                 check=True, capture_output=True, text=True)
             row = json.loads(result.stdout.strip().splitlines()[-1])
-            plain = row["peak_MB"] if setting == "plain" else plain
-            ratio = f"{row['peak_MB'] / plain:.2f}" if plain else "-"
+            plain = row["MB_per_sample"] if setting == "plain" else plain
+            ratio = f"{row['MB_per_sample'] / plain:.2f}" if plain else "-"
             print(f"{name:12} {setting:16} {row['batch_size']:>5} {row['params_M']:>8} "
-                  f"{row['peak_MB']:>8} {ratio:>8} {row['s_per_pass']:>7} "
+                  f"{row['MB_per_sample']:>9} {ratio:>8} {row['s_per_pass']:>7} "
                   f"{row['cpu_s_per_pass']:>7}", flush=True)
             rows.append(row)
     out = Path(args.out)
