@@ -101,3 +101,27 @@ def apply_channels_last(model: nn.Module) -> nn.Module:
     if getattr(model, "channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def match_optimizer_state_layout(optimizer: torch.optim.Optimizer) -> int:
+    """Put each per-parameter optimizer buffer (``exp_avg``, ``exp_avg_sq``, ...) in the memory
+    layout of its parameter, values unchanged.
+
+    A checkpoint written with one layout and resumed with the other (``channels_last`` switched)
+    loads its buffers in the old layout; torch's fused Adam assumes a buffer laid out as its
+    parameter and, on CPU (torch 2.13), silently mixes up elements otherwise. Call it after
+    ``optimizer.load_state_dict``.
+
+    Returns:
+        the number of buffers re-laid out.
+    """
+    moved = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == p.shape
+                        and value.stride() != p.stride()):
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    moved += 1
+    return moved

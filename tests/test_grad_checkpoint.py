@@ -338,3 +338,43 @@ def test_grad_checkpoint_under_torch_compile():
     assert _rel(out_compiled, out) <= 1e-5
     _assert_grads_close(got, expected, 1e-5, tensor_tol=1e-4)
     assert net.state_dict().keys() == _model("ddpmpp").state_dict().keys()
+
+
+def test_resuming_across_a_channels_last_switch_keeps_the_adam_update(tmp_path):
+    """A training checkpoint written in the default layout, resumed with channels_last (and back):
+    the next optimizer step equals the one of an unswitched resume. Torch's fused Adam assumes
+    its buffers laid out as the parameters; restore_checkpoint re-lays them out
+    (models.memory.match_optimizer_state_layout), without which the step is off by O(lr)."""
+    from score_sde.training import checkpoints, loop
+
+    def built(channels_last: bool):
+        config = importlib.import_module(CONFIGS["digits"]).get_config()
+        config.device = "cpu"
+        config.model.channels_last = channels_last
+        torch.manual_seed(0)
+        state, _ = loop.build(config)
+        return state
+
+    def step(state) -> torch.Tensor:
+        """One optimizer step with fixed gradients (in each parameter's own layout)."""
+        g = torch.Generator().manual_seed(4)
+        for p in state["model"].parameters():
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
+        state["optimizer"].step()
+        return torch.cat([p.detach().flatten() for p in state["model"].parameters()])
+
+    for written_in in (False, True):
+        source = built(written_in)
+        step(source)  # the optimizer now holds exp_avg, exp_avg_sq in the source's layout
+        path = tmp_path / f"checkpoint_{written_in}.pth"
+        checkpoints.save_checkpoint(path, source)
+        same, switched = built(written_in), built(not written_in)
+        for state in (same, switched):
+            checkpoints.restore_checkpoint(path, state)
+        for p in switched["model"].parameters():
+            for buffer in switched["optimizer"].state[p].values():
+                if buffer.shape == p.shape:
+                    assert buffer.stride() == p.stride()
+        before = torch.cat([p.detach().flatten() for p in same["model"].parameters()])
+        expected = step(same)
+        assert _rel(step(switched) - before, expected - before) <= 1e-6
