@@ -33,7 +33,8 @@ class CheckpointedBlock:
     With ``grad_checkpoint`` set (by :func:`set_grad_checkpoint`), a call in training mode with
     gradients enabled runs through ``torch.utils.checkpoint.checkpoint`` (non-reentrant, RNG
     state preserved); otherwise the block runs as usual. Put it before ``nn.Module`` in the
-    bases: ``class ResnetBlock(CheckpointedBlock, nn.Module)``.
+    bases: ``class ResnetBlock(CheckpointedBlock, nn.Module)``. The recomputation goes through
+    ``nn.Module.__call__`` again, so the block's forward hooks fire twice.
     """
 
     grad_checkpoint: bool = False
