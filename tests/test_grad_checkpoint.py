@@ -378,3 +378,32 @@ def test_resuming_across_a_channels_last_switch_keeps_the_adam_update(tmp_path):
         before = torch.cat([p.detach().flatten() for p in same["model"].parameters()])
         expected = step(same)
         assert _rel(step(switched) - before, expected - before) <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_grad_checkpoint_and_channels_last_train_like_plain(tmp_path):
+    """DDP (2 Gloo ranks under torchrun) with both options: the weights after 3 steps are the
+    plain 2-rank run's (Adam's eps = 10 makes the update proportional to the gradient, so a
+    wrong gradient is not normalised away)."""
+    from test_distributed import _final, _main
+
+    run = ["--config=digits", "--config.training.batch_size=16", "--config.training.n_iters=3",
+           "--config.training.snapshot_freq=100",
+           "--config.training.snapshot_freq_for_preemption=3", "--config.training.log_freq=1",
+           "--config.training.eval_freq=100",
+           "--config.training.snapshot_sampling=False", "--config.optim.eps=10.0",
+           "--config.optim.lr=0.05", "--config.optim.warmup=0", "--noprogress"]
+    _main(*run, f"--workdir={tmp_path / 'plain'}", nproc=2)
+    _main(*run, "--config.model.grad_checkpoint=True", "--config.model.channels_last=True",
+          f"--workdir={tmp_path / 'memory'}", nproc=2)
+    plain, memory = _final(tmp_path / "plain")["model"], _final(tmp_path / "memory")["model"]
+    assert plain.keys() == memory.keys()
+    config = importlib.import_module(CONFIGS["digits"]).get_config()
+    config.device = "cpu"
+    torch.manual_seed(config.seed)  # as main.py
+    initial = create_model(config).state_dict()
+    moved = max(float((plain[k] - initial[k]).abs().max()) for k in plain
+                if plain[k].is_floating_point())
+    error = max(float((memory[k] - plain[k]).abs().max()) for k in plain
+                if plain[k].is_floating_point())
+    assert moved > 1e-3 and error <= 1e-5 * moved
