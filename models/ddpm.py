@@ -15,7 +15,8 @@ Built from ``config.model``: ``nf``, ``ch_mult``, ``num_res_blocks``, ``attn_res
 ``dropout``, ``resamp_with_conv``, ``conditional`` (must be True: the reference builds the time
 embedding whatever it says), ``nonlinearity``, ``normalization`` (GroupNorm), ``scale_by_sigma``
 with ``sigma_min``, ``sigma_max``, ``num_scales`` (the ``sigmas`` buffer), the optional
-``num_classes``; and ``config.data``: ``centered``, ``image_size``, ``num_channels``.
+``num_classes``, ``grad_checkpoint`` and ``channels_last`` (``models.memory``); and
+``config.data``: ``centered``, ``image_size``, ``num_channels``.
 
 Class conditioning (ours, not the reference's): with ``config.model.num_classes = K > 0`` a label
 embedding ``label_embedding`` with K + 1 rows is added to the time embedding; row K is the null

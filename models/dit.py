@@ -13,9 +13,11 @@ variance interpolation v, Nichol & Dhariwal 2021, eq. 15).
 * The toolkit's registry: ``config.model.name = 'dit'`` with ``config.model.patch_size,
   hidden_size, depth, num_heads`` (required), ``mlp_ratio`` (4.0), ``num_classes`` (0:
   unconditional), ``class_dropout_prob`` (0.1, the official default, when there are classes),
-  ``learn_sigma`` (False); input_size = ``config.data.image_size``, in_channels =
-  ``config.data.num_channels``; ``config.data.centered`` must be True (DiT takes its input as
-  given). The time label is the discrete timestep t in [0, N - 1] (fractional allowed).
+  ``learn_sigma`` (False), ``grad_checkpoint`` (False: recompute each block in the backward
+  pass, ``models.memory``; ``channels_last`` is refused); input_size =
+  ``config.data.image_size``, in_channels = ``config.data.num_channels``;
+  ``config.data.centered`` must be True (DiT takes its input as given). The time label is the
+  discrete timestep t in [0, N - 1] (fractional allowed).
 * Class labels: K = ``num_classes``; with label dropout (``class_dropout_prob > 0``) the
   embedding has K + 1 rows and ``null_label`` = K; without, ``null_label`` is None and ``y`` is
   required. ``num_classes = 0`` builds an unconditional DiT (no ``y_embedder``).

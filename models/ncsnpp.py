@@ -60,7 +60,8 @@ class NCSNpp(ClassConditional, nn.Module):
     resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type, progressive,
     progressive_input, progressive_combine, embedding_type, fourier_scale, init_scale, conv_size,
     scale_by_sigma, nonlinearity, sigma_min, sigma_max, num_scales and optionally num_classes,
-    class_dropout_prob, learn_sigma; ``config.data``: centered, image_size, num_channels.
+    class_dropout_prob, learn_sigma, grad_checkpoint, channels_last (``models.memory``);
+    ``config.data``: centered, image_size, num_channels.
 
     Call: ``model(x, time_cond, class_labels=None)`` with x (B, C, H, W) and time_cond (B,) the
     noise level sigma (Fourier embedding) or the time label 999 t (positional embedding);
