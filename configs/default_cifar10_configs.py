@@ -89,6 +89,8 @@ def get_default_configs():
     # ours: True doubles the output channels with improved DDPM's variance interpolation v
     # (models that support it; trained by training.loss = 'hybrid', discrete VP SDEs)
     model.learn_sigma = False
+    model.grad_checkpoint = False  # ours: recompute the blocks in backward (less memory)
+    model.channels_last = False  # ours: NHWC weights and inputs (faster convs on GPU tensor cores)
 
     # optimization
     config.optim = optim = ml_collections.ConfigDict()

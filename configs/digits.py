@@ -113,6 +113,8 @@ def get_config():
     # ours: True doubles the output channels with improved DDPM's variance interpolation v
     # (models that support it; trained by training.loss = 'hybrid', discrete VP SDEs)
     model.learn_sigma = False
+    model.grad_checkpoint = False  # ours: recompute the blocks in backward (less memory)
+    model.channels_last = False  # ours: NHWC weights and inputs (faster convs on GPU tensor cores)
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'Adam'

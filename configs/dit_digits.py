@@ -93,6 +93,8 @@ def get_config():
     model.num_classes = 10
     model.class_dropout_prob = 0.1  # the null label K = 10 of classifier-free guidance
     model.learn_sigma = True  # eps and the variance interpolation v (2 output channels)
+    model.grad_checkpoint = False  # recompute each DiT block in the backward pass (less memory)
+    model.channels_last = False  # refused for DiT (tokens, not images; models.memory)
     # the DDPM table of DiT (discrete_vpsde): linear betas, N steps
     model.beta_schedule = 'linear'
     model.beta_start = 1e-4

@@ -87,6 +87,8 @@ def get_config():
     model.num_classes = 1000
     model.class_dropout_prob = 0.1
     model.learn_sigma = True
+    model.grad_checkpoint = False  # recompute each DiT block in the backward pass (less memory)
+    model.channels_last = False  # refused for DiT (tokens, not images; models.memory)
     model.beta_schedule = 'linear'
     model.beta_start = 1e-4
     model.beta_end = 0.02

@@ -79,6 +79,8 @@ def get_config():
     # ours: True doubles the output channels with improved DDPM's variance interpolation v
     # (models that support it; trained by training.loss = 'hybrid', discrete VP SDEs)
     model.learn_sigma = False
+    model.grad_checkpoint = False  # activation checkpointing: refused by the MLP (models.memory)
+    model.channels_last = False  # NHWC layout for convolutions: refused by the MLP
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'Adam'

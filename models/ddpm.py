@@ -15,7 +15,8 @@ Built from ``config.model``: ``nf``, ``ch_mult``, ``num_res_blocks``, ``attn_res
 ``dropout``, ``resamp_with_conv``, ``conditional`` (must be True: the reference builds the time
 embedding whatever it says), ``nonlinearity``, ``normalization`` (GroupNorm), ``scale_by_sigma``
 with ``sigma_min``, ``sigma_max``, ``num_scales`` (the ``sigmas`` buffer), the optional
-``num_classes``; and ``config.data``: ``centered``, ``image_size``, ``num_channels``.
+``num_classes``, ``grad_checkpoint`` and ``channels_last`` (``models.memory``); and
+``config.data``: ``centered``, ``image_size``, ``num_channels``.
 
 Class conditioning (ours, not the reference's): with ``config.model.num_classes = K > 0`` a label
 embedding ``label_embedding`` with K + 1 rows is added to the time embedding; row K is the null
@@ -51,6 +52,7 @@ from models.layers import (
     get_sigmas,
     get_timestep_embedding,
 )
+from models.memory import read_memory_options, set_grad_checkpoint, to_memory_format
 from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 
@@ -157,6 +159,10 @@ class DDPM(ClassConditional, ImageConditional, nn.Module):
         self._init_image_cond(**read_image_cond_options(config), input_conv=input_conv,
                               level_features=functools.partial(_level_positional, dim=nf),
                               features_dim=nf, temb_dim=temb_dim, act=get_act(config))
+        # Memory options (models.memory): recomputed blocks, NHWC layout (create_model converts
+        # the parameters; forward converts the input).
+        self.grad_checkpoint, self.channels_last = read_memory_options(config, "ddpm")
+        set_grad_checkpoint(self, self.grad_checkpoint)
 
     def forward(
         self,
@@ -168,6 +174,8 @@ class DDPM(ClassConditional, ImageConditional, nn.Module):
     ) -> torch.Tensor:
         """Noise prediction (B, C, H, W) at x for time labels (B,); see the class docstring."""
         check_image_inputs(self, x, labels, self.channels)
+        if self.channels_last:
+            x = to_memory_format(x, channels_last=True)
         modules = iter(self.all_modules)
         # Computed in float32 as the reference, then in the network's dtype.
         temb = get_timestep_embedding(labels, self.nf).to(x.dtype)  # (B, nf)
@@ -207,6 +215,8 @@ class DDPM(ClassConditional, ImageConditional, nn.Module):
 
         h = self.act(next(modules)(h))
         h = next(modules)(h)  # (B, C, H, W), or (B, 2 C, H, W) with learn_sigma
+        if self.channels_last:
+            h = to_memory_format(h, channels_last=False)
 
         if self.scale_by_sigma:
             if labels.dtype.is_floating_point:

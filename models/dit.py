@@ -13,9 +13,11 @@ variance interpolation v, Nichol & Dhariwal 2021, eq. 15).
 * The toolkit's registry: ``config.model.name = 'dit'`` with ``config.model.patch_size,
   hidden_size, depth, num_heads`` (required), ``mlp_ratio`` (4.0), ``num_classes`` (0:
   unconditional), ``class_dropout_prob`` (0.1, the official default, when there are classes),
-  ``learn_sigma`` (False); input_size = ``config.data.image_size``, in_channels =
-  ``config.data.num_channels``; ``config.data.centered`` must be True (DiT takes its input as
-  given). The time label is the discrete timestep t in [0, N - 1] (fractional allowed).
+  ``learn_sigma`` (False), ``grad_checkpoint`` (False: recompute each block in the backward
+  pass, ``models.memory``; ``channels_last`` is refused); input_size =
+  ``config.data.image_size``, in_channels = ``config.data.num_channels``;
+  ``config.data.centered`` must be True (DiT takes its input as given). The time label is the
+  discrete timestep t in [0, N - 1] (fractional allowed).
 * Class labels: K = ``num_classes``; with label dropout (``class_dropout_prob > 0``) the
   embedding has K + 1 rows and ``null_label`` = K; without, ``null_label`` is None and ``y`` is
   required. ``num_classes = 0`` builds an unconditional DiT (no ``y_embedder``).
@@ -43,6 +45,7 @@ from models.dit_layers import (
     timestep_embedding,
 )
 from models.image_conditioning import ImageConditional, read_image_cond_options
+from models.memory import read_memory_options, set_grad_checkpoint
 from models.utils import read_learn_sigma, register_model
 
 #: Official named sizes (Peebles & Xie 2023, Table 1): depth, hidden size, heads; patch 2, 4, 8.
@@ -167,7 +170,12 @@ class DiT(ImageConditional, nn.Module):
             raise ValueError("dit takes its input as given (no [0, 1] -> [-1, 1] shift): set "
                              "config.data.centered = True")
         num_classes = read_num_classes(config)
-        return cls(
+        # channels_last is refused: DiT works on tokens (B, T, D); its one convolution (the
+        # patch embedding) has stride = kernel = p and gains nothing from NHWC.
+        grad_checkpoint, _ = read_memory_options(
+            config, "dit", channels_last=False,
+            why="; DiT is a transformer on (B, T, D) tokens")
+        model = cls(
             input_size=config.data.image_size,
             patch_size=m.patch_size,
             in_channels=config.data.num_channels,
@@ -181,6 +189,8 @@ class DiT(ImageConditional, nn.Module):
             learn_sigma=read_learn_sigma(config, "dit"),
             **read_image_cond_options(config),
         )
+        set_grad_checkpoint(model, grad_checkpoint)  # the DiT blocks (models.memory)
+        return model
 
     @property
     def null_label(self) -> int | None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.conditioning import drop_labels
+from models.memory import CheckpointedBlock
 
 #: Width of the sinusoidal timestep features fed to the timestep MLP (official value).
 FREQUENCY_EMBEDDING_SIZE = 256
@@ -157,7 +158,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(CheckpointedBlock, nn.Module):
     """A transformer block with adaLN-Zero conditioning (Peebles & Xie 2023, Sec. 3.2, Fig. 3):
 
         x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.memory import CheckpointedBlock
+
 #: ``init(shape) -> tensor``: a fresh weight tensor of the given shape.
 Initializer = Callable[[tuple[int, ...]], torch.Tensor]
 
@@ -202,7 +204,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return torch.einsum("bhwij,bcij->bchw", w, v)
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(CheckpointedBlock, nn.Module):
     """Single-head self-attention over pixels with a residual connection (DDPM).
 
     (B, C, H, W) -> (B, C, H, W). GroupNorm with 32 groups, eps 1e-6; the output projection is
@@ -261,7 +263,7 @@ class Downsample(nn.Module):
         return F.avg_pool2d(x, kernel_size=2, stride=2, padding=0)
 
 
-class ResnetBlockDDPM(nn.Module):
+class ResnetBlockDDPM(CheckpointedBlock, nn.Module):
     """The DDPM residual block: GroupNorm, act, conv, + time bias, GroupNorm, act, dropout, conv.
 
     (B, C_in, H, W), temb (B, temb_dim) -> (B, C_out, H, W). The skip path is the identity, a 3x3

@@ -20,6 +20,7 @@ from torch import nn
 
 from models import up_or_down_sampling as updown
 from models.layers import NIN, ddpm_conv1x1, ddpm_conv3x3, default_init, dense, spatial_attention
+from models.memory import CheckpointedBlock
 
 FirKernel = tuple[int, ...]
 
@@ -73,7 +74,7 @@ class Combine(nn.Module):
         return torch.cat([h, y], dim=1) if self.method == "cat" else h + y
 
 
-class AttnBlockpp(nn.Module):
+class AttnBlockpp(CheckpointedBlock, nn.Module):
     """DDPM self-attention with NCSN++ GroupNorm and optional 1/sqrt(2) skip rescaling.
 
     (B, C, H, W) -> (B, C, H, W).
@@ -189,7 +190,7 @@ class Downsample(nn.Module):
         return F.avg_pool2d(x, 2, stride=2)
 
 
-class ResnetBlockDDPMpp(nn.Module):
+class ResnetBlockDDPMpp(CheckpointedBlock, nn.Module):
     """The DDPM residual block with NCSN++ GroupNorm, zero-ish init and skip rescaling.
 
     (B, C_in, H, W), temb (B, temb_dim) -> (B, C_out, H, W). The skip is the identity, a 3x3
@@ -238,7 +239,7 @@ class ResnetBlockDDPMpp(nn.Module):
         return rescaled_sum(x, h, self.skip_rescale)
 
 
-class ResnetBlockBigGANpp(nn.Module):
+class ResnetBlockBigGANpp(CheckpointedBlock, nn.Module):
     """BigGAN-style residual block that can up- or downsample both paths (Brock et al. 2019).
 
     (B, C_in, H, W), temb (B, temb_dim) -> (B, C_out, H', W') with H' = 2H (``up``), H/2

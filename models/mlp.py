@@ -25,6 +25,7 @@ Config keys (defaults after the key):
     model.class_dropout_prob  0; in training mode each label becomes the null label with this
                          probability (label dropout for classifier-free guidance)
     model.learn_sigma    False (True is refused: the MLP has no learned-variance output)
+    model.grad_checkpoint, model.channels_last  False (True is refused, ``models.memory``)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from models.conditioning import ClassConditional
 from models.layers import dense, get_act, get_timestep_embedding
 from models.layerspp import GaussianFourierProjection
+from models.memory import read_memory_options
 from models.utils import read_learn_sigma, register_model
 
 _EMBEDDINGS = ("fourier", "positional")
@@ -73,6 +75,8 @@ class MLP(ClassConditional, nn.Module):
             )
         self.dim = dim
         self.learn_sigma = read_learn_sigma(config, "mlp", supported=False)
+        read_memory_options(config, "mlp", grad_checkpoint=False, channels_last=False,
+                            why="; the MLP is too small to need either")
         self.centered = bool(data.get("centered", True))
         nf = int(model.get("nf", 128))
         num_layers = int(model.get("num_layers", 3))

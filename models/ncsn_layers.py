@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.memory import CheckpointedBlock
 from models.normalization import InstanceNorm2dPlus, NormFactory
 
 
@@ -98,7 +99,7 @@ class ConvMeanPool(nn.Module):
         return _mean_pool2x2(self.conv(x))
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(CheckpointedBlock, nn.Module):
     """Pre-activation residual block of the NCSNv2 encoder: (norm, act, conv) twice plus a skip.
 
     (B, C_in, H, W) -> (B, C_out, H', W'). With ``resample='down'`` and ``dilation == 1`` the
@@ -236,7 +237,7 @@ class MSFBlock(nn.Module):
         return out
 
 
-class RefineBlock(nn.Module):
+class RefineBlock(CheckpointedBlock, nn.Module):
     """A RefineNet block: RCU per input, MSF fusion, CRP, output RCU(s).
 
     Inputs xs[i] (B, in_planes[i], H_i, W_i) -> (B, features, *output_shape). A ``start`` block has

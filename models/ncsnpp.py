@@ -37,6 +37,7 @@ from models.conditioning import ClassConditional
 from models.image_conditioning import ImageConditional, read_image_cond_options
 from models.layers import ddpm_conv3x3, dense, get_act, get_sigmas, get_timestep_embedding
 from models.layerspp import group_norm
+from models.memory import read_memory_options, set_grad_checkpoint, to_memory_format
 from models.utils import check_image_inputs, read_learn_sigma, register_model
 
 _CHOICES = {
@@ -71,7 +72,8 @@ class NCSNpp(ClassConditional, ImageConditional, nn.Module):
     resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type, progressive,
     progressive_input, progressive_combine, embedding_type, fourier_scale, init_scale, conv_size,
     scale_by_sigma, nonlinearity, sigma_min, sigma_max, num_scales and optionally num_classes,
-    class_dropout_prob, learn_sigma, cond_channels, cond_upsample, cond_dropout_prob;
+    class_dropout_prob, learn_sigma, cond_channels, cond_upsample, cond_dropout_prob,
+    grad_checkpoint, channels_last (``models.memory``);
     ``config.data``: centered, image_size, num_channels.
 
     Call: ``model(x, time_cond, class_labels=None, cond_image=None, cond_level=None)`` with
@@ -263,6 +265,10 @@ class NCSNpp(ClassConditional, ImageConditional, nn.Module):
                 level_features = functools.partial(_level_positional, dim=nf)
             self._init_image_cond(**cond, input_conv=input_conv, level_features=level_features,
                                   features_dim=embed_dim, temb_dim=nf * 4, act=get_act(config))
+        # Memory options (models.memory): recomputed blocks, NHWC layout (create_model converts
+        # the parameters; forward converts the input).
+        self.grad_checkpoint, self.channels_last = read_memory_options(config, "ncsnpp")
+        set_grad_checkpoint(self, self.grad_checkpoint)
 
     def _embed(
         self, modules: Iterator[nn.Module], time_cond: torch.Tensor, dtype: torch.dtype
@@ -304,6 +310,8 @@ class NCSNpp(ClassConditional, ImageConditional, nn.Module):
             the variance interpolation v (never divided by sigma).
         """
         check_image_inputs(self, x, time_cond, self.config.data.num_channels)
+        if self.channels_last:
+            x = to_memory_format(x, channels_last=True)
         modules = iter(self.all_modules)
         temb, used_sigmas = self._embed(modules, time_cond, x.dtype)
         class_emb = self.class_embedding(class_labels, x.shape[0], x.device)  # (B, 4 nf) or None
@@ -367,6 +375,8 @@ class NCSNpp(ClassConditional, ImageConditional, nn.Module):
             h = next(modules)(h)
         if next(modules, None) is not None:
             raise RuntimeError("NCSNpp.forward left modules unused")
+        if self.channels_last:
+            h = to_memory_format(h, channels_last=False)  # (B, C, H, W) in the default layout
 
         if self.scale_by_sigma:
             # sigmas is float64 (the reference's buffer): divide in h's dtype, so the output

@@ -24,6 +24,7 @@ from torch import nn
 
 from models.conditioning import ClassConditional, read_class_dropout_prob, read_num_classes
 from models.layers import get_act, get_sigmas
+from models.memory import read_memory_options, set_grad_checkpoint, to_memory_format
 from models.ncsn_layers import RefineBlock, ResidualBlock
 from models.normalization import get_normalization
 from models.utils import check_image_inputs, read_learn_sigma, register_model
@@ -158,6 +159,10 @@ class NCSNv2(ClassConditional, nn.Module):
             )
         for name in sorted(refines):  # the reference declares them in name order
             setattr(self, name, refines[name])
+        # Memory options (models.memory): recomputed residual and refine blocks, NHWC layout.
+        self.grad_checkpoint, self.channels_last = read_memory_options(
+            config, type(self).__name__)
+        set_grad_checkpoint(self, self.grad_checkpoint)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, class_labels: torch.Tensor | None = None
@@ -167,6 +172,8 @@ class NCSNv2(ClassConditional, nn.Module):
         self.class_embedding(class_labels, x.shape[0], x.device)  # refuses class labels
         if y.dtype.is_floating_point:
             raise TypeError(f"NCSNv2 takes integer noise-level indices y, got dtype {y.dtype}")
+        if self.channels_last:
+            x = to_memory_format(x, channels_last=True)
         h = x if self.centered else 2 * x - 1.0
         h = self.begin_conv(h)  # (B, nf, H, W)
         levels = []
@@ -179,6 +186,8 @@ class NCSNv2(ClassConditional, nn.Module):
             xs = [level] if h is None else [level, h]
             h = getattr(self, stage.refine)(xs, level.shape[2:])
         h = self.end_conv(self.act(self.normalizer(h)))  # (B, C, H, W)
+        if self.channels_last:
+            h = to_memory_format(h, channels_last=False)
         if self.scale_by_sigma:
             # The float64 sigmas buffer divides in h's dtype: the output keeps x's dtype.
             h = h / self.sigmas[y].to(h.dtype).view(-1, *([1] * (h.dim() - 1)))

@@ -94,6 +94,8 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     # ours: class-conditional training and guidance, off by default (training/classes.py)
     assert ours["model"].pop("num_classes") == 0
     assert ours["model"].pop("learn_sigma") is False  # ours: improved DDPM's learned variances
+    # ours: activation checkpointing and the channels_last layout, off (models.memory)
+    assert [ours["model"].pop(k) for k in ("grad_checkpoint", "channels_last")] == [False, False]
     assert [ours["sampling"].pop(k) for k in CLASS_KEYS] == [None, None, False]
     flat = {k: v for k, v in _flat(ours).items()}
     assert flat == _flat(ref)

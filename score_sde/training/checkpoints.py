@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import CheckpointError, safe_load
+from models.memory import match_optimizer_state_layout
 from score_sde.losses import load_optimizer_state
 from score_sde.training.nonfinite import check_state_finite
 from score_sde.training.validation import check_training_tensors, validate_training_checkpoint
@@ -159,6 +160,7 @@ def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[s
         state["model"].load_state_dict(ckpt["model"], strict=True)
         state["ema"].load_state_dict(ckpt["ema"])
         load_optimizer_state(state["optimizer"], ckpt["optimizer"])
+        match_optimizer_state_layout(state["optimizer"])  # channels_last switched on resume
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: does not match the model of this config: "

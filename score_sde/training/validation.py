@@ -28,6 +28,7 @@ from models.checkpoint import (
     name_ema_shadow_params,
     safe_load,
 )
+from models.memory import MEMORY_KEYS
 from models.utils import get_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
@@ -156,7 +157,8 @@ def validate_config(config, world_size: int = 1) -> None:
     ``world_size``, image size against the model's resolutions, and the registered names of the
     SDE, model, optimiser, dataset, sampler, predictor and corrector; the class and guidance
     keys (``model.num_classes``, ``sampling.classes``, ``sampling.cfg_scale``,
-    ``sampling.cfg_official``: ``training.classes.check_class_config``).
+    ``sampling.cfg_official``: ``training.classes.check_class_config``); the memory options
+    ``model.grad_checkpoint`` and ``model.channels_last`` against the model (``models.memory``).
 
     Raises:
         TypeError: a value of the wrong type (naming ``config.<key>``, the value and the type
@@ -169,7 +171,8 @@ def validate_config(config, world_size: int = 1) -> None:
         _int(config, key, optional=key == "eval.batch_size")
     for key in ("training.continuous", "training.reduce_mean", "training.likelihood_weighting",
                 "training.snapshot_sampling", "training.skip_nonfinite", "data.centered",
-                "data.random_flip", "data.uniform_dequantization"):
+                "data.random_flip", "data.uniform_dequantization", "model.grad_checkpoint",
+                "model.channels_last"):
         _bool(config, key)
     _real(config, "training.max_skip_fraction", 0.0, 1.0)
     _int(config, "seed", low=0)
@@ -212,6 +215,9 @@ def validate_config(config, world_size: int = 1) -> None:
                 config.model[low] >= config.model[high]:
             raise ValueError(f"config.model.{low}={config.model[low]} must be below "
                              f"config.model.{high}={config.model[high]}")
+    if any(config.model.get(key, False) for key in MEMORY_KEYS):
+        with torch.device("meta"):  # the builder refuses what its model does not support
+            get_model(config.model.name)(config)
 
     _name(config, "data.dataset", datasets.DATASETS)
     _int(config, "data.image_size", optional=True)
