@@ -148,8 +148,8 @@ def _poison(monkeypatch, bad):
     """Training batch n (1-based) holds a NaN where ``bad(n)``."""
     real_build = loop.build
 
-    def build(config):
-        state, sde = real_build(config)
+    def build(config, *args, **kwargs):
+        state, sde = real_build(config, *args, **kwargs)
         iterator, count = state["iterators"]["train"], [0]
 
         class Poisoned:
@@ -166,6 +166,9 @@ def _poison(monkeypatch, bad):
 
             def load_state_dict(self, s):
                 iterator.load_state_dict(s)
+
+            def close(self):
+                iterator.close()
 
         state["iterators"]["train"] = Poisoned()
         return state, sde
@@ -205,8 +208,8 @@ def test_a_nan_in_the_data_stops_the_run_naming_the_step(tmp_path, monkeypatch):
 def test_an_infinite_gradient_with_a_finite_loss_stops_the_run(tmp_path, monkeypatch):
     real_build = loop.build
 
-    def build(config):
-        state, sde = real_build(config)
+    def build(config, *args, **kwargs):
+        state, sde = real_build(config, *args, **kwargs)
         weight = next(state["model"].parameters())
         weight.register_hook(lambda g: g.clone().fill_(float("inf")) if state["step"] == 4 else g)
         return state, sde
