@@ -31,7 +31,7 @@ from models.checkpoint import (
 from models.utils import get_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
-from score_sde.training import classes, distributed
+from score_sde.training import acceleration, classes, distributed
 from score_sde.training.sampling import get_sde
 
 #: top-level entries of a training checkpoint (``training.checkpoints.save_checkpoint``)
@@ -155,7 +155,8 @@ def validate_config(config, world_size: int = 1) -> None:
     ``world_size``, image size against the model's resolutions, and the registered names of the
     SDE, model, optimiser, dataset, sampler, predictor and corrector; the class and guidance
     keys (``model.num_classes``, ``sampling.classes``, ``sampling.cfg_scale``,
-    ``sampling.cfg_official``: ``training.classes.check_class_config``).
+    ``sampling.cfg_official``: ``training.classes.check_class_config``); precision, compile and
+    ``training.grad_accum`` (``training.acceleration.check_acceleration_config``).
 
     Raises:
         TypeError: a value of the wrong type (naming ``config.<key>``, the value and the type
@@ -228,6 +229,7 @@ def validate_config(config, world_size: int = 1) -> None:
     _real(config, "sampling.snr", 0.0, low_open=True)
     classes.check_class_config(config)
     check_discrete_diffusion_config(config)
+    acceleration.check_acceleration_config(config, world_size)
 
 
 def _choice(config, key: str, choices: tuple[str, ...]) -> Any:
