@@ -62,7 +62,7 @@ class NonFiniteGuard:
         self._recent: deque[bool] = deque(maxlen=SKIP_WINDOW)  # skipped?, per step taken
         self._recent_skips = 0
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
-        self._stepped = True  # optimizer.step() was called since the last end_step()
+        self._stepped = False  # optimizer.step() was called since the last end_step()
         self._scaler_skipped = 0  # steps whose optimizer.step() the scaler did not call
         self._fused_scaler_skips = torch.zeros((), dtype=torch.int64, device=device)
 

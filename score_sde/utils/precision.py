@@ -116,8 +116,10 @@ class AutocastModel(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``model(x, *args, **kwargs)`` under autocast, cast back (see the class)."""
+        # autocast lowers float32 only: a float64 solver state enters as float32
+        args, kwargs = _narrow_float64((x, *args)), _narrow_float64(kwargs)
         with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-            out = self.module(x, *args, **kwargs)
+            out = self.module(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             return out.to(torch.promote_types(x.dtype, torch.float32))
         return out
@@ -129,6 +131,15 @@ class AutocastModel(nn.Module):
             if name == "module":
                 raise
             return getattr(self._modules["module"], name)
+
+
+def _narrow_float64(values):
+    """float64 tensors of a tuple or dict of arguments as float32 (others unchanged)."""
+    def narrow(v):
+        return v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float64 else v
+    if isinstance(values, dict):
+        return {k: narrow(v) for k, v in values.items()}
+    return tuple(narrow(v) for v in values)
 
 
 def network_precision(model: nn.Module, precision: str) -> nn.Module:
