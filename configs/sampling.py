@@ -47,7 +47,7 @@ FAST_SAMPLER_OPTIONS = {
 
 
 #: the network's precision ('fp32', 'tf32' or 'bf16'; the solver state stays fp32) and
-#: torch.compile during sampling (training/sampling.py reads them; docs/acceleration.md)
+#: torch.compile during sampling (training/sampling.py reads them; docs/precision.md)
 ACCELERATION_KEYS = ('precision', 'compile')
 
 #: class-conditional sampling and classifier-free guidance (training/classes.py reads them)

@@ -24,7 +24,7 @@ def get_config():
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
-    # ours (docs/acceleration.md): the network's precision, 'auto' (tf32 on CUDA, else fp32),
+    # ours (docs/precision.md): the network's precision, 'auto' (tf32 on CUDA, else fp32),
     # 'fp32', 'tf32', 'bf16' or 'fp16' (autocast forward; weights, loss and EMA stay fp32)
     training.precision = 'auto'
     training.compile = False  # torch.compile the network for training

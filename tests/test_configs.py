@@ -85,7 +85,7 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     assert [ours["training"].pop(k) for k in ("loss", "vlb_rescale", "vlb_importance_sampling")
             ] == ["simple", False, False]
     assert [ours["eval"].pop(k) for k in ("bpd_method", "vlb_spacing")] == ["ode", None]
-    # ours: precision, compile and gradient accumulation (docs/acceleration.md)
+    # ours: precision, compile and gradient accumulation (docs/precision.md)
     assert [ours["training"].pop(k) for k in ("precision", "compile", "grad_accum")
             ] == ["auto", False, 1]
     assert [ours["sampling"].pop(k) for k in ("precision", "compile")] == ["fp32", False]

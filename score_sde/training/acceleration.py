@@ -1,5 +1,5 @@
 """A run's precision, ``torch.compile`` and gradient accumulation, read from its config
-(docs/acceleration.md).
+(docs/precision.md).
 
 * ``training.precision`` ('auto' | 'fp32' | 'tf32' | 'bf16' | 'fp16'; ``utils.precision``): the
   training and evaluation-loss steps; 'auto' resolves to 'tf32' on CUDA and 'fp32' elsewhere,
