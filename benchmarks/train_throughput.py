@@ -161,12 +161,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--out", default="benchmarks/out/train_throughput.json")
+    parser.add_argument("--append", action="store_true",
+                        help="add these rows to those already in --out (one table of both)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one setting, in its own process
         print(json.dumps(measure(**json.loads(args.worker))))
         return
-    results = []
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if args.append and out.is_file() else []
     for name in args.configs:
         for compile_flag in args.compile:
             for precision in args.precisions:
@@ -184,7 +187,6 @@ def main() -> None:
                       f"(CPU time {r['cpu_s_per_step']:.3f} s/step, {r['threads']} threads){vs}",
                       flush=True)
                 results.append(r)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out} and {save_markdown(results)}")
