@@ -202,7 +202,8 @@ def save_markdown(results) -> Path:
     rows = [[f"`{r['config']}`", r["model"], f"{r['params_M']:.1f}M", str(r["batch_size"]),
              r["precision"], "yes" if r["compile"] else "no",
              "yes" if r["channels_last"] else "no",
-             f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.0f}",
+             f"{r['s_per_step']:.3f}",
+             f"{r['images_per_s']:.{1 if r['images_per_s'] < 10 else 0}f}",
              f"{r['peak_memory_MB']:.0f}" if cuda
              else f"{r['peak_memory_MB']:.0f} (+{r['peak_increase_MB']:.0f})",
              f"{r['reference_s_per_step']:.2f}" if r["reference_s_per_step"] else "–"]
