@@ -32,6 +32,11 @@ def get_default_configs():
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
+    # ours (docs/precision.md): the network's precision, 'auto' (tf32 on CUDA, else fp32),
+    # 'fp32', 'tf32', 'bf16' or 'fp16' (autocast forward; weights, loss and EMA stay fp32)
+    training.precision = 'auto'
+    training.compile = False  # torch.compile the network for training
+    training.grad_accum = 1  # micro-batches per step; their gradients sum to the batch's
     # ours: the discrete VP objective: 'simple' (Ho et al. 2020) or 'hybrid' (improved DDPM's
     # L_simple + L_vlb, for a model with learn_sigma); vlb_rescale multiplies L_vlb by N / 1000;
     # vlb_importance_sampling draws the steps by the L_vlb history (Nichol & Dhariwal 2021)
@@ -58,6 +63,8 @@ def get_default_configs():
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = 'test'
+    # the network's precision in bits/dim (--mode likelihood, eval): 'fp32' unless forced
+    evaluate.likelihood_precision = 'fp32'
     # ours: bits/dim of --mode likelihood by the probability-flow 'ode' or, for a discrete VP
     # model, the variational bound 'vlb' on the respacing vlb_spacing (None: every step)
     evaluate.bpd_method = 'ode'

@@ -34,6 +34,11 @@ def get_config():
     # a NaN/inf loss or gradient stops the run naming the step; True skips such steps instead
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01  # skipping more of the last 1000 steps (>= 10) stops it
+    # ours (docs/precision.md): the network's precision, 'auto' (tf32 on CUDA, else fp32),
+    # 'fp32', 'tf32', 'bf16' or 'fp16' (autocast forward; weights, loss and EMA stay fp32)
+    training.precision = 'auto'
+    training.compile = False  # torch.compile the network for training
+    training.grad_accum = 1  # micro-batches per step; their gradients sum to the batch's
     training.batch_size = 128
     training.n_iters = 5000
     training.snapshot_freq = 2500
@@ -59,6 +64,8 @@ def get_config():
     evaluate.enable_loss = True
     evaluate.enable_bpd = True
     evaluate.bpd_dataset = 'test'
+    # the network's precision in bits/dim (--mode likelihood, eval): 'fp32' unless forced
+    evaluate.likelihood_precision = 'fp32'
     evaluate.rtol = 1e-3
     # bits/dim of a learned-variance discrete model: its variational bound on the 17-level
     # digits (Ho et al. 2020, eq. 5), on every step of the table; 'ode' for the probability flow

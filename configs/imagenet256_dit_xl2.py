@@ -40,6 +40,11 @@ def get_config():
     training.vlb_importance_sampling = False
     training.skip_nonfinite = False
     training.max_skip_fraction = 0.01
+    # ours (docs/precision.md): the network's precision, 'auto' (tf32 on CUDA, else fp32),
+    # 'fp32', 'tf32', 'bf16' or 'fp16' (autocast forward; weights, loss and EMA stay fp32)
+    training.precision = 'auto'
+    training.compile = False  # torch.compile the network for training
+    training.grad_accum = 1  # micro-batches per step; their gradients sum to the batch's
     training.batch_size = 256
     training.n_iters = 400000
     training.snapshot_freq = 50000
@@ -62,6 +67,8 @@ def get_config():
     evaluate.enable_loss = False
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = 'test'
+    # the network's precision in bits/dim (--mode likelihood, eval): 'fp32' unless forced
+    evaluate.likelihood_precision = 'fp32'
     evaluate.bpd_method = 'vlb'  # the DDPM variational bound (needs the latents, as training)
     evaluate.vlb_spacing = placeholder(str)
 

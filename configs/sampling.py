@@ -47,6 +47,10 @@ FAST_SAMPLER_OPTIONS = {
 }
 
 
+#: the network's precision ('fp32', 'tf32' or 'bf16'; the solver state stays fp32) and
+#: torch.compile during sampling (training/sampling.py reads them; docs/precision.md)
+ACCELERATION_KEYS = ('precision', 'compile')
+
 #: class-conditional sampling and classifier-free guidance (training/classes.py reads them)
 CLASS_KEYS = ('classes', 'cfg_scale', 'cfg_official')
 
@@ -71,11 +75,16 @@ def add_class_options(sampling: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def add_fast_sampler_options(sampling: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Add every fast-sampler option ``sampling`` lacks, as a typed ``None`` placeholder, and the
-    class and guidance keys (:func:`add_class_options`)."""
+    """Add every fast-sampler option ``sampling`` lacks, as a typed ``None`` placeholder, the
+    precision and compile keys (``ACCELERATION_KEYS``), and the class and guidance keys
+    (:func:`add_class_options`)."""
     for key, kind in FAST_SAMPLER_OPTIONS.items():
         if key not in sampling:
             sampling[key] = placeholder(kind)
+    if 'precision' not in sampling:
+        sampling.precision = 'fp32'  # the network's; 'bf16' autocasts its forward
+    if 'compile' not in sampling:
+        sampling.compile = False  # torch.compile the network for sampling and bits/dim
     return add_class_options(sampling)
 
 

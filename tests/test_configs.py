@@ -87,6 +87,11 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     assert [ours["training"].pop(k) for k in ("loss", "vlb_rescale", "vlb_importance_sampling")
             ] == ["simple", False, False]
     assert [ours["eval"].pop(k) for k in ("bpd_method", "vlb_spacing")] == ["ode", None]
+    # ours: precision, compile and gradient accumulation (docs/precision.md)
+    assert [ours["training"].pop(k) for k in ("precision", "compile", "grad_accum")
+            ] == ["auto", False, 1]
+    assert [ours["sampling"].pop(k) for k in ("precision", "compile")] == ["fp32", False]
+    assert ours["eval"].pop("likelihood_precision") == "fp32"
     from configs.sampling import CLASS_KEYS, FAST_SAMPLER_OPTIONS
 
     for key in FAST_SAMPLER_OPTIONS:  # ours: the fast samplers' options, None = their default

@@ -8,7 +8,8 @@ The history lives on the loss's device and is updated without host synchronisati
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,7 @@ class VLBImportanceSampler:
         # one spare row N receives the values a full history drops (see update)
         self._history = torch.zeros(num_timesteps + 1, history, device=device, dtype=dtype)
         self.seen = torch.zeros(num_timesteps, device=device, dtype=torch.int64)
+        self._pending: list | None = None  # updates collected inside deferred_updates
 
     @property
     def history(self) -> torch.Tensor:
@@ -75,6 +77,26 @@ class VLBImportanceSampler:
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         return t, 1.0 / (self.num_timesteps * p[t])
 
+    @contextlib.contextmanager
+    def deferred_updates(self) -> Iterator[None]:
+        """Inside the block :meth:`update` only collects its values (the probabilities, and so
+        the steps a replayed draw gives, stay those at entry); on a normal exit they are applied
+        as one update of the rows the calls covered, in order. Gradient accumulation: the
+        micro-batches of one step, consecutive slices of this process's rows, update the
+        history as the whole batch would."""
+        self._pending = []
+        try:
+            yield
+            pending = self._pending
+        finally:
+            self._pending = None
+        if pending:
+            t = pending[0][0]
+            values = torch.cat([v.reshape(-1) for _, v, _ in pending])
+            shards = [s for _, _, s in pending]
+            shard = None if shards[0] is None else slice(shards[0].start, shards[-1].stop)
+            self.update(t, values, shard=shard)
+
     @torch.no_grad()
     def update(self, t: torch.Tensor, losses: torch.Tensor, shard: slice | None = None) -> None:
         """Append the values ``losses`` of the terms L_t at steps ``t`` (B,) of the whole batch to
@@ -83,6 +105,9 @@ class VLBImportanceSampler:
         batch; they are gathered from every rank (:func:`gather_rows`), so that every rank keeps
         the same history and draws the same steps (without a process group, only the rows
         ``shard`` of ``t`` are recorded)."""
+        if self._pending is not None:  # inside deferred_updates
+            self._pending.append((t, losses.detach(), shard))
+            return
         H = self._history.shape[1]
         t = t.to(self.seen.device).long().reshape(-1)
         values = gather_rows(losses.detach(), shard).to(self._history).reshape(-1)

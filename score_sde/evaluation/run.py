@@ -49,6 +49,12 @@ from models.utils import get_score_fn
 from score_sde import datasets
 from score_sde.evaluation import digits_metric, fid, inception, metrics, records
 from score_sde.utils import InverseScaler, ScoreFn
+from score_sde.utils.precision import (
+    SAMPLING_PRECISIONS,
+    check_precision,
+    network_precision,
+    precision_scope,
+)
 
 log = logging.getLogger(__name__)
 
@@ -471,13 +477,21 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
         log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
     if e.enable_bpd:
         out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
+        # 'fp32' unless forced: the ODE and divergence never run in TF32 unless asked
+        precision = check_precision(e.get("likelihood_precision", "fp32"), SAMPLING_PRECISIONS,
+                                    "config.eval.likelihood_precision")
+        bpd_model = network_precision(model, precision)
+        bpd_score_fn = get_score_fn(sde, bpd_model, train=False,
+                                    continuous=config.training.continuous)
         class_score_fn = None
         if read_num_classes(config):  # the conditional bits/dim, each image with its label
             def class_score_fn(labels: torch.Tensor) -> ScoreFn:
-                return get_score_fn(sde, model, train=False,
+                return get_score_fn(sde, bpd_model, train=False,
                                     continuous=config.training.continuous, class_labels=labels)
-        extra["bpd"] = eval_bpd(config, score_fn, sde, out, progress,
-                                class_score_fn=class_score_fn)
+        with precision_scope(precision):
+            extra["bpd"] = eval_bpd(config, bpd_score_fn, sde, out, progress,
+                                    class_score_fn=class_score_fn)
+        extra["bpd"]["precision"] = precision
         result["bpd"], result["bpd_stderr"] = extra["bpd"]["mean"], extra["bpd"]["stderr"]
         log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
                  result["bpd_stderr"])

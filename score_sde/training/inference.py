@@ -32,13 +32,14 @@ from models.checkpoint import load_model_state, load_reference_checkpoint, load_
 from models.ema import ExponentialMovingAverage
 from models.utils import create_model, get_score_fn
 from score_sde import datasets
-from score_sde.training import checkpoints, classes
+from score_sde.training import acceleration, checkpoints, classes
 from score_sde.training.diffusers_pixel import LAYOUT as DIFFUSERS_LAYOUT
 from score_sde.training.diffusers_pixel import is_diffusers_checkpoint, load_diffusers_pixel
 from score_sde.training.loop import write_samples
 from score_sde.training.official_dit import LAYOUTS, load_official_dit, official_dit_layout
 from score_sde.training.sampling import generate, get_sde, sampling_record
 from score_sde.utils import __version__, atomic_write_bytes
+from score_sde.utils.precision import precision_scope
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,10 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     ODE: quantised data with L levels (256 for CIFAR-10, 17 for the 8x8 digits) is uniformly
     dequantised, v = (k + u) / L, and bits/dim = -(log p_y(y) + D log a) / (D log 2) + log2 L
     with y = a v + c in model space (the reference's formula for L = 256); point data gets
-    -log2 p(x) / D. The summary names the method (``bpd_method``) and its options and NFE.
+    -log2 p(x) / D. The summary names the method (``bpd_method``) and its options and NFE,
+    and the precision it ran in (``config.eval.likelihood_precision``, 'fp32' unless forced:
+    the network in fp32 and the ODE and divergence with TF32 off, whatever the training
+    precision was).
     Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
     ``.json`` summary into ``workdir/eval_folder/``. A class-conditional model is given each
     image's own label: the bits/dim are the conditional -log2 p(x | y) / D, and the summary
@@ -279,6 +283,8 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     path = find_checkpoint(workdir, checkpoint)
     model, step = load_ema_model(config, path)
     sde = model.sde if is_diffusers_checkpoint(path) else get_sde(config)
+    precision = acceleration.likelihood_precision(config)  # 'fp32' unless forced
+    model = acceleration.inference_network(config, model, precision)
     score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
     dataset = datasets.get_dataset(config, split)
     if max_images:
@@ -306,14 +312,16 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
             batch_score_fn = get_score_fn(sde, model, train=False,
                                           continuous=config.training.continuous, class_labels=y)
         if method == "vlb":  # the data on its grid in [0, 1], scaled inside
-            bpd, info = likelihood.vlb_bits_per_dim(sde, batch_score_fn, v, inverse_scaler,
-                                                    levels=dataset.levels, generator=generator,
-                                                    **options)
+            with precision_scope(precision):
+                bpd, info = likelihood.vlb_bits_per_dim(sde, batch_score_fn, v, inverse_scaler,
+                                                        levels=dataset.levels,
+                                                        generator=generator, **options)
             bpds.append(bpd.cpu())
             options["variance"] = info["variance"]  # as it ran: learned when the model has v
         else:
-            logp, info = likelihood.log_likelihood(sde, batch_score_fn, scaler(v),
-                                                   generator=generator, **options)
+            with precision_scope(precision):  # TF32 off for the ODE and divergence
+                logp, info = likelihood.log_likelihood(sde, batch_score_fn, scaler(v),
+                                                       generator=generator, **options)
             D = v[0].numel()
             bpds.append((-(logp + D * math.log(abs(a))) / (D * math.log(2)) + offset).cpu())
         nfe += info["nfe"]
@@ -324,6 +332,11 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
         if len(bpd) > 1 else float("nan"),
         "levels": dataset.levels, "nfe": nfe, "bpd_method": method, "likelihood": options,
+        "precision": {**acceleration.precision_record(
+            precision, "config.eval.likelihood_precision",
+            "float32 ODE state and divergence, TF32 off"),
+            "compile": bool(config.sampling.get("compile", False)),
+            "training_precision": config.training.get("precision", "auto")},
     }
     if method == "vlb":
         options["steps"] = len(info["timesteps"])

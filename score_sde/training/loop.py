@@ -36,7 +36,8 @@ from models.utils import create_model
 from score_sde import datasets, losses
 from score_sde.datasets.cache import ArrayCache
 from score_sde.discrete_diffusion import VLBImportanceSampler
-from score_sde.training import checkpoints, classes, distributed, super_resolution, validation
+from score_sde.training import (acceleration, checkpoints, classes, distributed,
+                                 super_resolution, validation)
 from score_sde.training.events import EventLog
 from score_sde.training.images import class_rows, save_image_grid, save_scatter
 from score_sde.training.lock import WorkdirLock
@@ -88,7 +89,8 @@ def build(config, workdir: str | Path | None = None) -> tuple[dict[str, Any], An
         ``state`` = {'model', 'ema', 'optimizer', 'step', 'generators', 'iterators'} and the SDE.
         ``generators`` are the loss draws ('train', 'eval'); ``iterators`` the data ('train',
         'eval' on the test split). With ``training.vlb_importance_sampling`` the state also
-        holds the ``importance_sampler`` of the training steps (its history is checkpointed).
+        holds the ``importance_sampler`` of the training steps (its history is checkpointed);
+        fp16 training (``training.precision``) the ``grad_scaler`` (``torch.amp.GradScaler``).
     """
     device = torch.device(config.device)
     model = create_model(config)
@@ -118,6 +120,9 @@ def build(config, workdir: str | Path | None = None) -> tuple[dict[str, Any], An
     state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
                  iterators=iterators)
     sde = get_sde(config)
+    scaler = acceleration.grad_scaler(config)
+    if scaler is not None:
+        state["grad_scaler"] = scaler
     if config.training.get("vlb_importance_sampling", False):
         state["importance_sampler"] = VLBImportanceSampler(sde.N, device=device)
     return state, sde
@@ -127,14 +132,17 @@ def get_step_fns(config, sde, importance_sampler: VLBImportanceSampler | None = 
                  ) -> tuple[Callable, Callable]:
     """(train_step_fn, eval_step_fn) of ``losses.get_step_fn`` with the config's loss options
     (``training.loss``, ``vlb_rescale``; the training step draws its steps from
-    ``importance_sampler`` when given, the evaluation step uniformly)."""
-    kwargs = dict(reduce_mean=config.training.reduce_mean,
+    ``importance_sampler`` when given, the evaluation step uniformly), the resolved
+    ``training.precision`` and, for training, ``training.grad_accum`` micro-batches."""
+    kwargs = dict(precision=acceleration.training_precision(config),
+                  reduce_mean=config.training.reduce_mean,
                   continuous=config.training.continuous,
                   likelihood_weighting=config.training.likelihood_weighting,
                   loss=config.training.get("loss", "simple"),
                   vlb_rescale=config.training.get("vlb_rescale", False))
     train_step = losses.get_step_fn(sde, True, losses.optimization_manager(config), **kwargs,
-                                    importance_sampler=importance_sampler)
+                                    importance_sampler=importance_sampler,
+                                    grad_accum=config.training.get("grad_accum", 1))
     eval_step = losses.get_step_fn(sde, False, **kwargs)
     return train_step, eval_step
 
@@ -170,7 +178,8 @@ def log_start(config, state, workdir: Path, resume: Path | None, world_size: int
              else "starting at step 0")
     lines = [f"start: {config.model.name} on {config.device}{processes}, "
              f"torch threads: {torch.get_num_threads()}",
-             f"start: model {type(model).__name__}, {num_params:,} parameters"]
+             f"start: model {type(model).__name__}, {num_params:,} parameters",
+             f"start: {acceleration.describe(config)}"]
     if train_data is not None and eval_data is not None:
         lines.append(f"start: dataset {config.data.dataset}, {train_data.data.shape[0]} train / "
                      f"{len(eval_data)} eval examples: {train_data.summary()}")
@@ -249,11 +258,18 @@ def write_samples(x: torch.Tensor, folder: Path,
     atomic_write_bytes(folder / "sample.npz", buffer.getvalue(), what="the samples")
 
 
-def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float) -> None:
-    """The training loss, learning rate and images/s to the log, TensorBoard and the bar."""
+def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float,
+                 scaler_skips: int = 0) -> None:
+    """The training loss, learning rate and images/s to the log, TensorBoard and the bar; with
+    fp16, the gradient scaler's scale and the steps it skipped so far."""
     lr = state["optimizer"].param_groups[0]["lr"]
     log.info("step: %d, training_loss: %.5e, images/s: %.1f", step, float(loss), rate)
     log_scalars(writer, step, training_loss=float(loss), lr=lr, images_per_sec=rate)
+    if state.get("grad_scaler") is not None:
+        scale = state["grad_scaler"].get_scale()
+        log.info("step: %d, fp16 gradient scale %g, %d steps skipped by the scaler so far",
+                 step, scale, scaler_skips)
+        log_scalars(writer, step, grad_scale=scale, scaler_skipped_steps=scaler_skips)
     bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{rate:.1f}")
 
 
@@ -356,7 +372,10 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
                            max_skip_fraction=t.get("max_skip_fraction", 0.01))
     guard.protect(state["optimizer"], state)
     train_step, eval_step = get_step_fns(config, sde, state.get("importance_sampler"))
-    train_step = distributed.data_parallel_step(train_step, state["model"], t.batch_size, ctx)
+    forward = acceleration.forward_model(config, state["model"])  # compiled, or the model
+    train_step = distributed.data_parallel_step(train_step, forward, t.batch_size, ctx)
+    if not ctx.enabled:
+        train_step = acceleration.with_forward_model(train_step, forward)
     scaler = datasets.get_data_scaler(config)
     writer = EventLog(workdir / "tensorboard") if ctx.is_main else None
     bar = tqdm(total=t.n_iters, initial=state["step"], disable=not (progress and ctx.is_main),
@@ -370,13 +389,15 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
                               **super_resolution.conditioning_kwargs(config, batch, generator))
             step, last = state["step"], state["step"] == t.n_iters  # steps completed
             guard.observe_loss(loss, step)  # read on the host only at the side effects
+            guard.end_step()  # a step the fp16 gradient scaler skipped is no failure
             window_images += batch.shape[0]
             bar.update(1)
             if step % t.log_freq == 0 or last:
                 guard.check(ctx)
                 loss = distributed.mean(loss, ctx)  # the global batch's loss
                 rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                distributed.on_main(partial(log_training, writer, bar, state, step, loss, rate),
+                distributed.on_main(partial(log_training, writer, bar, state, step, loss, rate,
+                                            guard.scaler_skips()),
                                     ctx, "logging", config.device)
                 window_start, window_images = time.perf_counter(), 0
             if step % t.eval_freq == 0:

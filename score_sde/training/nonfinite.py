@@ -1,8 +1,13 @@
 """The non-finite guard of training: a NaN/inf loss or gradient stops the run naming its step,
 or, with ``config.training.skip_nonfinite = True``, the step is skipped, up to a cap: more than
 ``config.training.max_skip_fraction`` of the last :data:`SKIP_WINDOW` steps, and at least
-:data:`MIN_SKIPS` skips, stop the run as without skipping. (Steps that a mixed-precision gradient
-scaler skips never call ``optimizer.step()`` and do not count.)
+:data:`MIN_SKIPS` skips, stop the run as without skipping.
+
+fp16 training's ``torch.amp.GradScaler`` skips a step whose scaled gradients overflowed and lowers
+its scale: that is how it finds its scale, not a failure. Such a step either never calls
+``optimizer.step()`` or (a fused optimiser) calls it with the scaler's ``found_inf`` set; either
+way the guard neither records nor counts it, and counts it in :meth:`NonFiniteGuard.scaler_skips`
+instead (logged with the scale).
 
 Stopping costs no host synchronisation per step: the first bad step is kept in a device tensor
 and read at the loop's side effects (logging, checkpoints), always before a checkpoint is
@@ -57,6 +62,9 @@ class NonFiniteGuard:
         self._recent: deque[bool] = deque(maxlen=SKIP_WINDOW)  # skipped?, per step taken
         self._recent_skips = 0
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
+        self._stepped = False  # optimizer.step() was called since the last end_step()
+        self._scaler_skipped = 0  # steps whose optimizer.step() the scaler did not call
+        self._fused_scaler_skips = torch.zeros((), dtype=torch.int64, device=device)
 
     def _record(self, bad: torch.Tensor, step: int) -> None:
         self.first_bad = torch.where(bad & (self.first_bad == _NONE),
@@ -68,8 +76,15 @@ class NonFiniteGuard:
         inner = optimizer.step
 
         def step(*args, **kwargs):
+            self._stepped = True
             params = [p for group in optimizer.param_groups for p in group["params"]]
             finite = grads_finite(params)
+            found_inf = getattr(optimizer, "found_inf", None)  # GradScaler, fused optimiser
+            if isinstance(found_inf, torch.Tensor):  # the kernel skips the update itself
+                scaler_skip = found_inf.reshape(()) > 0
+                self._fused_scaler_skips = self._fused_scaler_skips + scaler_skip.to(
+                    self._fused_scaler_skips)
+                finite = finite.to(scaler_skip.device) | scaler_skip
             number = int(state["step"]) + 1
             if self.skip:
                 bad = not bool(finite)  # one host sync per step, only in skip mode
@@ -98,6 +113,17 @@ class NonFiniteGuard:
                 f"non-finite loss or gradient at step {number}; the run stopped before writing "
                 f"a checkpoint of it ({skips} of the last {steps} steps were skipped, more than "
                 f"config.training.max_skip_fraction={self.max_skip_fraction:g})")
+
+    def end_step(self) -> None:
+        """Close a training step: one that never called ``optimizer.step()`` was skipped by the
+        gradient scaler (fp16), and is counted as such."""
+        if not self._stepped:
+            self._scaler_skipped += 1
+        self._stepped = False
+
+    def scaler_skips(self) -> int:
+        """Steps skipped by the fp16 gradient scaler so far (reads a device counter)."""
+        return self._scaler_skipped + int(self._fused_scaler_skips)
 
     def observe_loss(self, loss: torch.Tensor, step: int) -> None:
         """Record ``loss`` of step ``step`` (1-based, steps completed); no host sync."""

@@ -23,12 +23,14 @@ from torch import nn
 
 import samplers
 import sde_lib
-from configs.sampling import CLASS_KEYS
+from configs.sampling import ACCELERATION_KEYS, CLASS_KEYS
 from models.conditioning import read_num_classes
 from models.ema import ExponentialMovingAverage
 from models.utils import get_score_fn
+from score_sde.training import acceleration
 from score_sde.training.classes import guidance_weight, sample_class_labels, sample_classes
 from score_sde.utils import ScoreFn
+from score_sde.utils.precision import precision_scope
 
 #: sampler option -> the reference's config.sampling key
 ALIASES = {"n_steps": "n_steps_each", "denoise": "noise_removal"}
@@ -92,11 +94,17 @@ def sampling_record(config, info: dict) -> dict[str, Any]:
     for name in ("step_rule", "variance"):
         if name in resolved and resolved[name] is None and name in info:
             resolved[name] = info[name]
-    read = {config_key(method, name) for name in resolved} | {"method", *CLASS_KEYS}
+    read = ({config_key(method, name) for name in resolved}
+            | {"method", *CLASS_KEYS, *ACCELERATION_KEYS})
+    precision = acceleration.sampling_precision(config)
     record = {
         "method": method,
         "options": resolved,
         "nfe": info["nfe"],
+        "precision": acceleration.precision_record(
+            precision, "config.sampling.precision",
+            "float32 solver state (or the input's dtype if wider)"),
+        "compile": bool(config.sampling.get("compile", False)),
         "not_applied": {k: v for k, v in sorted(config.sampling.items())
                         if k not in read and v is not None},
     }
@@ -191,6 +199,9 @@ def generate(
 ) -> tuple[torch.Tensor, dict]:
     """Samples (B, *D) in data space (images in [0, 1]) from ``model`` in eval mode.
 
+    The network runs in ``config.sampling.precision`` (bf16: autocast of its forward alone, its
+    outputs back in float32) and is compiled with ``config.sampling.compile``.
+
     Args:
         config: reads ``sampling.*`` and ``training.continuous``.
         sde: the SDE the model was trained with.
@@ -213,7 +224,10 @@ def generate(
             raise ValueError(f"the model has {model.num_classes} classes but "
                              "config.model.num_classes = 0; set it to the model's")
         class_labels = sample_class_labels(sampled, 0, shape[0], device)
-    score_fn = sampling_score_fn(config, sde, model, class_labels)
-    x, info = samplers.sample(sde, score_fn, shape, method, generator=generator,
-                              progress=progress, device=device, **options)
+    precision = acceleration.sampling_precision(config)
+    network = acceleration.inference_network(config, model, precision)
+    score_fn = sampling_score_fn(config, sde, network, class_labels)
+    with precision_scope(precision):  # the network's dtype; the solver state stays float32
+        x, info = samplers.sample(sde, score_fn, shape, method, generator=generator,
+                                  progress=progress, device=device, **options)
     return inverse_scaler(x), info

@@ -32,7 +32,7 @@ from models.memory import MEMORY_KEYS
 from models.utils import get_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
-from score_sde.training import classes, distributed
+from score_sde.training import acceleration, classes, distributed
 from score_sde.training.sampling import get_sde
 from score_sde.training.super_resolution import check_super_resolution_config
 
@@ -158,7 +158,9 @@ def validate_config(config, world_size: int = 1) -> None:
     SDE, model, optimiser, dataset, sampler, predictor and corrector; the class and guidance
     keys (``model.num_classes``, ``sampling.classes``, ``sampling.cfg_scale``,
     ``sampling.cfg_official``: ``training.classes.check_class_config``); the memory options
-    ``model.grad_checkpoint`` and ``model.channels_last`` against the model (``models.memory``).
+    ``model.grad_checkpoint`` and ``model.channels_last`` against the model (``models.memory``);
+    precision, compile and ``training.grad_accum``
+    (``training.acceleration.check_acceleration_config``).
 
     Raises:
         TypeError: a value of the wrong type (naming ``config.<key>``, the value and the type
@@ -237,6 +239,7 @@ def validate_config(config, world_size: int = 1) -> None:
     classes.check_class_config(config)
     check_discrete_diffusion_config(config)
     check_super_resolution_config(config)  # data.low_res_size, model.cond_*, training.cond_aug_*
+    acceleration.check_acceleration_config(config, world_size)
 
 
 def _choice(config, key: str, choices: tuple[str, ...]) -> Any:

@@ -1,4 +1,4 @@
-"""Training objectives, optimiser and the one-step train/eval function.
+"""Training objectives: per-sample losses on given draws and the reference-style factories.
 
 Every objective is one function of the model and its random draws (``dsm_loss``, ``ssm_loss``,
 ``smld_loss``, ``ddpm_loss``) returning per-sample losses (B,); the reference-style factories
@@ -30,11 +30,7 @@ from score_sde.utils import Registry, ScoreFn, batch_mul
 #: tensor); ``shard`` (a slice of rows) draws the noise for the whole batch and averages over
 #: those rows only (rows of ``class_labels`` (B,) too).
 LossFn = Callable[..., torch.Tensor]
-#: ``optimize_fn(optimizer, params, step)``: set the learning rate, clip, step.
-OptimizeFn = Callable[[torch.optim.Optimizer, object, int], None]
-
 DISCRETE_LOSSES = Registry("discrete loss")
-OPTIMIZERS = Registry("optimizer")
 #: ``training.loss`` of discrete VP training: Ho et al.'s L_simple, or improved DDPM's L_hybrid
 OBJECTIVES = ("simple", "hybrid")
 
@@ -355,9 +351,12 @@ def _check_discrete(sde: sde_lib.SDE, conventions: tuple[str, ...], what: str) -
 
 
 def learns_sigma(model) -> bool:
-    """Whether ``model`` (or the module a ``DistributedDataParallel`` wraps) outputs the learned
-    variances of improved DDPM (``learn_sigma``)."""
-    return bool(getattr(getattr(model, "module", model), "learn_sigma", False))
+    """Whether ``model`` (or the module inside its ``DistributedDataParallel`` or
+    mixed-precision wrappers) outputs the learned variances of improved DDPM (``learn_sigma``)."""
+    while not hasattr(model, "learn_sigma") and isinstance(getattr(model, "module", None),
+                                                           nn.Module):
+        model = model.module  # DDP, and the mixed-precision wrapper around it
+    return bool(getattr(model, "learn_sigma", False))
 
 
 def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, train: bool,
@@ -463,149 +462,8 @@ def get_hybrid_loss_fn(sde: sde_lib.SDE, train: bool, *, rescale: bool = False,
     return loss_fn
 
 
-# -- optimisation and the step function ----------------------------------------------------------
-
-@OPTIMIZERS.register("Adam")
-def _adam(config, params) -> torch.optim.Optimizer:
-    params = list(params)
-    kwargs = dict(lr=config.optim.lr, betas=(config.optim.beta1, 0.999), eps=config.optim.eps,
-                  weight_decay=config.optim.weight_decay,
-                  amsgrad=config.optim.get("amsgrad", False))
-    if not isinstance(kwargs["amsgrad"], bool):
-        raise ValueError(f"optim.amsgrad must be a bool, got {kwargs['amsgrad']!r}")
-    try:
-        # The fused kernel (one pass per tensor) is the reference's Adam up to rounding and
-        # 3x faster on CPU; older torch builds and some devices lack it.
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, **kwargs)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """``optimizer.load_state_dict(state_dict)`` keeping this optimiser's ``fused`` choice:
-    a checkpoint written by an unfused (or a reference) run would otherwise switch it off, and
-    a fused one loaded where the kernel is missing would fail at the first step."""
-    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
-        state_dict = dict(state_dict, param_groups=[
-            {**saved, "fused": live["fused"]} if isinstance(saved, dict) and "fused" in live
-            else saved
-            for saved, live in zip(groups, optimizer.param_groups)
-        ])
-    optimizer.load_state_dict(state_dict)
-
-
-def get_optimizer(config, params) -> torch.optim.Optimizer:
-    """The optimiser named by ``config.optim.optimizer`` (the reference's: ``Adam`` with
-    betas (beta1, 0.999), ``eps`` and ``weight_decay`` from ``config.optim``)."""
-    return OPTIMIZERS.get(config.optim.optimizer)(config, params)
-
-
-def optimization_manager(config) -> OptimizeFn:
-    """``optimize_fn(optimizer, params, step)``: linear learning-rate warm-up over
-    ``config.optim.warmup`` steps and gradient-norm clipping at ``config.optim.grad_clip``
-    (off when negative), then one optimiser step, as the reference. The learning rate is a Python
-    float (the reference's numpy float breaks ``torch.load(weights_only=True)``)."""
-    lr, warmup, grad_clip = config.optim.lr, config.optim.warmup, config.optim.grad_clip
-
-    def optimize_fn(optimizer: torch.optim.Optimizer, params, step) -> None:
-        if warmup > 0:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(float(step) / warmup, 1.0)
-        if grad_clip >= 0:
-            torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
-        optimizer.step()
-
-    return optimize_fn
-
-
-def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: OptimizeFn | None = None,
-                reduce_mean: bool = False, continuous: bool = True,
-                likelihood_weighting: bool = False, *, importance_weighting: bool = False,
-                loss_fn: LossFn | None = None, loss: str = "simple", vlb_rescale: bool = False,
-                importance_sampler: VLBImportanceSampler | None = None
-                ) -> Callable[..., torch.Tensor]:
-    """``step_fn(state, batch, *, generator=None, shard=None, class_labels=None) -> loss``: one
-    training or evaluation step.
-
-    ``state`` is the reference's dict with ``model``, ``optimizer``, ``ema`` and ``step``.
-    Training: zero grads, backward, ``optimize_fn(optimizer, model.parameters(), step)``,
-    ``step += 1``, ``ema.update(model.parameters())``. Evaluation: the loss under ``no_grad``
-    with the EMA weights swapped in (``store``/``copy_to``/``restore``). The loss is the
-    continuous ``get_sde_loss_fn`` or, with ``continuous=False``, the discrete loss registered for
-    the SDE's ``model_conventions['discrete']`` (DDPM for VP, SMLD for VE); ``loss='hybrid'``
-    (discrete VP, a model with learned variances) is :func:`get_hybrid_loss_fn` with
-    ``vlb_rescale`` and ``importance_sampler`` (always a mean over dimensions, as the official
-    L_hybrid: ``reduce_mean`` does not apply); ``loss_fn`` overrides.
-    ``shard`` (data-parallel training) is passed on to the loss: rows of ``batch`` this process
-    trains on, with the draws made for the whole batch. ``class_labels`` (B,) of the whole batch
-    (class-conditional training) are passed on to the loss, which shards them like the rows;
-    so are ``cond_image`` (B, C_y, h, w) and ``cond_level`` (B,) of an image-conditional model
-    (a super-resolution stage of a cascade, :mod:`training.cascade`).
-    Returns the detached loss.
-    """
-    if loss not in OBJECTIVES:
-        raise ValueError(f"Unknown loss {loss!r}; valid: {', '.join(OBJECTIVES)}")
-    if loss_fn is None and loss == "hybrid":
-        if continuous or likelihood_weighting or importance_weighting:
-            raise ValueError("loss='hybrid' is discrete training: needs continuous=False and no "
-                             "likelihood or importance weighting")
-        loss_fn = get_hybrid_loss_fn(sde, train, rescale=vlb_rescale,
-                                     importance_sampler=importance_sampler)
-    elif importance_sampler is not None:
-        raise ValueError("an importance_sampler of the steps needs loss='hybrid'")
-    if loss_fn is None:
-        if continuous:
-            loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
-                                      likelihood_weighting=likelihood_weighting,
-                                      importance_weighting=importance_weighting)
-        else:
-            if likelihood_weighting or importance_weighting:
-                raise ValueError("likelihood weighting is not supported for discrete "
-                                 "(SMLD/DDPM) training")
-            convention = sde.model_conventions.get("discrete")
-            if convention not in DISCRETE_LOSSES:
-                raise ValueError(f"no discrete training for {type(sde).__name__}; discrete "
-                                 f"losses exist for: {', '.join(DISCRETE_LOSSES.names())}")
-            loss_fn = DISCRETE_LOSSES.get(convention)(sde, train, reduce_mean=reduce_mean)
-    if train and optimize_fn is None:
-        raise ValueError("a training step_fn needs optimize_fn (see optimization_manager)")
-
-    def step_fn(state: dict, batch: torch.Tensor, *, generator: torch.Generator | None = None,
-                shard: slice | None = None, class_labels: torch.Tensor | None = None,
-                **image_cond: torch.Tensor) -> torch.Tensor:
-        model: nn.Module = state["model"]
-        ema = state.get("ema")
-        # only what is given: a custom loss_fn of an unconditional run need not take labels
-        extra = {} if class_labels is None else {"class_labels": class_labels}
-        extra.update({k: v for k, v in image_cond.items() if v is not None})
-        if train:
-            optimizer = state["optimizer"]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch, generator=generator,
-                           **({} if shard is None else {"shard": shard}), **extra)
-            loss.backward()
-            optimize_fn(optimizer, model.parameters(), step=state["step"])
-            state["step"] += 1
-            if ema is not None:
-                ema.update(model.parameters())
-            return loss.detach()
-        with torch.no_grad():
-            if ema is None:
-                return loss_fn(model, batch, generator=generator, **extra)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            try:
-                return loss_fn(model, batch, generator=generator, **extra)
-            finally:
-                ema.restore(model.parameters())
-
-    return step_fn
-
-
 __all__ = [
     "DISCRETE_LOSSES",
-    "OPTIMIZERS",
     "dsm_loss",
     "ssm_loss",
     "smld_loss",
@@ -620,7 +478,5 @@ __all__ = [
     "get_hybrid_loss_fn",
     "learns_sigma",
     "OBJECTIVES",
-    "get_optimizer",
-    "optimization_manager",
-    "get_step_fn",
+    "LossFn",
 ]
