@@ -36,8 +36,14 @@ from models.utils import create_model
 from score_sde import datasets, losses
 from score_sde.datasets.cache import ArrayCache
 from score_sde.discrete_diffusion import VLBImportanceSampler
-from score_sde.training import (acceleration, checkpoints, classes, distributed,
-                                 super_resolution, validation)
+from score_sde.training import (
+    acceleration,
+    checkpoints,
+    classes,
+    distributed,
+    super_resolution,
+    validation,
+)
 from score_sde.training.events import EventLog
 from score_sde.training.images import class_rows, save_image_grid, save_scatter
 from score_sde.training.lock import WorkdirLock
