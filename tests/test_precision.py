@@ -245,6 +245,35 @@ def test_fp16_scaler_settles_then_skips_no_step():
     assert not any(torch.equal(a, b) for a, b in zip(first, model.parameters()))
 
 
+def test_the_fp16_loss_scale_is_checkpointed_and_restored(tmp_path, caplog):
+    """A resumed fp16 run continues with the scale and growth tracker it had; a checkpoint of
+    another precision starts the scaler afresh and says so; a corrupt entry is refused."""
+    config = _digits("fp16", nf=4, batch_size=4)
+    state, _ = loop.build(config)
+    settled = dict(state["grad_scaler"].state_dict(), scale=512.0, _growth_tracker=7)
+    state["grad_scaler"].load_state_dict(settled)  # as after some steps
+    path = tmp_path / "ckpt.pth"
+    checkpoints.save_checkpoint(path, state)
+    resumed, _ = loop.build(config)
+    assert resumed["grad_scaler"].get_scale() != 512.0
+    checkpoints.restore_checkpoint(path, resumed)
+    assert resumed["grad_scaler"].get_scale() == 512.0
+    assert resumed["grad_scaler"].state_dict()["_growth_tracker"] == 7
+    fp32 = _digits("fp32", nf=4, batch_size=4)
+    plain, _ = loop.build(fp32)
+    checkpoints.save_checkpoint(tmp_path / "fp32.pth", plain)
+    fresh, _ = loop.build(config)
+    with caplog.at_level("WARNING"):
+        checkpoints.restore_checkpoint(tmp_path / "fp32.pth", fresh)
+    assert "holds no fp16 loss scale" in caplog.text
+    assert fresh["grad_scaler"].get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["grad_scaler"]["scale"] = float("nan")
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(checkpoints.CheckpointError, match="grad_scaler"):
+        checkpoints.restore_checkpoint(tmp_path / "bad.pth", loop.build(config)[0])
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_guard_counts_a_scaler_skip_and_does_not_stop_the_run(fused):
     model = torch.nn.Linear(4, 1)

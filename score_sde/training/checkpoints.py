@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -139,6 +140,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     }
     if state.get("importance_sampler") is not None:
         ckpt["importance_sampler"] = state["importance_sampler"].state_dict()
+    if state.get("grad_scaler") is not None:  # fp16: the loss scale and its growth tracker
+        ckpt["grad_scaler"] = state["grad_scaler"].state_dict()
     try:
         atomic_save(ckpt, path, what=f"the checkpoint of step {step}")
     except WriteError as e:
@@ -182,8 +185,30 @@ def restore_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict[s
             log.warning("%s holds no importance-sampler history (a run without "
                         "training.vlb_importance_sampling): the steps are drawn uniformly until "
                         "every step has its history again", path)
+    _restore_grad_scaler(ckpt, state.get("grad_scaler"), path)
     state["step"] = int(ckpt["step"])
     return state
+
+
+def _restore_grad_scaler(ckpt: dict, scaler, path) -> None:
+    """The fp16 loss scale of ``ckpt`` into ``scaler`` (a resumed fp16 run continues with the
+    scale it had, as an uninterrupted run); a checkpoint without one (an fp32/bf16 run) starts
+    the scaler at its initial scale and says so."""
+    if scaler is None:
+        return
+    saved = ckpt.get("grad_scaler")
+    if saved is None:
+        log.warning("%s holds no fp16 loss scale (a run in another training.precision): the "
+                    "gradient scaler starts at its initial scale %g", path, scaler.get_scale())
+        return
+    if not isinstance(saved, dict) or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in saved.values()):
+        raise CheckpointError(f"{path}: the 'grad_scaler' entry is not a dict of finite numbers: "
+                              f"{saved!r}")
+    try:
+        scaler.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unusable 'grad_scaler' state: {e}") from e
 
 
 def resume_checkpoint(workdir: str | os.PathLike) -> Path | None:
