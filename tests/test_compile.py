@@ -56,7 +56,7 @@ def _toy(workdir_compile: bool, n_iters: int = 3):
 
 def _train_compiled_and_eager(tmp_path, monkeypatch, backend):
     if backend != "inductor":
-        monkeypatch.setattr(acceleration, "compile_model",
+        monkeypatch.setattr(compile_utils, "compile_model",
                             functools.partial(compile_utils.compile_model, backend=backend))
     runs = {}
     for compiled in (False, True):

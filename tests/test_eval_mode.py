@@ -114,6 +114,7 @@ def test_cli_writes_the_record_and_skips_it_on_a_rerun(trained, tmp_path):
     assert record["sample_metric"]["name"] == "digits"
     assert len(record["sample_metric"]["classifier"]["sha256"]) == 64
     assert record["eval"]["num_samples"] == 20 and record["sampling_config"]["nfe"] == 4
+    assert record["sample_precision"]["network"] == "fp32"
     assert sorted(p.name for p in (workdir / "eval" / "ckpt_1").iterdir()) == [
         "samples_00000.npz", "samples_00001.npz", "samples_00002.npz"]
     _check_eval_scalars(workdir / "eval" / "tensorboard", metrics, step=2)
@@ -140,6 +141,21 @@ def _check_eval_scalars(folder, metrics, step):
 def _samples(workdir):
     files = sorted((workdir / "eval" / "ckpt_1").glob("samples_*.npz"))
     return np.concatenate([np.load(f)["samples"] for f in files])
+
+
+def test_eval_samples_run_the_network_in_sampling_precision(trained, tmp_path):
+    """``sampling.precision='bf16'`` applies to the eval samples (autocast network, float32
+    solver state) and the record says so; fp32 is the default."""
+    drawn = {}
+    for precision in ("fp32", "bf16"):
+        workdir = fresh_workdir(trained, tmp_path, precision)
+        config = tiny_config(**{"eval.enable_loss": False, "sampling.precision": precision})
+        (path,) = evaluate(config, workdir)
+        record = json.loads(path.read_text())
+        assert record["sample_precision"]["network"] == precision
+        drawn[precision] = _samples(workdir).astype(np.float64)
+    gap = np.abs(drawn["bf16"] - drawn["fp32"]).max()
+    assert 0 < gap < 64  # bf16 ran (not bitwise fp32) and sampled the same digits roughly
 
 
 def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(trained, tmp_path,

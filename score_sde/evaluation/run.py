@@ -49,6 +49,7 @@ from models.utils import get_score_fn
 from score_sde import datasets
 from score_sde.evaluation import digits_metric, fid, inception, metrics, records
 from score_sde.utils import InverseScaler, ScoreFn
+from score_sde.utils.compile import inference_network
 from score_sde.utils.precision import (
     SAMPLING_PRECISIONS,
     check_precision,
@@ -469,7 +470,12 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
     e, sde = config.eval, trained.sde
     folder = Path(workdir) / eval_folder
     model, step = trained.load_model(path)
-    score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+    # the samples' network: config.sampling.precision and .compile (the solver stays float32)
+    sample_precision = check_precision(config.sampling.get("precision", "fp32"),
+                                       SAMPLING_PRECISIONS, "config.sampling.precision")
+    sample_network = inference_network(config, model, sample_precision)
+    score_fn = get_score_fn(sde, sample_network, train=False,
+                            continuous=config.training.continuous)
     result, extra, sampling = {}, {}, None
     if e.enable_loss:
         extra["loss"] = eval_loss(config, model, trained.eval_step)
@@ -496,11 +502,16 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
         log.info("ckpt %d: %s bits/dim %.4f +- %.4f", n, e.bpd_dataset, result["bpd"],
                  result["bpd_stderr"])
     if e.enable_sampling:
-        scores, sampling = eval_samples(config, trained, score_fn, scorer,
-                                        folder / f"ckpt_{n}", progress=progress,
-                                        on_batch=on_batch, model=model)
+        with precision_scope(sample_precision):
+            scores, sampling = eval_samples(config, trained, score_fn, scorer,
+                                            folder / f"ckpt_{n}", progress=progress,
+                                            on_batch=on_batch, model=sample_network)
         result.update(scores)
-        extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"])
+        extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"],
+                     sample_precision={"network": sample_precision,
+                                       "key": "config.sampling.precision",
+                                       "compile": bool(config.sampling.get("compile", False)),
+                                       "solver": "float32 solver state"})
         log.info("ckpt %d: %s", n, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))
     record = records.evaluation_record(
         metrics=result, sampling=sampling,

@@ -17,23 +17,18 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from score_sde.utils.compile import compile_model
+from score_sde.utils.compile import compiled, inference_network
 from score_sde.utils.precision import (
     PRECISIONS,
     SAMPLING_PRECISIONS,
     check_precision,
-    network_precision,
     resolve_precision,
 )
-
-#: the compiled module of each network (compiling once per model, not per snapshot)
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def training_precision(config) -> str:
@@ -84,13 +79,6 @@ def check_acceleration_config(config, world_size: int = 1) -> None:
                          f"{world_size} processes); valid: {', '.join(map(str, divisors))}")
 
 
-def compiled(model: nn.Module, device, key: str) -> nn.Module:
-    """``torch.compile(model)``, made once per model (``utils.compile.compile_model``)."""
-    if model not in _COMPILED:
-        _COMPILED[model] = compile_model(model, device, key=key)
-    return _COMPILED[model]
-
-
 def forward_model(config, model: nn.Module) -> nn.Module:
     """The module training calls: ``model`` compiled when ``config.training.compile``."""
     if config.training.get("compile", False):
@@ -119,14 +107,6 @@ def grad_scaler(config) -> torch.amp.GradScaler | None:
     if training_precision(config) != "fp16":
         return None
     return torch.amp.GradScaler(torch.device(config.device).type)
-
-
-def inference_network(config, model: nn.Module, precision: str) -> nn.Module:
-    """The network as sampling or bits/dim call it: compiled when ``config.sampling.compile``,
-    under autocast for 'bf16' (``utils.precision.network_precision``)."""
-    if config.sampling.get("compile", False):
-        model = compiled(model, config.device, "config.sampling.compile")
-    return network_precision(model, precision)
 
 
 def precision_record(precision: str, key: str, solver: str) -> dict:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import weakref
 
 import torch
 from torch import nn
+
+from score_sde.utils.precision import network_precision
 
 #: the C++ compilers torch's inductor looks for on a CPU (after ``$CXX``)
 CXX_CANDIDATES = ("g++", "c++", "clang++")
@@ -53,4 +56,24 @@ def compile_model(model: nn.Module, device: torch.device | str, *,
     return torch.compile(model, backend=backend, **options)
 
 
-__all__ = ["CXX_CANDIDATES", "compile_unavailable", "compile_model"]
+#: the compiled module of each network (compiling once per model, not per snapshot)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model: nn.Module, device, key: str) -> nn.Module:
+    """``torch.compile(model)``, made once per model (:func:`compile_model`)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = compile_model(model, device, key=key)
+    return _COMPILED[model]
+
+
+def inference_network(config, model: nn.Module, precision: str) -> nn.Module:
+    """The network as sampling or bits/dim call it: compiled when ``config.sampling.compile``,
+    under autocast for 'bf16' (``utils.precision.network_precision``)."""
+    if config.sampling.get("compile", False):
+        model = compiled(model, config.device, "config.sampling.compile")
+    return network_precision(model, precision)
+
+
+__all__ = ["CXX_CANDIDATES", "compile_unavailable", "compile_model", "compiled",
+           "inference_network"]
