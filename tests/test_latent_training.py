@@ -275,3 +275,17 @@ def test_an_official_dit_and_a_local_sd_vae_give_decoded_images(tmp_path):
     record = json.loads((folder / "info.json").read_text())["latents"]
     assert record["decoded"] is True and record["autoencoder"]["scale_factor"] == 0.18215
     assert record["autoencoder"]["vae_scaling_factor"] == 0.5
+
+
+def test_train_autoencoder_on_an_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        folder = tmp_path / "images" / f"class{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / f"{k}.png")
+    config = ae_config(2)
+    config.data.update(dataset="folder", root=str(tmp_path / "images"))
+    state = run_ae(config, tmp_path / "ae")
+    assert state["step"] == 2 and state["model"].latent_shape((1, 8, 8)) == (2, 4, 4)
+    png = Image.open(tmp_path / "ae" / "reconstructions" / "iter_2" / "reconstruction.png")
+    assert png.size[0] > 2 * png.size[1]
