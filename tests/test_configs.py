@@ -79,6 +79,7 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     for d in (ours, ref):
         d.pop("device")
     ours["data"].pop("root")  # ours: where the CIFAR-10 tarball lives
+    ours["data"].pop("autoencoder")  # ours: latent score models, off (training/latent.py)
     for key in ("num_workers", "cache", "alpha_background"):  # ours: image-folder loading
         ours["data"].pop(key)
     for key in ("skip_nonfinite", "max_skip_fraction"):  # ours: the non-finite guard
