@@ -273,3 +273,77 @@ def test_errors_name_the_bad_value(problem):
 
     with pytest.raises(ValueError, match="fit_decoder_variance"):
         DecoderLikelihood.learned(torch.nn.Identity())
+
+
+def _latent_digits_run(tmp_path, decoder_variance):
+    """A digits config in the latent space of an untrained own autoencoder (1 x 4 x 4 latents),
+    its score model saved as one safetensors file (random weights: the record is what counts)."""
+    import importlib
+
+    from safetensors.torch import save_file
+
+    from models.autoencoders import KLAutoencoder
+    from models.utils import create_model
+
+    config = importlib.import_module("configs.digits").get_config()
+    config.device = "cpu"
+    config.model.nf = 8
+    config.eval.batch_size = 4
+    ae_cfg = config.data.autoencoder
+    ae_cfg.name, ae_cfg.latent_channels, ae_cfg.channels = "kl", 1, 8
+    ae_cfg.decoder_variance, ae_cfg.decoder_fit_images, ae_cfg.bound_draws = \
+        decoder_variance, 12, 2
+    torch.manual_seed(0)
+    ae = KLAutoencoder(1, 1, 8, (1, 2))
+    with torch.no_grad():
+        ae.decoder_log_scale.fill_(math.log(0.2))
+    torch.save({"model": ae.state_dict(), "latent_scale": {"scale_factor": 0.7, "shift": 0.0}},
+               tmp_path / "ae.pth")
+    ae_cfg.checkpoint = str(tmp_path / "ae.pth")
+    model = create_model(config)
+    weights = tmp_path / "ema.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return config, str(weights)
+
+
+@pytest.mark.parametrize("decoder_variance", ["auto", "fitted"])
+def test_mode_likelihood_on_a_latent_config_records_the_bound(tmp_path, decoder_variance):
+    import json
+
+    import numpy as np
+
+    from score_sde.training.inference import run_likelihood
+
+    config, checkpoint = _latent_digits_run(tmp_path, decoder_variance)
+    path = run_likelihood(config, tmp_path, "eval", checkpoint=checkpoint, max_images=4,
+                          progress=False)
+    record = json.loads(path.read_text())
+    arrays = np.load(path.with_suffix(".npz"))
+    assert record["bpd_method"] == "latent_bound" and record["num_images"] == 4
+    assert record["bpd"] == pytest.approx(arrays["bpd"].mean())
+    assert sum(record["terms_bpd"].values()) == pytest.approx(record["bpd"])
+    assert record["terms_bpd"]["decoder"] > 0  # -log2 of a probability (discretised, 17 levels)
+    assert record["levels"] == 17 and record["num_draws"] == 2 and record["nfe"] > 0
+    assert record["precision"] == "float32" and math.isfinite(record["bpd_mc_stderr"])
+    assert "bits per data dimension" in record["bound"] and "17 levels" in record["bound"]
+    assert record["autoencoder"]["scale_factor"] == pytest.approx(0.7)
+    dec = record["decoder"]
+    if decoder_variance == "auto":  # the own autoencoder's learned variance
+        assert dec["source"] == "learned" and dec["sigma"] == pytest.approx([0.2])
+    else:
+        assert dec["source"] == "fitted" and dec["fit_images"] == 12
+        assert dec["fit_split"] == "train" and dec["sigma"][0] > 0
+    np.testing.assert_allclose(arrays["decoder"] + arrays["latent_prior"] + arrays["entropy"],
+                               arrays["bpd"], rtol=1e-6)
+
+
+def test_bound_settings_are_checked_at_the_door(tmp_path):
+    from score_sde.training.latent_likelihood import bound_settings, decoder_likelihood
+
+    config, _ = _latent_digits_run(tmp_path, "gaussian")
+    with pytest.raises(ValueError, match="valid: auto, learned, fitted"):
+        bound_settings(config, "test")
+    config.data.autoencoder.decoder_variance = "fitted"
+    config.data.autoencoder.decoder_fit_split = "test"
+    with pytest.raises(ValueError, match="held-out"):
+        decoder_likelihood(config, None, bound_settings(config, "test"))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import likelihood
 from models.checkpoint import load_model_state, load_reference_checkpoint, load_safetensors
 from models.ema import ExponentialMovingAverage
+from models.latent_space import is_latent
 from models.utils import create_model, get_score_fn
 from score_sde import datasets
 from score_sde.training import checkpoints, classes
@@ -266,12 +267,19 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
     ``.json`` summary into ``workdir/eval_folder/``. A class-conditional model is given each
     image's own label: the bits/dim are the conditional -log2 p(x | y) / D, and the summary
-    says so under ``class_labels``.
+    says so under ``class_labels``. A latent config (``data.autoencoder.name != 'none'``)
+    reports the LSGM bound on the data's bits/dim instead
+    (:func:`training.latent_likelihood.run_latent_likelihood`).
 
     Args:
         split: default ``config.eval.bpd_dataset``.
         max_images: evaluate only the first ``max_images`` (0 = the whole split).
     """
+    if is_latent(config):  # the LSGM bound on the data's bits/dim, never a latent-space number
+        from score_sde.training.latent_likelihood import run_latent_likelihood
+
+        return run_latent_likelihood(config, workdir, eval_folder, checkpoint=checkpoint,
+                                     split=split, max_images=max_images, progress=progress)
     split = split or config.eval.bpd_dataset
     method = config.eval.get("bpd_method", "ode")
     if method not in BPD_METHODS:
