@@ -18,6 +18,9 @@ from pathlib import Path
 
 #: ``data.autoencoder.name`` of a pixel model
 PIXEL = "none"
+#: (latent channels, downsampling) of the Stable-Diffusion VAEs (sd-vae-ft-ema / -mse), the
+#: latent shape of an 'sd_vae' config whose ``path`` is not set yet
+SD_VAE_LATENT = (4, 8)
 
 
 def autoencoder_name(config) -> str:
@@ -73,7 +76,9 @@ def latent_shape(config) -> tuple[int, int, int]:
                          f"config.data.dataset = {config.data.dataset!r} holds points "
                          f"(data.dim): use 'none'")
     section = config.data.autoencoder
-    if name == "sd_vae":
+    if name == "sd_vae" and not str(section.get("path", "") or ""):
+        c, f = SD_VAE_LATENT  # no VAE on disk yet: the SD VAEs' layout (sampling latents only)
+    elif name == "sd_vae":
         vae = _sd_vae_config(section)
         c, f = int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
     elif name == "kl":
@@ -107,4 +112,5 @@ def model_space_config(config):
     return resolved
 
 
-__all__ = ["PIXEL", "autoencoder_name", "is_latent", "latent_shape", "model_space_config"]
+__all__ = ["PIXEL", "SD_VAE_LATENT", "autoencoder_name", "is_latent", "latent_shape",
+           "model_space_config"]

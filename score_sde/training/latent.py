@@ -84,6 +84,10 @@ def check_autoencoder_config(config) -> None:
                 isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
             raise ValueError(f"config.data.autoencoder.channel_mult must be a non-empty tuple of "
                              f"positive integers, got {mult!r}")
+    if config.data.get("low_res_size", 0):
+        raise ValueError(f"config.data.autoencoder.name = {name!r} with data.low_res_size = "
+                         f"{config.data.low_res_size}: super-resolution stages work on pixels "
+                         "(set data.autoencoder.name = 'none')")
     latent_shape(config)  # non-image data, divisibility, the SD VAE's config.json
 
 
@@ -196,6 +200,33 @@ def load_config_autoencoder(config, device: torch.device | str | None = None
     return ae.to(device if device is not None else config.device)
 
 
+def can_decode(config) -> bool:
+    """Whether a latent config names its decoder's weights: always for 'kl' (a missing
+    checkpoint is an error), for 'sd_vae' once ``data.autoencoder.path`` is set (without it
+    an official DiT checkpoint still samples latents)."""
+    section = config.data.autoencoder
+    return not (section.name == "sd_vae" and not str(section.get("path", "") or ""))
+
+
+def get_model_scaler(config):
+    """Batches -> model space: a latent config's iterators already yield model-space latents
+    (:mod:`training.latent_data`), so the identity; else ``datasets.get_data_scaler``."""
+    return (lambda z: z) if is_latent(config) else datasets.get_data_scaler(config)
+
+
+def get_model_inverse_scaler(config, ae: Autoencoder | None):
+    """Model space -> data in [0, 1]: for a latent config the decoder, (decode(z) + 1) / 2 (the
+    only place samples are decoded); else ``datasets.get_data_inverse_scaler``."""
+    if ae is None:
+        return datasets.get_data_inverse_scaler(config)
+
+    @torch.no_grad()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return (ae.decode(z) + 1.0) / 2.0
+
+    return decode
+
+
 def describe_autoencoder(ae: Autoencoder | None) -> dict | None:
     """What records say of the autoencoder of a run (None for a pixel model): kind, shapes, the
     scale and shift used, and its source file."""
@@ -208,10 +239,14 @@ __all__ = [
     "TRAIN_COMMAND",
     "apply_latent_scale",
     "autoencoder_section",
+    "can_decode",
     "check_autoencoder_checkpoint",
     "check_autoencoder_config",
     "describe_autoencoder",
     "find_autoencoder_checkpoint",
+    "get_model_inverse_scaler",
+    "get_model_scaler",
+    "is_latent",
     "latent_data_shape",
     "load_config_autoencoder",
 ]
