@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 import likelihood
 from models.checkpoint import load_model_state, load_reference_checkpoint, load_safetensors
 from models.ema import ExponentialMovingAverage
-from models.latent_space import is_latent
 from models.utils import create_model, get_score_fn
 from score_sde import datasets
 from score_sde.training import checkpoints, classes

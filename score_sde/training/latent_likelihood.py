@@ -51,6 +51,13 @@ DECODER_VARIANCES = ("auto", "learned", "fitted")
 TERMS = ("decoder", "latent_prior", "entropy")
 
 
+def from_autoencoder_input(y: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]: the inverse of ``training.latent_data.to_autoencoder_input``, the
+    scaling every autoencoder works in whatever ``data.centered`` says; the bound's data scaling
+    (a = 2, c = -1: its log-determinant D log 2 for continuous data, its bins for quantised)."""
+    return (y + 1.0) / 2.0
+
+
 def bound_settings(config, split: str) -> dict:
     """The bound's settings from ``config.data.autoencoder``, checked at the door.
 
@@ -99,8 +106,7 @@ def decoder_likelihood(config, ae, settings: dict) -> DecoderLikelihood:
     batches = datasets.DataIterator(data, config.eval.batch_size, shuffle=False,
                                     device=config.device)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    fitted = fit_decoder_variance(ae, batches, datasets.get_data_inverse_scaler(config),
-                                  generator=generator)
+    fitted = fit_decoder_variance(ae, batches, from_autoencoder_input, generator=generator)
     return DecoderLikelihood(fitted.log_scale, "fitted",
                              {**fitted.details, "fit_split": settings["fit_split"]})
 
@@ -158,7 +164,6 @@ def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval"
         classes.check_dataset_classes(config, dataset, split)
     iterator = datasets.DataIterator(dataset, config.eval.batch_size, shuffle=False,
                                      device=config.device, with_labels=conditional)
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     options = likelihood_options(config)
     K = settings["num_draws"]
@@ -172,7 +177,7 @@ def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval"
             labels = y.repeat(K)
         score_fn = get_score_fn(sde, model, train=False, continuous=config.training.continuous,
                                 class_labels=labels)
-        bpd, info = latent_bits_per_dim(sde, score_fn, ae, x, decoder, inverse_scaler,
+        bpd, info = latent_bits_per_dim(sde, score_fn, ae, x, decoder, from_autoencoder_input,
                                         levels=dataset.levels, num_draws=K, generator=generator,
                                         **options)
         out["bpd"].append(bpd.cpu())
@@ -199,4 +204,4 @@ def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval"
 
 
 __all__ = ["DECODER_VARIANCES", "bound_settings", "bound_summary", "decoder_likelihood",
-           "run_latent_likelihood"]
+           "from_autoencoder_input", "run_latent_likelihood"]
