@@ -347,3 +347,46 @@ def test_bound_settings_are_checked_at_the_door(tmp_path):
     config.data.autoencoder.decoder_fit_split = "test"
     with pytest.raises(ValueError, match="held-out"):
         decoder_likelihood(config, None, bound_settings(config, "test"))
+
+
+def test_the_bound_scales_images_as_the_autoencoders_do():
+    """--mode likelihood maps images to [-1, 1] exactly as latent training encodes them."""
+    from score_sde.training.latent_data import to_autoencoder_input
+    from score_sde.training.latent_likelihood import from_autoencoder_input
+
+    v = torch.linspace(0, 1, 17, dtype=torch.float64)
+    torch.testing.assert_close(from_autoencoder_input(to_autoencoder_input(v)), v)
+
+
+@pytest.mark.slow
+def test_digits_latent_likelihood_from_the_command_line(tmp_path):
+    """digits_ae -> digits_latent -> --mode likelihood, tiny: the record is the data bound."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def run(*args):
+        result = subprocess.run([sys.executable, str(REPO / "main.py"), "--noprogress", *args],
+                                cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    ae, latent = tmp_path / "ae", tmp_path / "latent"
+    common = ["--config.data.autoencoder.channels=8"]
+    run("--config=digits_ae", "--mode=train_autoencoder", f"--workdir={ae}", *common,
+        "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
+        "--config.training.snapshot_freq_for_preemption=4", "--config.training.batch_size=16")
+    latent_flags = [*common, f"--config.data.autoencoder.checkpoint={ae}",
+                    "--config.model.nf=8", "--config.data.cache=none"]
+    run("--config=digits_latent", "--mode=train", f"--workdir={latent}", *latent_flags,
+        "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
+        "--config.training.snapshot_freq_for_preemption=2", "--config.training.batch_size=8",
+        "--config.training.snapshot_sampling=False")
+    run("--config=digits_latent", "--mode=likelihood", f"--workdir={latent}", *latent_flags,
+        "--max_images=4", "--config.eval.batch_size=4", "--config.data.autoencoder.bound_draws=2")
+    record = json.loads((latent / "eval" / "likelihood_test_step_2.json").read_text())
+    assert record["bpd_method"] == "latent_bound" and record["num_draws"] == 2
+    assert record["decoder"]["source"] == "learned" and record["levels"] == 17
+    assert sum(record["terms_bpd"].values()) == pytest.approx(record["bpd"])
