@@ -350,6 +350,13 @@ def eval_inputs(config, workdir: Path):
     from score_sde.training.checkpoints import list_snapshots
     from score_sde.training.classes import sample_class_labels, sample_classes
     from score_sde.training.inference import load_ema_model
+    from score_sde.training.latent import (
+        describe_autoencoder,
+        get_model_inverse_scaler,
+        latent_data_shape,
+        load_config_autoencoder,
+    )
+    from score_sde.training.latent_data import to_autoencoder_input
     from score_sde.training.loop import get_step_fns
     from score_sde.training.sampling import (
         class_record,
@@ -367,10 +374,21 @@ def eval_inputs(config, workdir: Path):
             return sampling_score_fn(config, sde, model, labels)
 
         conditioning = class_record(config, {})
+    latent_inputs = {}
+    ae = load_config_autoencoder(config)
+    if ae is not None:  # a latent model: sample latents, decode them, encode the test images
+        def encode(x, generator):
+            mean, log_std = ae.encode(to_autoencoder_input(x))
+            return mean + torch.exp(log_std) * torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+        latent_inputs = dict(autoencoder=describe_autoencoder(ae),
+                             sample_shape=latent_data_shape(config), encode=encode,
+                             decode=get_model_inverse_scaler(config, ae))
     return Trained(sde=sde, snapshots=list_snapshots(workdir),
                    load_model=lambda path: load_ema_model(config, path),
                    eval_step=get_step_fns(config, sde)[1], method=method, options=options,
-                   class_score_fn=class_score_fn, conditioning=conditioning)
+                   class_score_fn=class_score_fn, conditioning=conditioning, **latent_inputs)
 
 
 def run_eval(config, workdir: Path) -> None:

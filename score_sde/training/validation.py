@@ -34,7 +34,7 @@ from models.utils import get_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
 from score_sde.training import classes, distributed
-from score_sde.training.latent import check_autoencoder_config
+from score_sde.training.latent import check_autoencoder_checkpoint, check_autoencoder_config
 from score_sde.training.sampling import get_sde
 from score_sde.training.super_resolution import check_super_resolution_config
 
@@ -501,6 +501,7 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
         raise ValueError(f"--mode {mode} runs in one process; only --mode train is "
                          f"data-parallel (launched with {world_size} processes by torchrun)")
     validate_config(config, world_size)
+    check_autoencoder_checkpoint(config)  # a latent config's own autoencoder is on disk
     if mode == "train":
         validate_dataset(config, ("train", "test"), Path(workdir) / "verified_images.json")
         for path in (checkpoints.meta_path(workdir),

@@ -1,0 +1,242 @@
+"""Latent score SDEs on the training side: ``--mode train_autoencoder``, latent training on
+on-the-fly or cached posteriors, decoded samples, resume, evaluation, and the config errors
+(test-sized runs of the digits: a tiny autoencoder, a tiny DDPM++ / DiT)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs.digits_ae import get_config as get_ae_config
+from configs.digits_latent import get_config as get_latent_config
+from models.checkpoint import CheckpointError, safe_load
+from models.utils import create_model
+from score_sde import datasets
+from score_sde.training import checkpoints, validation
+from score_sde.training.autoencoder import train_autoencoder
+from score_sde.training.latent import (
+    check_autoencoder_checkpoint,
+    latent_data_shape,
+    load_config_autoencoder,
+)
+from score_sde.training.latent_data import LatentIterator, latent_iterators
+from score_sde.training.loop import build, train
+
+TINY_AE = dict(latent_channels=2, channels=8, channel_mult=(1, 2), num_res_blocks=1)
+
+
+def _shrink(config, workdir_steps: int = 2):
+    t = config.training
+    t.batch_size, t.n_iters = 16, workdir_steps
+    t.snapshot_freq = t.snapshot_freq_for_preemption = t.log_freq = t.eval_freq = 2
+    config.device, config.num_threads = "cpu", 1
+    config.data.cache = "none"
+    return config
+
+
+def ae_config(steps: int = 2):
+    config = _shrink(get_ae_config(), steps)
+    config.data.autoencoder.update(TINY_AE)
+    return config
+
+
+def latent_config(ae_dir, steps: int = 2, model: str = "ncsnpp"):
+    if model == "dit":
+        from configs.dit_digits import get_config as get_dit_config
+
+        config = get_dit_config()
+        config.data.autoencoder = get_latent_config().data.autoencoder
+        config.model.update(hidden_size=32, depth=1, num_heads=2, num_scales=50)
+    else:
+        config = get_latent_config()
+        config.model.update(nf=16, num_res_blocks=1)
+        config.model.num_scales = 10
+    config = _shrink(config, steps)
+    config.data.autoencoder.update(TINY_AE, checkpoint=str(ae_dir))
+    config.sampling.nfe = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def ae_dir(tmp_path_factory):
+    """A test-sized ``--mode train_autoencoder`` run (4 steps)."""
+    workdir = tmp_path_factory.mktemp("ae")
+    run_ae(ae_config(4), workdir)
+    return workdir
+
+
+def run_ae(config, workdir):
+    torch.manual_seed(0)  # main.py seeds once at the entry; the initial weights draw from it
+    return train_autoencoder(config, workdir, progress=False)
+
+
+def run_latent(config, workdir):
+    torch.manual_seed(0)
+    return train(config, workdir, progress=False)
+
+
+def _weights(path):
+    return safe_load(path)["model"]
+
+
+def _equal_states(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_autoencoder_writes_checkpoints_grids_scalars(ae_dir):
+    assert [n for n, _ in checkpoints.list_snapshots(ae_dir)] == [1, 2]
+    ckpt = safe_load(checkpoints.meta_path(ae_dir))
+    assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "optimizer", "rng", "data"}
+    scale = ckpt["latent_scale"]
+    assert scale["shift"] == 0.0 and 0.05 < scale["scale_factor"] < 20
+    png = Image.open(ae_dir / "reconstructions" / "iter_4" / "reconstruction.png")
+    assert png.size[0] > 2 * png.size[1]  # one row of 8 inputs over one of reconstructions
+    assert any((ae_dir / "tensorboard").iterdir())
+    assert json.loads((ae_dir / "config.json").read_text())["data"]["autoencoder"]["name"] == "kl"
+
+
+def test_train_autoencoder_resumes_bit_for_bit(ae_dir, tmp_path):
+    run_ae(ae_config(2), tmp_path)
+    run_ae(ae_config(4), tmp_path)  # resumed at step 2
+    assert _equal_states(_weights(checkpoints.meta_path(tmp_path)),
+                         _weights(checkpoints.meta_path(ae_dir)))
+
+
+def test_loaded_autoencoder_is_frozen_with_its_stored_scale(ae_dir):
+    config = latent_config(ae_dir)
+    ae = load_config_autoencoder(config)
+    stored = safe_load(checkpoints.meta_path(ae_dir))["latent_scale"]["scale_factor"]
+    assert ae.scale_factor == pytest.approx(stored) and not ae.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in ae.parameters())
+    # the stored factor makes the model-space draws of the test images unit-variance: applied
+    # once (twice or not at all would give std stored^{+-1}, far from 1 for this tiny model)
+    x = datasets.get_dataset(config, "test").as_float(torch.arange(297))
+    z = ae.sample_latent(2 * x - 1, generator=torch.Generator().manual_seed(1))
+    assert z.shape == (297, *latent_data_shape(config)) == (297, 2, 4, 4)
+    assert z.std().item() == pytest.approx(1.0, abs=0.05)
+    assert abs(stored - 1.0) > 0.1  # so that the check above can tell
+    config.data.autoencoder.scale_factor = 0.5  # an explicit value overrides the stored one
+    assert load_config_autoencoder(config).scale_factor == 0.5
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_posteriors_give_the_on_the_fly_draws_bitwise(ae_dir, tmp_path, flip):
+    config = latent_config(ae_dir)
+    config.data.random_flip = flip
+    ae = load_config_autoencoder(config)
+    draws = {}
+    for cache in ("none", str(tmp_path / "cache")):
+        config.data.cache = cache
+        images = {"train": datasets.get_data_iterator(config, "train")}
+        gens = {"train": torch.Generator().manual_seed(3)}
+        it = latent_iterators(config, ae, images, gens, tmp_path)["train"]
+        assert isinstance(it, LatentIterator) and it.cached == (cache != "none")
+        draws[cache] = [next(it) for _ in range(3)]
+        assert it.state_dict()["batch"] == 3
+    for a, b in zip(*draws.values()):
+        assert a.shape == (16, 2, 4, 4) and torch.equal(a, b)
+    if flip:  # the iterator's flips reach the cached posteriors: some draws differ unflipped
+        config.data.random_flip = False
+        it = latent_iterators(config, ae, {"train": datasets.get_data_iterator(config, "train")},
+                              {"train": torch.Generator().manual_seed(3)}, tmp_path)["train"]
+        assert not torch.equal(next(it), draws["none"][0])
+
+
+@pytest.mark.parametrize("model", ["ncsnpp", "dit"])
+def test_latent_model_trains_samples_decoded_and_resumes(ae_dir, tmp_path, model):
+    config = latent_config(ae_dir, 2, model)
+    config.data.cache = "auto"
+    a = tmp_path / "a"
+    state = run_latent(config, a)
+    assert state["autoencoder"].latent_shape((1, 8, 8)) == (2, 4, 4)
+    samples = np.load(a / "samples" / "iter_2" / "sample.npz")["samples"]
+    latents = np.load(a / "samples" / "iter_2" / "latents.npz")["latents"]
+    assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.uint8  # decoded digits
+    assert latents.shape[0] == 16 and latents.shape[1:] in ((2, 4, 4),)
+    assert any((a / "data_cache").glob("posteriors-*.npy"))
+    # resume: 2 + 2 steps equal 4 steps
+    b = tmp_path / "b"
+    config4 = latent_config(ae_dir, 4, model)
+    config4.data.cache = "auto"
+    config4.training.snapshot_sampling = False  # the grids were checked above
+    run_latent(config4, b)
+    run_latent(config4, a)
+    assert _equal_states(_weights(checkpoints.meta_path(a)), _weights(checkpoints.meta_path(b)))
+
+
+def test_sample_decodes_and_eval_runs(ae_dir, tmp_path):
+    from score_sde.cli import eval_inputs
+    from score_sde.evaluation.run import LATENT_BPD, evaluate
+    from score_sde.training.inference import run_sample
+
+    config = latent_config(ae_dir, 2)
+    run_latent(config, tmp_path)
+    config.eval.batch_size = 3
+    folder = run_sample(config, tmp_path, num_samples=5, progress=False)
+    assert np.load(folder / "sample.npz")["samples"].shape == (5, 8, 8, 1)
+    assert np.load(folder / "latents.npz")["latents"].shape == (5, 2, 4, 4)
+    record = json.loads((folder / "info.json").read_text())["latents"]
+    assert record["decoded"] is True and record["autoencoder"]["kind"] == "KLAutoencoder"
+    assert (folder / "sample.png").is_file()
+    config.eval.update(begin_ckpt=1, end_ckpt=1, num_samples=6, batch_size=297,
+                       enable_loss=True, enable_bpd=True, enable_sampling=True)
+    [path] = evaluate(config, eval_inputs(config, tmp_path), tmp_path, progress=False)
+    record = json.loads(path.read_text())
+    assert np.isfinite(record["metrics"]["eval_loss"]) and "bpd" not in record["metrics"]
+    assert record["bpd"] == LATENT_BPD and "fdd" in record["metrics"]
+    assert record["autoencoder"]["kind"] == "KLAutoencoder"
+
+
+def test_the_network_is_built_for_the_latent_shape(ae_dir):
+    for model in ("ncsnpp", "dit"):
+        config = latent_config(ae_dir, model=model)
+        net = create_model(config)
+        z = torch.randn(3, 2, 4, 4)
+        out = net(z, torch.full((3,), 5.0 if model == "dit" else 0.5))
+        assert out.shape[0] == 3 and out.shape[2:] == (4, 4)
+    pixel = get_latent_config()
+    pixel.data.autoencoder.name = "none"
+    assert latent_data_shape(pixel) == (1, 8, 8)
+
+
+def test_config_errors_name_the_key_and_the_fix(ae_dir, tmp_path):
+    config = latent_config(ae_dir)
+    config.data.autoencoder.name = "vqgan"
+    with pytest.raises(ValueError, match=r"Unknown config.data.autoencoder.name 'vqgan'; "
+                                         r"valid: none, kl, sd_vae"):
+        validation.validate_config(config)
+    config = latent_config(ae_dir)
+    config.data.autoencoder.checkpoint = ""
+    with pytest.raises(ValueError, match=r"checkpoint is empty.*--mode train_autoencoder"):
+        check_autoencoder_checkpoint(config)
+    config.data.autoencoder.checkpoint = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"does not exist: train the autoencoder there "
+                                                r"first: python main.py --config digits_ae "
+                                                r"--mode train_autoencoder --workdir"):
+        validation.validate_run(config, tmp_path / "w", "train")
+    config = latent_config(ae_dir)
+    config.data.autoencoder.channels = 16  # not the trained architecture
+    with pytest.raises(CheckpointError, match=r"does not match config.data.autoencoder's "
+                                              r"architecture"):
+        load_config_autoencoder(config)
+    config = latent_config(ae_dir)
+    config.data.autoencoder.scale_factor = 0.0
+    with pytest.raises(ValueError, match=r"scale_factor must be a positive number"):
+        validation.validate_config(config)
+    config = latent_config(ae_dir)
+    config.data.update(cache="auto", uniform_dequantization=True)
+    with pytest.raises(ValueError, match=r"uniform_dequantization.*data.cache = 'none'"):
+        build(config, tmp_path / "w")
+    config = latent_config(ae_dir)
+    config.data.autoencoder.name = "none"
+    with pytest.raises(ValueError, match=r"train_autoencoder.*must be 'kl', got 'none'"):
+        train_autoencoder(config, tmp_path / "ae2", progress=False)
+    config = latent_config(ae_dir)
+    with pytest.raises(NotImplementedError, match=r"LSGM eq. 3"):
+        from score_sde.training.inference import run_likelihood
+
+        run_likelihood(config, ae_dir)
