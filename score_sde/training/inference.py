@@ -281,11 +281,6 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
         return run_latent_likelihood(config, workdir, eval_folder, checkpoint=checkpoint,
                                      split=split, max_images=max_images, progress=progress)
     split = split or config.eval.bpd_dataset
-    if is_latent(config):  # never a latent-space number reported as data bits/dim
-        raise NotImplementedError(
-            "--mode likelihood on a latent config reports the data-space bound of LSGM eq. 3 "
-            "(the latent-bound work), not available in this build; the latent ODE bits/dim "
-            "are not data bits/dim")
     method = config.eval.get("bpd_method", "ode")
     if method not in BPD_METHODS:
         raise ValueError(f"config.eval.bpd_method={method!r}; valid: {', '.join(BPD_METHODS)}")
