@@ -181,6 +181,24 @@ def test_negative_controls_fail_the_closed_form_check(problem, monkeypatch, bug)
     assert abs(z) > 8.0, z
 
 
+@pytest.mark.parametrize("levels, tol", [(256, 1e-4), (4097, 1e-6)])
+def test_discrete_bound_is_the_continuous_one_plus_the_bin_offset(problem, levels, tol):
+    """Narrow bins: P(k | z) = p_x(x | z) / (L - 1)^D to second order in bin / sigma, so the
+    discretised bound is the continuous one (with its log-det D log 2) plus log2(L - 1) bits per
+    dimension: the data scaling, log-det and offset agree with the pixel convention. (A wrong
+    bin width, e.g. log2 L, is off by log2(L / (L - 1)) >= 3.5e-4 bits here.)"""
+    ae, prior, y, _ = problem
+    x = torch.round((y.clamp(-0.9, 0.9) + 1) / 2 * (levels - 1)) / (levels - 1)
+    sde = sde_lib.VPSDE()
+    bpd = {}
+    for lv in (levels, None):
+        bpd[lv], _ = latent_bits_per_dim(
+            sde, prior.score_fn(sde), ae, x, DecoderLikelihood.learned(ae), lambda v: (v + 1) / 2,
+            levels=lv, num_draws=4, generator=torch.Generator().manual_seed(0),
+            divergence="exact", rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bpd[levels], bpd[None] + math.log2(levels - 1), rtol=0, atol=tol)
+
+
 def _direct_discretized(y, mean, sigma, levels, a, c):
     """log P(bin of y) by the definition: Phi differences at the bin edges in data space."""
     def phi(v):
