@@ -408,3 +408,47 @@ def test_digits_latent_likelihood_from_the_command_line(tmp_path):
     assert record["bpd_method"] == "latent_bound" and record["num_draws"] == 2
     assert record["decoder"]["source"] == "learned" and record["levels"] == 17
     assert sum(record["terms_bpd"].values()) == pytest.approx(record["bpd"])
+
+
+def test_auto_fits_the_variance_of_an_autoencoder_without_one(tmp_path):
+    """'auto' on an autoencoder with no decoder variance (as the SD VAEs) fits it on the
+    held-out split and records that."""
+    from models.autoencoders import KLAutoencoder
+    from score_sde.training.latent_likelihood import bound_settings, decoder_likelihood
+
+    config, _ = _latent_digits_run(tmp_path, "auto")
+    ae = KLAutoencoder(1, 1, 8, (1, 2)).eval()
+    del ae.decoder_log_scale
+    dec = decoder_likelihood(config, ae, bound_settings(config, "test"))
+    assert dec.source == "fitted" and dec.details["fit_images"] == 12
+    assert dec.details["fit_split"] == "train" and dec.log_scale.shape == (1,)
+
+
+def test_bound_with_a_diffusers_vae_and_a_fitted_variance():
+    """An SD-VAE-like diffusers AutoencoderKL (tiny, random): the fitted variance is the
+    residual's, and the bound of 8-bit images runs with it (finite, terms adding up)."""
+    diffusers = pytest.importorskip(
+        "diffusers", reason='diffusers is an optional extra (pip install -e ".[latent]")')
+    from models.autoencoders.diffusers_vae import DiffusersVAE
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=16, scaling_factor=0.3).eval()
+    ae = DiffusersVAE(vae)
+    g = torch.Generator().manual_seed(0)
+    held_out = torch.randint(0, 256, (3, 3, 8, 8), generator=g) / 255.0
+    x = torch.randint(0, 256, (2, 3, 8, 8), generator=g) / 255.0
+    to_unit = lambda y: (y + 1) / 2  # noqa: E731
+    dec = fit_decoder_variance(ae, [held_out], to_unit, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = held_out * 2 - 1
+        r = y - ae.decode(ae.sample_latent(y, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(torch.exp(2 * dec.log_scale),
+                               r.double().square().mean(dim=(0, 2, 3)), rtol=1e-5, atol=0)
+    bpd, info = latent_bits_per_dim(sde_lib.VPSDE(), lambda z, t: -z, ae, x, dec, to_unit,
+                                    levels=256, num_draws=2, rtol=1e-2, atol=1e-2,
+                                    generator=torch.Generator().manual_seed(2))
+    assert bool(torch.isfinite(bpd).all()) and info["decoder"]["source"] == "fitted"
+    torch.testing.assert_close(sum(info["terms"].values()), bpd)
