@@ -28,9 +28,10 @@ def get_config():
     training.snapshot_freq = 1500
     training.snapshot_freq_for_preemption = 500
     training.eval_freq = 500
-    # the score network on 2x4x4 latents: resolutions 4 and 2
+    # the score network on 2x4x4 latents: one resolution (4x4), width 64, two blocks: 0.87 M
+    # parameters, about 0.1 s per step on one busy CPU thread
     config.model.nf = 64
-    config.model.ch_mult = (1, 2)
+    config.model.ch_mult = (1,)
     config.model.num_res_blocks = 2
     config.eval.end_ckpt = 2  # the two snapshots of the default run (steps 1500 and 3000)
     return config

@@ -236,3 +236,38 @@ def test_config_errors_name_the_key_and_the_fix(ae_dir, tmp_path):
     with pytest.raises(ValueError, match=r"train_autoencoder.*must be 'kl', got 'none'"):
         train_autoencoder(config, tmp_path / "ae2", progress=False)
     # --mode likelihood on a latent config reports the LSGM bound: tests/test_latent_bound.py
+
+
+def test_an_official_dit_and_a_local_sd_vae_give_decoded_images(tmp_path):
+    """imagenet256_dit_xl2's path, test-sized: a tiny official-layout DiT and a tiny
+    AutoencoderKL in the diffusers layout (f = 8) sample 64 px images whose pixels are diffusers'
+    own decode of the written latents at DiT's scale 0.18215 (the VAE's own 0.5 overridden)."""
+    diffusers = pytest.importorskip(
+        "diffusers", reason='diffusers is an optional extra (pip install -e ".[latent]")')
+    from test_dit_configs import _save_official, _tiny_imagenet
+
+    from score_sde.training.inference import run_sample
+
+    released, _, _, _ = _save_official(tmp_path)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+        latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.5).eval()
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = _tiny_imagenet()  # 64 px images, 4 x 8 x 8 latents
+    config.data.autoencoder.path = str(tmp_path / "vae")
+    config.sampling.classes = (207, 360)
+    folder = run_sample(config, tmp_path / "run", checkpoint=str(released), num_samples=2,
+                        progress=False)
+    z = np.load(folder / "latents.npz")["latents"]
+    images = np.load(folder / "sample.npz")["samples"]
+    assert z.shape == (2, 4, 8, 8) and images.shape == (2, 64, 64, 3)
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(z) / 0.18215).sample
+    ref = (((ref + 1) / 2).clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(images.astype(int) - ref.astype(int)).max() <= 1
+    assert images.std() > 1  # not a constant image
+    record = json.loads((folder / "info.json").read_text())["latents"]
+    assert record["decoded"] is True and record["autoencoder"]["scale_factor"] == 0.18215
+    assert record["autoencoder"]["vae_scaling_factor"] == 0.5

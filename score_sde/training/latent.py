@@ -91,17 +91,25 @@ def check_autoencoder_config(config) -> None:
     latent_shape(config)  # non-image data, divisibility, the SD VAE's config.json
 
 
-def check_autoencoder_checkpoint(config) -> None:
-    """For a latent config with the own autoencoder: ``data.autoencoder.checkpoint`` is set and
-    exists (what a run reads, checked before it starts).
+def check_autoencoder_checkpoint(config, mode: str = "train") -> None:
+    """The autoencoder weights a latent config's ``--mode`` reads are named and exist, checked
+    before the run starts: the own autoencoder's ``checkpoint`` always; the SD VAE's ``path``
+    for every mode but sample (which stops at the latents without it).
 
     Raises:
-        ValueError: no checkpoint named.
+        ValueError: no checkpoint / path named.
         FileNotFoundError: the path or the workdir's checkpoints are missing; the message names
-            the command that trains the autoencoder.
+            the command that trains the autoencoder (or what to download).
     """
-    if autoencoder_name(config) == "kl":
+    name = autoencoder_name(config)
+    if name == "kl":
         find_autoencoder_checkpoint(config.data.autoencoder.get("checkpoint", ""))
+    elif name == "sd_vae" and mode != "sample" and not can_decode(config):
+        from models.autoencoders.diffusers_vae import DOWNLOAD
+
+        raise ValueError(f"config.data.autoencoder.path is empty: --mode {mode} of this latent "
+                         f"config needs the SD VAE on disk: download {DOWNLOAD} to a local "
+                         f"folder and set --config.data.autoencoder.path=<folder>")
 
 
 def find_autoencoder_checkpoint(path: str | os.PathLike) -> Path:

@@ -501,7 +501,7 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
         raise ValueError(f"--mode {mode} runs in one process; only --mode train is "
                          f"data-parallel (launched with {world_size} processes by torchrun)")
     validate_config(config, world_size)
-    check_autoencoder_checkpoint(config)  # a latent config's own autoencoder is on disk
+    check_autoencoder_checkpoint(config, mode)  # a latent config's autoencoder is on disk
     if mode == "train":
         validate_dataset(config, ("train", "test"), Path(workdir) / "verified_images.json")
         for path in (checkpoints.meta_path(workdir),
