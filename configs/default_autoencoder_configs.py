@@ -33,5 +33,11 @@ def get_autoencoder_config(name='none', **overrides):
     ae.reconstruction = 'l2'
     ae.beta = 1e-3
     ae.lr = 1e-3
+    # --mode likelihood of a latent model: the LSGM data bits/dim bound (training/latent_bound.py)
+    # decoder likelihood: 'auto' (learned if the autoencoder has one, else fitted), 'learned', 'fitted'
+    ae.decoder_variance = 'auto'
+    ae.decoder_fit_split = 'train'  # 'fitted': held-out images its per-channel variance is fit on
+    ae.decoder_fit_images = 1000  # 'fitted': how many of them (0: the whole split)
+    ae.bound_draws = 4  # K draws z ~ q(z | x) per image (Monte-Carlo expectations of the bound)
     ae.update(overrides)
     return ae

@@ -235,11 +235,7 @@ def test_config_errors_name_the_key_and_the_fix(ae_dir, tmp_path):
     config.data.autoencoder.name = "none"
     with pytest.raises(ValueError, match=r"train_autoencoder.*must be 'kl', got 'none'"):
         train_autoencoder(config, tmp_path / "ae2", progress=False)
-    config = latent_config(ae_dir)
-    with pytest.raises(NotImplementedError, match=r"LSGM eq. 3"):
-        from score_sde.training.inference import run_likelihood
-
-        run_likelihood(config, ae_dir)
+    # --mode likelihood on a latent config reports the LSGM bound: tests/test_latent_bound.py
 
 
 def test_an_official_dit_and_a_local_sd_vae_give_decoded_images(tmp_path):

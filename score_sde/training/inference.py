@@ -267,18 +267,20 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
     ``.json`` summary into ``workdir/eval_folder/``. A class-conditional model is given each
     image's own label: the bits/dim are the conditional -log2 p(x | y) / D, and the summary
-    says so under ``class_labels``.
+    says so under ``class_labels``. A latent config (``data.autoencoder.name != 'none'``)
+    reports the LSGM bound on the data's bits/dim instead
+    (:func:`training.latent_likelihood.run_latent_likelihood`).
 
     Args:
         split: default ``config.eval.bpd_dataset``.
         max_images: evaluate only the first ``max_images`` (0 = the whole split).
     """
+    if is_latent(config):  # the LSGM bound on the data's bits/dim, never a latent-space number
+        from score_sde.training.latent_likelihood import run_latent_likelihood
+
+        return run_latent_likelihood(config, workdir, eval_folder, checkpoint=checkpoint,
+                                     split=split, max_images=max_images, progress=progress)
     split = split or config.eval.bpd_dataset
-    if is_latent(config):  # never a latent-space number reported as data bits/dim
-        raise NotImplementedError(
-            "--mode likelihood on a latent config reports the data-space bound of LSGM eq. 3 "
-            "(the latent-bound work), not available in this build; the latent ODE bits/dim "
-            "are not data bits/dim")
     method = config.eval.get("bpd_method", "ode")
     if method not in BPD_METHODS:
         raise ValueError(f"config.eval.bpd_method={method!r}; valid: {', '.join(BPD_METHODS)}")
