@@ -17,7 +17,7 @@ from models.checkpoint import CheckpointError, safe_load
 from models.utils import create_model
 from score_sde import datasets
 from score_sde.training import checkpoints, validation
-from score_sde.training.autoencoder import train_autoencoder
+from score_sde.training.autoencoder import train_autoencoder, validate_autoencoder_run
 from score_sde.training.latent import (
     check_autoencoder_checkpoint,
     latent_data_shape,
@@ -156,7 +156,7 @@ def test_latent_model_trains_samples_decoded_and_resumes(ae_dir, tmp_path, model
     samples = np.load(a / "samples" / "iter_2" / "sample.npz")["samples"]
     latents = np.load(a / "samples" / "iter_2" / "latents.npz")["latents"]
     assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.uint8  # decoded digits
-    assert latents.shape[0] == 16 and latents.shape[1:] in ((2, 4, 4),)
+    assert latents.shape == (16, 2, 4, 4)
     assert any((a / "data_cache").glob("posteriors-*.npy"))
     # resume: 2 + 2 steps equal 4 steps
     b = tmp_path / "b"
@@ -223,6 +223,11 @@ def test_config_errors_name_the_key_and_the_fix(ae_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"does not match config.data.autoencoder's "
                                               r"architecture"):
         load_config_autoencoder(config)
+    validate_autoencoder_run(ae_config(4), ae_dir)  # what main.py checks before a resume
+    config = ae_config(4)
+    config.data.autoencoder.latent_channels = 3
+    with pytest.raises(CheckpointError, match=r"checkpoint"):
+        validate_autoencoder_run(config, ae_dir)
     config = latent_config(ae_dir)
     config.data.autoencoder.scale_factor = 0.0
     with pytest.raises(ValueError, match=r"scale_factor must be a positive number"):
