@@ -226,7 +226,7 @@ def test_config_errors_name_the_key_and_the_fix(ae_dir, tmp_path):
     validate_autoencoder_run(ae_config(4), ae_dir)  # what main.py checks before a resume
     config = ae_config(4)
     config.data.autoencoder.latent_channels = 3
-    with pytest.raises(CheckpointError, match=r"checkpoint"):
+    with pytest.raises(CheckpointError, match=r"model does not fit KLAutoencoder"):
         validate_autoencoder_run(config, ae_dir)
     config = latent_config(ae_dir)
     config.data.autoencoder.scale_factor = 0.0
