@@ -128,8 +128,10 @@ def cached_posteriors(ae: Autoencoder, dataset: ArrayDataset, folder: str | Path
             out[start:start + len(index)] = rows.float().cpu().numpy()
 
     array = store.get_or_build(key, shape, np.float32, fill, name="posteriors")
+    note = ("the autoencoder's posteriors (mean | log_std" + (", of the image | its mirror)"
+                                                              if flips else ")"))
     return ArrayDataset(PosteriorArray(array, store.path(key, "posteriors")), dataset.labels,
-                        None, dataset.classes, dataset.notes)
+                        None, dataset.classes, (*dataset.notes, note))
 
 
 class LatentIterator:
