@@ -290,3 +290,21 @@ def test_train_autoencoder_on_an_image_folder(tmp_path):
     assert state["step"] == 2 and state["model"].latent_shape((1, 8, 8)) == (2, 4, 4)
     png = Image.open(tmp_path / "ae" / "reconstructions" / "iter_2" / "reconstruction.png")
     assert png.size[0] > 2 * png.size[1]
+
+
+def test_the_own_autoencoder_is_loaded_with_its_ema_weights(ae_dir):
+    from models.ema import ExponentialMovingAverage
+
+    from score_sde.training.autoencoder import build_autoencoder_state
+
+    ckpt = safe_load(checkpoints.meta_path(ae_dir))
+    ae = load_config_autoencoder(latent_config(ae_dir))
+    state = build_autoencoder_state(ae_config(4))
+    raw = state["model"]
+    raw.load_state_dict(ckpt["model"])
+    ema = ExponentialMovingAverage(raw.parameters(), 0.999)
+    ema.load_state_dict(ckpt["ema"])
+    [p_raw, p_ae] = [dict(m.named_parameters())["encoder.0.weight"] for m in (raw, ae)]
+    assert not torch.equal(p_ae, p_raw)  # after 4 steps the average differs from the weights
+    ema.copy_to(raw.parameters())
+    assert torch.equal(p_ae, dict(raw.named_parameters())["encoder.0.weight"])

@@ -23,6 +23,7 @@ import torch
 
 from models.autoencoders import AUTOENCODERS, Autoencoder, create_autoencoder, get_autoencoder
 from models.checkpoint import CheckpointError, safe_load
+from models.ema import ExponentialMovingAverage
 from models.latent_space import PIXEL, autoencoder_name, is_latent, latent_shape
 from score_sde import datasets
 
@@ -165,10 +166,13 @@ def _load_kl_weights(ae: Autoencoder, path: Path) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path}: not an autoencoder checkpoint of --mode "
                               f"train_autoencoder (no 'model' weights)")
-    try:
+    try:  # the architecture, then the EMA weights (what its snapshots and scale are of)
         ae.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        ema = ExponentialMovingAverage(ae.parameters(), decay=0.999)
+        ema.load_state_dict(ckpt["ema"])
+        ema.copy_to(ae.parameters())
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: does not match config.data.autoencoder's architecture "
                               f"(latent_channels, channels, channel_mult, num_res_blocks must be "
                               f"those it was trained with): {first}") from None
@@ -180,7 +184,8 @@ def _load_kl_weights(ae: Autoencoder, path: Path) -> dict:
 
 def load_config_autoencoder(config, device: torch.device | str | None = None
                             ) -> Autoencoder | None:
-    """The autoencoder of a latent config, frozen (eval mode, no gradients, float32) on
+    """The autoencoder of a latent config (for 'kl': the EMA weights of its training run),
+    frozen (eval mode, no gradients, float32) on
     ``device`` (default ``config.device``), its latent scale set (:func:`apply_latent_scale`);
     None for a pixel config.
 
