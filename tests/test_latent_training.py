@@ -294,7 +294,6 @@ def test_train_autoencoder_on_an_image_folder(tmp_path):
 
 def test_the_own_autoencoder_is_loaded_with_its_ema_weights(ae_dir):
     from models.ema import ExponentialMovingAverage
-
     from score_sde.training.autoencoder import build_autoencoder_state
 
     ckpt = safe_load(checkpoints.meta_path(ae_dir))
@@ -308,3 +307,33 @@ def test_the_own_autoencoder_is_loaded_with_its_ema_weights(ae_dir):
     assert not torch.equal(p_ae, p_raw)  # after 4 steps the average differs from the weights
     ema.copy_to(raw.parameters())
     assert torch.equal(p_ae, dict(raw.named_parameters())["encoder.0.weight"])
+
+
+@pytest.mark.slow  # three CLI processes; the same paths run in-process above
+def test_the_two_commands_of_digits_latent_and_sampling(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def run(*args):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run([sys.executable, str(REPO / "main.py"), "--noprogress", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    tiny = ["--config.training.n_iters=2", "--config.training.snapshot_freq=2",
+            "--config.training.batch_size=16", "--config.data.autoencoder.channels=8"]
+    ae = run("--config=digits_ae", "--mode=train_autoencoder", f"--workdir={tmp_path / 'ae'}",
+             *tiny)
+    assert ae.returncode == 0, ae.stderr[-2000:]
+    latent = ["--config=digits_latent", f"--workdir={tmp_path / 'latent'}", *tiny,
+              f"--config.data.autoencoder.checkpoint={tmp_path / 'ae'}",
+              "--config.model.nf=16", "--config.sampling.nfe=4"]
+    trained = run(*latent, "--mode=train")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    sampled = run(*latent, "--mode=sample", "--num_samples=4")
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    folder = tmp_path / "latent" / "eval" / "samples_step_2"
+    assert np.load(folder / "sample.npz")["samples"].shape == (4, 8, 8, 1)
+    assert np.load(folder / "latents.npz")["latents"].shape == (4, 2, 4, 4)
