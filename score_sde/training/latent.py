@@ -168,9 +168,10 @@ def _load_kl_weights(ae: Autoencoder, path: Path) -> dict:
                               f"train_autoencoder (no 'model' weights)")
     try:  # the architecture, then the EMA weights (what its snapshots and scale are of)
         ae.load_state_dict(ckpt["model"], strict=True)
-        ema = ExponentialMovingAverage(ae.parameters(), decay=0.999)
-        ema.load_state_dict(ckpt["ema"])
-        ema.copy_to(ae.parameters())
+        if "ema" in ckpt:  # a --mode train_autoencoder checkpoint; else its weights alone
+            ema = ExponentialMovingAverage(ae.parameters(), decay=0.999)
+            ema.load_state_dict(ckpt["ema"])
+            ema.copy_to(ae.parameters())
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: does not match config.data.autoencoder's architecture "
