@@ -3,6 +3,7 @@
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.default_autoencoder_configs import get_autoencoder_config
 from configs.sampling import add_fast_sampler_options
 
 
@@ -66,6 +67,8 @@ def get_default_configs():
 
     # data
     config.data = data = ml_collections.ConfigDict()
+    # 'none': a pixel model; 'kl' / 'sd_vae': the score model works on latents (docs/latent.md)
+    data.autoencoder = get_autoencoder_config()
     data.dataset = 'CIFAR10'
     # folder holding cifar-10-python.tar.gz (downloaded there when a network is available)
     data.root = 'data'

@@ -9,6 +9,7 @@ shorter side is ``data.image_size`` and centre-cropped, as the reference's LSUN 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.default_autoencoder_configs import get_autoencoder_config
 from configs.sampling import add_fast_sampler_options
 
 
@@ -72,6 +73,8 @@ def get_default_configs():
 
     # data (the reference: dataset 'LSUN' from TFDS)
     config.data = data = ml_collections.ConfigDict()
+    # 'none': a pixel model; 'kl' / 'sd_vae': the score model works on latents (docs/latent.md)
+    data.autoencoder = get_autoencoder_config()
     data.dataset = 'folder'
     data.root = 'data/lsun'
     data.image_size = 256

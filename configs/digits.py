@@ -8,6 +8,7 @@ rate with EMA 0.999; samples with the second-order multistep DPM-Solver++ in 30 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.default_autoencoder_configs import get_autoencoder_config
 from configs.sampling import get_sampling_config
 
 
@@ -68,6 +69,8 @@ def get_config():
     evaluate.atol = 1e-3
 
     config.data = data = ml_collections.ConfigDict()
+    # 'none': a pixel model; 'kl' / 'sd_vae': the score model works on latents (docs/latent.md)
+    data.autoencoder = get_autoencoder_config()
     data.dataset = 'digits'
     data.image_size = 8
     data.num_channels = 1

@@ -14,6 +14,7 @@ steps, guided with s = 2.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.default_autoencoder_configs import get_autoencoder_config
 from configs.sampling import get_sampling_config
 
 
@@ -74,6 +75,8 @@ def get_config():
     evaluate.atol = 1e-3
 
     config.data = data = ml_collections.ConfigDict()
+    # 'none': a pixel model; 'kl' / 'sd_vae': the score model works on latents (docs/latent.md)
+    data.autoencoder = get_autoencoder_config()
     data.dataset = 'digits'
     data.image_size = 8
     data.num_channels = 1

@@ -11,16 +11,23 @@ FID, the paper's), guided as the official ``forward_with_cfg`` (channels 0-2 onl
     python main.py --config imagenet256_dit_xl2 --mode sample \\
         --checkpoint /path/DiT-XL-2-256x256.pt --workdir runs/dit --classes=207,360,387,974
 
-Until the latent-space support lands, ``--mode sample`` stops at the latents (``latents.npz``,
-the log says so) and ``data.vae_path`` (the local SD-VAE folder) is recorded, not used.
-Training is refused: there are no ImageNet latents here (dataset ``imagenet_latents``). The
+With the VAE on disk (``--config.data.autoencoder.path=/path/sd-vae-ft-ema``: a local copy of
+stabilityai/sd-vae-ft-ema or -mse, config.json + diffusion_pytorch_model.safetensors) the
+latents are decoded into 256x256 images (``sample.png``, ``sample.npz``) beside ``latents.npz``;
+without it sampling stops at the latents and says how to decode. The latent scale is DiT's
+z = 0.18215 E(x) (``data.autoencoder.scale_factor``).
+
+Training reads an ImageNet folder (``data.root``: one sub-folder per class, the wnid names in
+sorted order = the official class indices) resized and centre-cropped to 256 px and encoded by
+the SD VAE, the posteriors cached once (``data.cache``); it needs the VAE on disk and a GPU. The
 training section holds the official recipe (the hybrid loss, AdamW lr 1e-4, no weight decay,
-batch 256, EMA 0.9999, no warm-up or clipping) for when they exist.
+batch 256, EMA 0.9999, no warm-up or clipping).
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.default_autoencoder_configs import get_autoencoder_config
 from configs.sampling import get_sampling_config
 
 
@@ -62,10 +69,10 @@ def get_config():
     evaluate.begin_ckpt = 1
     evaluate.end_ckpt = 8
     evaluate.batch_size = 8
-    evaluate.enable_sampling = False  # FID needs decoded images (the latent-space support)
+    evaluate.enable_sampling = False  # FID of 50k decoded 256 px samples: enable on a GPU
     evaluate.num_samples = 50000
     evaluate.enable_loss = False
-    evaluate.enable_bpd = False
+    evaluate.enable_bpd = False  # data bits/dim of a latent model: the LSGM bound
     evaluate.bpd_dataset = 'test'
     # the network's precision in bits/dim (--mode likelihood, eval): 'fp32' unless forced
     evaluate.likelihood_precision = 'fp32'
@@ -73,16 +80,19 @@ def get_config():
     evaluate.vlb_spacing = placeholder(str)
 
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = 'imagenet_latents'  # not available here: training is refused, naming it
-    data.image_size = 32  # the latent of a 256 px image (SD-VAE downsamples by 8)
-    data.num_channels = 4
-    data.centered = True  # latents are used as they are
-    data.random_flip = False
+    # ImageNet as an image folder encoded by the SD VAE (latent training, docs/latent.md)
+    data.dataset = 'folder'
+    data.root = 'data/imagenet/train'
+    data.image_size = 256  # the images; the network sees their 4 x 32 x 32 SD-VAE latents
+    data.num_channels = 3
+    data.centered = True  # the VAE encodes [-1, 1] images; latents are used as they are
+    data.random_flip = True  # DiT's augmentation (the cache holds both posteriors)
     data.uniform_dequantization = False
-    # the local SD-VAE folder (e.g. a copy of stabilityai/sd-vae-ft-ema) that will decode the
-    # latents, and the latent scale of DiT (z = 0.18215 E(x)); recorded, not yet used
-    data.vae_path = ''
-    data.latent_scale_factor = 0.18215
+    data.num_workers = 'auto'  # decoding workers of the image folder
+    data.cache = 'auto'  # decoded images and the VAE posteriors, cached once under the workdir
+    data.alpha_background = (255, 255, 255)  # RGB under transparent pixels (0..255)
+    # the SD VAE from local files (path empty: sampling stops at the latents), DiT's scale
+    data.autoencoder = get_autoencoder_config('sd_vae', path='', scale_factor=0.18215)
 
     config.model = model = ml_collections.ConfigDict()
     model.name = 'dit'

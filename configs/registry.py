@@ -25,6 +25,10 @@ CONFIGS = {
     # image-folder cascade (sizes documented, not trained here)
     'digits_cascade': 'configs.digits_cascade',
     'folder_cascade': 'configs.folder_cascade',
+    # latent score SDEs (Rombach et al. 2022; LSGM): the own KL autoencoder on the digits, then a
+    # DDPM++ in its latent space (train digits_ae first; docs/latent.md)
+    'digits_ae': 'configs.digits_ae',
+    'digits_latent': 'configs.digits_latent',
 }
 
 

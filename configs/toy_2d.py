@@ -9,6 +9,7 @@ Gaussian mixture); ``--config.data.dataset=gmm`` draws instead from a seeded ran
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.default_autoencoder_configs import get_autoencoder_config
 from configs.sampling import get_sampling_config
 
 
@@ -61,6 +62,8 @@ def get_config():
     evaluate.atol = 1e-4
 
     config.data = data = ml_collections.ConfigDict()
+    # 'none': a pixel model; 'kl' / 'sd_vae': the score model works on latents (docs/latent.md)
+    data.autoencoder = get_autoencoder_config()
     data.dataset = 'toy_2d'
     data.toy = 'checkerboard'
     data.n_modes = 4  # components of data.dataset = 'gmm'

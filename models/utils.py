@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import sde_lib
+from models.latent_space import model_space_config
 from models.memory import apply_channels_last
 from score_sde.utils import Registry, ScoreFn, as_batch_time, batch_mul
 
@@ -49,8 +50,9 @@ def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 def create_model(config) -> nn.Module:
     """Build the model named by ``config.model.name`` on ``config.device`` (no DataParallel),
-    its parameters in channels_last when ``config.model.channels_last`` (``models.memory``)."""
-    model = apply_channels_last(get_model(config.model.name)(config))
+    its parameters in channels_last when ``config.model.channels_last`` (``models.memory``); a
+    latent config's network is built for the latent shape (``models.latent_space``)."""
+    model = apply_channels_last(get_model(config.model.name)(model_space_config(config)))
     device = getattr(config, "device", None)
     return model.to(device) if device is not None else model
 

@@ -9,6 +9,8 @@ anywhere; both call :func:`run`.
     python main.py --config digits --mode sample --workdir runs/digits
     python main.py --config digits --mode likelihood --workdir runs/digits
     python main.py --config digits --mode eval --workdir runs/digits
+    python main.py --config digits_ae --mode train_autoencoder --workdir runs/ae
+    python main.py --config digits_latent --mode train --workdir runs/latent
     python main.py --config digits_cascade --mode train --workdir runs/cascade
     python main.py --config digits_cascade --mode sample --workdir runs/cascade \\
         --low_res=runs/cascade/base/eval/samples_step_1000/sample.npz
@@ -105,13 +107,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 FLAGS["config"].parser = NamedConfigParser(FLAGS["config"].parser)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, TensorBoard logs, "
                     "the resolved config.json, stdout.txt and train.lock (held while training).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "eval",
+                                    "train_autoencoder"],
                   "train: train (resuming from the preemption checkpoint in --workdir; one "
                   "training run per workdir, others are refused); sample: "
                   "write a PNG grid and .npz of samples; likelihood: bits/dim of a dataset "
                   "split with per-image values; eval: loss, bits/dim and sample quality "
                   "(FID/IS/KID, or FDD for digits) of checkpoints config.eval.begin_ckpt.."
-                  "end_ckpt, resumable.")
+                  "end_ckpt, resumable; train_autoencoder: train the own KL autoencoder of "
+                  "config.data.autoencoder (name 'kl', e.g. --config digits_ae) that a latent "
+                  "config then names in data.autoencoder.checkpoint.")
 flags.DEFINE_string("eval_folder", "eval", "Folder inside --workdir for the outputs of the "
                     "sample, likelihood and eval modes.")
 flags.DEFINE_string("checkpoint", "", "sample/likelihood: checkpoint to use: '' = the latest, "
@@ -221,7 +226,7 @@ def check_inputs(config, workdir: Path, mode: str) -> None:
     from score_sde.training.checkpoints import list_snapshots
     from score_sde.training.inference import find_checkpoint
 
-    if mode == "train":
+    if mode in ("train", "train_autoencoder"):
         return
     try:
         if mode == "eval":
@@ -345,6 +350,13 @@ def eval_inputs(config, workdir: Path):
     from score_sde.training.checkpoints import list_snapshots
     from score_sde.training.classes import sample_class_labels, sample_classes
     from score_sde.training.inference import load_ema_model
+    from score_sde.training.latent import (
+        describe_autoencoder,
+        get_model_inverse_scaler,
+        latent_data_shape,
+        load_config_autoencoder,
+    )
+    from score_sde.training.latent_data import to_autoencoder_input
     from score_sde.training.loop import get_step_fns
     from score_sde.training.sampling import (
         class_record,
@@ -362,10 +374,21 @@ def eval_inputs(config, workdir: Path):
             return sampling_score_fn(config, sde, model, labels)
 
         conditioning = class_record(config, {})
+    latent_inputs = {}
+    ae = load_config_autoencoder(config)
+    if ae is not None:  # a latent model: sample latents, decode them, encode the test images
+        def encode(x, generator):
+            mean, log_std = ae.encode(to_autoencoder_input(x))
+            return mean + torch.exp(log_std) * torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+        latent_inputs = dict(autoencoder=describe_autoencoder(ae),
+                             sample_shape=latent_data_shape(config), encode=encode,
+                             decode=get_model_inverse_scaler(config, ae))
     return Trained(sde=sde, snapshots=list_snapshots(workdir),
                    load_model=lambda path: load_ema_model(config, path),
                    eval_step=get_step_fns(config, sde)[1], method=method, options=options,
-                   class_score_fn=class_score_fn, conditioning=conditioning)
+                   class_score_fn=class_score_fn, conditioning=conditioning, **latent_inputs)
 
 
 def run_eval(config, workdir: Path) -> None:
@@ -378,8 +401,16 @@ def run_eval(config, workdir: Path) -> None:
              event_log=lambda: EventLog(workdir / FLAGS.eval_folder / "tensorboard"))
 
 
+def run_train_autoencoder(config, workdir: Path) -> None:
+    """``--mode train_autoencoder``: the own KL autoencoder of a latent config
+    (:mod:`training.autoencoder`)."""
+    from score_sde.training.autoencoder import train_autoencoder
+
+    train_autoencoder(config, workdir, progress=show_progress())
+
+
 RUNNERS = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
-           "eval": run_eval}
+           "eval": run_eval, "train_autoencoder": run_train_autoencoder}
 
 
 def main(argv):
@@ -407,6 +438,10 @@ def main(argv):
                 raise ValueError(f"--low_res applies to --mode sample, not --mode {FLAGS.mode}")
             if "cascade" in config:
                 validate_cascade_run(config, workdir, FLAGS.mode, ctx.world_size)
+            elif FLAGS.mode == "train_autoencoder":
+                from score_sde.training.autoencoder import validate_autoencoder_run
+
+                validate_autoencoder_run(config, workdir, ctx.world_size)
             else:
                 validation.validate_run(config, workdir, FLAGS.mode, ctx.world_size)
                 check_inputs(config, workdir, FLAGS.mode)

@@ -79,6 +79,7 @@ def test_configs_equal_the_reference_dumps(name, fixture, reference_dir):
     for d in (ours, ref):
         d.pop("device")
     ours["data"].pop("root")  # ours: where the CIFAR-10 tarball lives
+    ours["data"].pop("autoencoder")  # ours: latent score models, off (training/latent.py)
     for key in ("num_workers", "cache", "alpha_background"):  # ours: image-folder loading
         ours["data"].pop(key)
     for key in ("skip_nonfinite", "max_skip_fraction"):  # ours: the non-finite guard
@@ -172,6 +173,7 @@ def test_every_config_builds_and_takes_a_training_step(module):
     from models.utils import create_model
     from score_sde import losses
     from score_sde.datasets import data_shape, get_data_scaler
+    from score_sde.training.latent import latent_data_shape
     from score_sde.training.loop import get_step_fns
     from score_sde.training.sampling import generate, get_sde, sampling_options
 
@@ -179,9 +181,10 @@ def test_every_config_builds_and_takes_a_training_step(module):
     config.device = "cpu"
     # N, the PC samplers' step count; discrete VP needs beta_max / N < 1 (DDPM's beta table)
     config.model.num_scales = 4 if config.training.continuous else 25
+    latent = config.data.autoencoder.name != "none"  # the network sees the latents
     if config.model.name == "dit":  # a DiT of the same kind, small (DiT-XL/2 has 675 M)
         config.model.update(hidden_size=32, depth=1, num_heads=2)
-        config.data.image_size = 8
+        config.data.image_size = 64 if config.data.autoencoder.name == "sd_vae" else 8
     elif config.data.get("dataset") != "digits" and "dim" not in config.data:
         config.model.nf = 16 if config.model.name.startswith("ncsnv2") else 32
         if "ch_mult" in config.model:
@@ -195,7 +198,8 @@ def test_every_config_builds_and_takes_a_training_step(module):
     state = dict(model=model, step=0, ema=None,
                  optimizer=losses.get_optimizer(config, model.parameters()))
     train_step, _ = get_step_fns(config, sde)
-    x = get_data_scaler(config)(torch.rand(2, *data_shape(config)))
+    x = torch.randn(2, *latent_data_shape(config)) if latent else get_data_scaler(config)(
+        torch.rand(2, *data_shape(config)))
     loss = train_step(state, x, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and state["step"] == 1
     samples, info = generate(config, sde, model, tuple(x.shape), inverse_scaler=lambda y: y,

@@ -19,6 +19,7 @@ from conftest import REPO
 
 from models.checkpoint import CheckpointError
 from models.dit import DIT_SIZES, DiT, build_dit, dit_kwargs, dit_parameter_count
+from models.latent_space import model_space_config
 from score_sde.training import checkpoints, validation
 from score_sde.training.inference import LATENT_STOP, load_ema_model, run_sample
 from score_sde.training.loop import train
@@ -49,7 +50,7 @@ def _tiny_digits(n_iters: int = 4):
 def _tiny_imagenet():
     config = _config("imagenet256_dit_xl2")
     config.model.update(TINY)
-    config.data.image_size = 8  # 4 x 8 x 8 latents, 16 tokens
+    config.data.image_size = 64  # 64 px images: 4 x 8 x 8 SD-VAE latents, 16 tokens
     config.sampling.nfe = 4
     return config
 
@@ -103,7 +104,7 @@ def test_imagenet256_dit_xl2_is_the_official_dit_xl2():
     config = _config("imagenet256_dit_xl2")
     validation.validate_config(config)
     with torch.device("meta"):  # 675 M parameters: shapes only
-        model = DiT.from_config(config)
+        model = DiT.from_config(model_space_config(config))  # for the 4x32x32 latents
         official = build_dit("DiT-XL/2", input_size=32)
     assert sum(p.numel() for p in model.parameters()) == 675_129_632
     assert dit_parameter_count("DiT-XL/2") == 675_129_632
@@ -118,13 +119,15 @@ def test_imagenet256_dit_xl2_is_the_official_dit_xl2():
                                rtol=1e-12, atol=0)
     s = config.sampling
     assert (s.method, s.nfe, s.cfg_scale, s.cfg_official) == ("dpm_solver++_2m", 20, 4.0, True)
-    assert config.data.vae_path == "" and config.data.latent_scale_factor == 0.18215
+    ae = config.data.autoencoder
+    assert (ae.name, ae.path, ae.scale_factor) == ("sd_vae", "", 0.18215)
+    assert (config.data.image_size, config.data.num_channels) == (256, 3)  # images; 4x32x32 z
 
 
 def test_imagenet256_dit_xl2_refuses_training_before_any_work(tmp_path):
     config = _config("imagenet256_dit_xl2")
-    with pytest.raises(validation.DatasetError, match=r"imagenet_latents.*SD-VAE latents.*"
-                       r"cannot train.*--mode sample --checkpoint"):
+    with pytest.raises(ValueError, match=r"data.autoencoder.path is empty: --mode train .*"
+                       r"needs the SD VAE on disk: download stabilityai/sd-vae-ft-ema"):
         validation.validate_run(config, tmp_path / "run", "train")
     assert not (tmp_path / "run").exists()
 
@@ -238,7 +241,7 @@ def test_official_files_load_their_ema_weights_and_sample_latents(tmp_path, capl
     assert np.isfinite(z["latents"]).all() and z["latents"].std() > 0.1  # not [0, 1] images
     record = json.loads((folder / "info.json").read_text())
     assert record["latents"] == {"file": "latents.npz", "decoded": False, "note": LATENT_STOP,
-                                 "vae_path": "", "latent_scale_factor": 0.18215}
+                                 "autoencoder": {"name": "sd_vae", "path": ""}}
     assert record["checkpoint_layout"].startswith("official DiT weights")
     assert record["sampling"]["guidance"]["official_dit"] is True
     stops = [r.getMessage() for r in caplog.records if "latents written to" in r.getMessage()]
@@ -287,7 +290,7 @@ def test_cli_samples_an_official_checkpoint_and_refuses_a_mismatch(tmp_path):
     released, _, _, _ = _save_official(tmp_path)
     tiny = ["--config=imagenet256_dit_xl2", "--mode=sample", f"--checkpoint={released}",
             "--config.model.hidden_size=32", "--config.model.num_heads=2",
-            "--config.data.image_size=8", "--config.sampling.nfe=4", "--num_samples=2"]
+            "--config.data.image_size=64", "--config.sampling.nfe=4", "--num_samples=2"]
     ok = _run_main(*tiny, "--config.model.depth=2", f"--workdir={tmp_path / 'run'}",
                    "--classes=207,360")
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -2,8 +2,9 @@
 the analytic Gaussian mixture, behind one loader registry and one resumable iterator.
 
 ``config.data.dataset`` names the loader (``CIFAR10``, ``folder``, ``digits``, ``toy_2d``,
-``gmm``; ``imagenet_latents``, DiT's SD-VAE latents, is named but refused until the latent-space
-support lands); ``get_data_scaler`` / ``get_data_inverse_scaler`` map [0, 1] to model space and back
+``gmm``; ``imagenet_latents`` is refused with directions: latents are encoded from an image
+folder by the config's autoencoder, ``training.latent_data``); ``get_data_scaler`` /
+``get_data_inverse_scaler`` map [0, 1] to model space and back
 (``data.centered``), as in the reference.
 
 Image folders are decoded in worker processes ahead of the step (``data.num_workers``,

@@ -1,9 +1,10 @@
-"""Image datasets in a latent space (SD-VAE latents of DiT, Peebles & Xie 2023): not available yet.
+"""``imagenet_latents``: a name kept so that old configs fail with directions, not a dataset.
 
-``imagenet_latents`` names ImageNet encoded by the SD-VAE (4x32x32 latents of 256 px images), the
-training data of the official DiT. This toolkit has no encoder and no such data yet (the
-latent-space support will add them), so the loader refuses with a message saying so; configs
-that only sample an official checkpoint (``imagenet256_dit_xl2``) never load it.
+ImageNet in SD-VAE latents (the training data of the official DiT, Peebles & Xie 2023) is made
+here by latent training itself: an ImageNet image folder (``data.dataset = 'folder'``) encoded by
+the SD VAE of ``data.autoencoder`` (name ``'sd_vae'``), the posteriors cached once
+(``training.latent_data``; ``configs/imagenet256_dit_xl2.py``). Pre-encoded latent files are not
+read: they would fix one draw of q(z | x) and one flip per image.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from score_sde.datasets.base import ArrayDataset, register_dataset
 
 @register_dataset("imagenet_latents")
 def load_imagenet_latents(config, split: str) -> ArrayDataset:
-    """Refuse: ImageNet SD-VAE latents are not available in this toolkit yet.
+    """Refuse, saying how ImageNet latents are made instead.
 
     Raises:
-        NotImplementedError: always, naming the dataset and what works instead.
+        NotImplementedError: always, naming the dataset and the keys to set.
     """
     raise NotImplementedError(
-        f"ImageNet encoded into SD-VAE latents ({split} split) is not available here: no data "
-        "and no encoder until the latent-space support lands, so this config cannot train; it "
-        "samples an official DiT checkpoint: --mode sample --checkpoint /path/DiT-XL-2-256x256.pt")
+        f"data.dataset = 'imagenet_latents' ({split} split) is not a dataset: latents are encoded "
+        "from the images by the config's autoencoder: set data.dataset = 'folder', data.root = "
+        "<ImageNet train folder> and data.autoencoder.name = 'sd_vae' with data.autoencoder.path "
+        "= <local sd-vae-ft-ema folder> (as configs/imagenet256_dit_xl2.py does)")

@@ -64,6 +64,9 @@ EVAL_KEYS = ("begin_ckpt", "end_ckpt", "batch_size", "enable_sampling", "num_sam
 #: ``on_batch(samples)`` taps the sample stream of a checkpoint (tests use it to interrupt a run)
 BatchHook = Callable[[torch.Tensor], None]
 #: what a class-conditional model's loss and bits/dim records say of their labels
+#: what an evaluation of a latent model records instead of bits/dim
+LATENT_BPD = ("n/a for a latent model here: the ODE bits/dim of its latents are not data bits/dim; "
+              "the data-space bound (LSGM eq. 3) is --mode likelihood's")
 DATA_LABELS = "the data's own labels: conditional loss and bits/dim, -log2 p(x | y) / D"
 
 
@@ -83,6 +86,10 @@ class Trained:
             samples start..stop-1 (their classes bound, the config's guidance applied); None
             for an unconditional one.
         conditioning: the classes and guidance ``class_score_fn`` applies, for the record.
+        autoencoder: a latent config's autoencoder (its ``describe()``, for the record); then
+            ``sample_shape`` is the latent's, ``encode(x, generator)`` draws model-space
+            latents of images x in [0, 1] (the loss) and ``decode(z)`` gives images in [0, 1]
+            (the samples scored); None (a pixel model): the data scaler and its inverse.
     """
 
     sde: sde_lib.SDE
@@ -93,6 +100,10 @@ class Trained:
     options: dict[str, Any]
     class_score_fn: Callable[[nn.Module, int, int], ScoreFn] | None = None
     conditioning: dict[str, Any] | None = None
+    autoencoder: dict[str, Any] | None = None
+    sample_shape: tuple[int, ...] | None = None
+    encode: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def check_eval_config(config) -> None:
@@ -276,10 +287,13 @@ def get_scorer(config) -> DigitsScorer | InceptionScorer:
 # -- the three evaluations of one checkpoint ------------------------------------------------------
 
 
-def eval_loss(config, model: nn.Module, eval_step: Callable[..., torch.Tensor]) -> dict:
+def eval_loss(config, model: nn.Module, eval_step: Callable[..., torch.Tensor],
+              encode: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+              ) -> dict:
     """Mean evaluation loss over one ordered pass of the test split (the reference's
     ``ckpt_{n}_loss``), with the per-batch values; loss draws from seed ``config.seed``. A
-    class-conditional model gets each sample's own label."""
+    class-conditional model gets each sample's own label; a latent model the latents
+    ``encode(x, generator)`` draws (from the loss's generator, before the loss's draws)."""
     conditional = read_num_classes(config) > 0
     iterator = datasets.get_data_iterator(config, "test", batch_size=config.eval.batch_size,
                                           train=False, device=config.device,
@@ -291,7 +305,8 @@ def eval_loss(config, model: nn.Module, eval_step: Callable[..., torch.Tensor]) 
     for item in iterator:
         x, labels = item if conditional else (item, None)
         extra = {} if labels is None else {"class_labels": labels}
-        per_batch.append(float(eval_step(state, scaler(x), generator=generator, **extra)))
+        x = scaler(x) if encode is None else encode(x, generator)
+        per_batch.append(float(eval_step(state, x, generator=generator, **extra)))
     result = {"mean": float(np.mean(per_batch)), "per_batch": per_batch, "split": "test",
               "batch_size": config.eval.batch_size}
     if conditional:
@@ -399,7 +414,7 @@ def eval_samples(config, trained: Trained, score_fn: ScoreFn,
     Returns:
         the scorer's metrics and ``sample_for_eval``'s info (seeds, sampler, NFE).
     """
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    inverse_scaler = trained.decode or datasets.get_data_inverse_scaler(config)
     scorer.reset()
 
     def score_batch(x: torch.Tensor) -> None:  # x (B, C, H, W) in model space, on the CPU
@@ -413,7 +428,8 @@ def eval_samples(config, trained: Trained, score_fn: ScoreFn,
             return trained.class_score_fn(model, start, stop)
 
     _, info = records.sample_for_eval(
-        trained.sde, score_fn, datasets.data_shape(config), config.eval.num_samples,
+        trained.sde, score_fn, trained.sample_shape or datasets.data_shape(config),
+        config.eval.num_samples,
         config.eval.batch_size, config.seed, trained.method, sample_dir=sample_dir,
         device=config.device, progress=progress, on_batch=score_batch, keep_samples=False,
         batch_score_fn=batch_score_fn,
@@ -478,10 +494,13 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
                             continuous=config.training.continuous)
     result, extra, sampling = {}, {}, None
     if e.enable_loss:
-        extra["loss"] = eval_loss(config, model, trained.eval_step)
+        extra["loss"] = eval_loss(config, model, trained.eval_step, trained.encode)
         result["eval_loss"] = extra["loss"]["mean"]
         log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
-    if e.enable_bpd:
+    if e.enable_bpd and trained.autoencoder is not None:  # never latent bits/dim as data's
+        extra["bpd"] = LATENT_BPD
+        log.warning("ckpt %d: bits/dim skipped: %s", n, LATENT_BPD)
+    elif e.enable_bpd:
         out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
         # 'fp32' unless forced: the ODE and divergence never run in TF32 unless asked
         precision = check_precision(e.get("likelihood_precision", "fp32"), SAMPLING_PRECISIONS,
@@ -516,7 +535,8 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
     record = records.evaluation_record(
         metrics=result, sampling=sampling,
         checkpoint={"n": n, "step": step, **records.file_checkpoint_id(path)},
-        extra={**extra, "seed": config.seed, "eval": e.to_dict(),
+        extra={**extra, **({"autoencoder": trained.autoencoder} if trained.autoencoder else {}),
+               "seed": config.seed, "eval": e.to_dict(),
                "sampling_config": config.sampling.to_dict()})
     if writer is not None:  # before the record: a rerun redoes a checkpoint without one
         for name, value in result.items():

@@ -142,6 +142,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         ckpt["importance_sampler"] = state["importance_sampler"].state_dict()
     if state.get("grad_scaler") is not None:  # fp16: the loss scale and its growth tracker
         ckpt["grad_scaler"] = state["grad_scaler"].state_dict()
+    if state.get("latent_scale") is not None:  # an autoencoder's run (training.autoencoder)
+        ckpt["latent_scale"] = {k: float(v) for k, v in state["latent_scale"].items()}
     try:
         atomic_save(ckpt, path, what=f"the checkpoint of step {step}")
     except WriteError as e:

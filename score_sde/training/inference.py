@@ -7,9 +7,10 @@ cycles through ``config.sampling.classes`` (guided when ``sampling.cfg_scale`` i
 likelihood is the conditional one, given each image's own label (:data:`CONDITIONAL_BPD`).
 
 A DiT config also takes an official DiT file (``DiT-XL-2-256x256.pt``, or an official training
-checkpoint) as the checkpoint (:mod:`training.official_dit`). A config whose data are SD-VAE
-latents (it has ``data.vae_path``: ``imagenet256_dit_xl2``) samples latents: until the
-latent-space support decodes them, sampling stops there, writes ``latents.npz`` and says so
+checkpoint) as the checkpoint (:mod:`training.official_dit`). A latent config
+(``data.autoencoder.name != 'none'``, :mod:`training.latent`) samples latents, writes them
+(``latents.npz``) and decodes them with its autoencoder into the PNG grid and ``sample.npz``;
+an ``sd_vae`` config without ``data.autoencoder.path`` stops at the latents and says so
 (:data:`LATENT_STOP`).
 """
 
@@ -35,7 +36,15 @@ from score_sde import datasets
 from score_sde.training import acceleration, checkpoints, classes
 from score_sde.training.diffusers_pixel import LAYOUT as DIFFUSERS_LAYOUT
 from score_sde.training.diffusers_pixel import is_diffusers_checkpoint, load_diffusers_pixel
-from score_sde.training.loop import write_samples
+from score_sde.training.latent import (
+    can_decode,
+    describe_autoencoder,
+    get_model_inverse_scaler,
+    is_latent,
+    latent_data_shape,
+    load_config_autoencoder,
+)
+from score_sde.training.loop import write_latents, write_samples
 from score_sde.training.official_dit import LAYOUTS, load_official_dit, official_dit_layout
 from score_sde.training.sampling import generate, get_sde, sampling_record
 from score_sde.utils import __version__, atomic_write_bytes
@@ -43,9 +52,10 @@ from score_sde.utils.precision import precision_scope
 
 log = logging.getLogger(__name__)
 
-#: what a latent-space run's sampling record and log line say of its output
-LATENT_STOP = ("decoding the latents to images needs the latent-space support (the SD-VAE at "
-               "data.vae_path), which is not available yet")
+#: what the sampling record and log line of an SD-VAE config without the VAE on disk say
+LATENT_STOP = ("not decoded: data.autoencoder.path is empty; download stabilityai/sd-vae-ft-ema "
+               "(or -mse) to a local folder and set --config.data.autoencoder.path=<folder> to "
+               "decode the latents into images")
 #: what the likelihood record of a class-conditional model says of its labels
 CONDITIONAL_BPD = ("the data's own labels: conditional bits/dim, -log2 p(x | y) / D, each image "
                    "given its class y")
@@ -148,25 +158,6 @@ def load_ema_model(config, path: str | Path) -> tuple[nn.Module, int]:
     return model.eval(), int(ckpt["step"] or 0)
 
 
-def latent_space(config) -> bool:
-    """Whether the config's data are SD-VAE latents (it has ``data.vae_path``, the folder of
-    the autoencoder that will decode them; ``imagenet256_dit_xl2``)."""
-    return "vae_path" in config.data
-
-
-def write_latents(z: torch.Tensor, folder: Path, class_labels: torch.Tensor | None) -> Path:
-    """``folder/latents.npz``: ``latents`` float32 (N, C, H, W) as sampled (model space) and,
-    for a class-conditional model, ``labels`` (N,); written atomically."""
-    arrays = {"latents": z.detach().cpu().float().numpy()}
-    if class_labels is not None:
-        arrays["labels"] = class_labels.detach().cpu().numpy()
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    path = folder / "latents.npz"
-    atomic_write_bytes(path, buffer.getvalue(), what="the sampled latents")
-    return path
-
-
 def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkpoint: str = "",
                num_samples: int = 64, progress: bool = True) -> Path:
     """Draw ``num_samples`` with ``config.sampling`` into
@@ -189,7 +180,8 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
     layout = None if diffusers_folder else official_dit_layout(path)
     model, step = load_ema_model(config, path)
     sde = model.sde if diffusers_folder else get_sde(config)  # the scheduler's own table
-    latent = latent_space(config)
+    latent = is_latent(config)
+    ae = load_config_autoencoder(config) if latent and can_decode(config) else None
     inverse_scaler = (lambda z: z) if latent else datasets.get_data_inverse_scaler(config)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     batch = min(num_samples, config.eval.batch_size)
@@ -202,7 +194,7 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
                     config.model.get("class_dropout_prob"))
     chunks, labels, nfe = [], [], 0
     for start in tqdm(range(0, num_samples, batch), disable=not progress, desc="sample"):
-        shape = (min(batch, num_samples - start), *datasets.data_shape(config))
+        shape = (min(batch, num_samples - start), *latent_data_shape(config))
         y = None if sampled is None else classes.sample_class_labels(
             sampled, start, shape[0], config.device)
         x, info = generate(config, sde, model, shape, inverse_scaler=inverse_scaler,
@@ -222,17 +214,26 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
     if diffusers_folder:
         record["checkpoint_layout"] = DIFFUSERS_LAYOUT
     if latent:
-        out = write_latents(torch.cat(chunks), folder, y_all)
-        record["latents"] = {"file": out.name, "decoded": False, "note": LATENT_STOP,
-                             "vae_path": config.data.vae_path,
-                             "latent_scale_factor": config.data.get("latent_scale_factor")}
+        z = torch.cat(chunks)
+        out = write_latents(z, folder, y_all)
+        record["latents"] = {"file": out.name, "decoded": ae is not None,
+                             "autoencoder": describe_autoencoder(ae) if ae is not None else
+                             {"name": config.data.autoencoder.name, "path": ""}}
+        if ae is None:
+            record["latents"]["note"] = LATENT_STOP
+        else:  # decoded in the sampling batches (an SD VAE at 256 px is memory-hungry)
+            decode = get_model_inverse_scaler(config, ae)
+            images = torch.cat([decode(z[i:i + batch].to(config.device)).cpu()
+                                for i in range(0, z.shape[0], batch)])
+            write_samples(images, folder, class_labels=y_all)
     else:
         write_samples(torch.cat(chunks), folder, class_labels=y_all)
     atomic_write_bytes(folder / "info.json", (json.dumps(record, indent=2) + "\n").encode(),
                        what="the sampling record")
     log.info("%d samples from %s (step %d, %d NFE) in %s", num_samples, path, step, nfe, folder)
     if latent:
-        log.info("latents written to %s; %s", out, LATENT_STOP)
+        log.info("latents written to %s; %s", out,
+                 LATENT_STOP if ae is None else f"decoded by {describe_autoencoder(ae)}")
     return folder
 
 
@@ -270,12 +271,19 @@ def run_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
     Writes ``likelihood_{split}_step_{step}.npz`` (per-image ``bpd``) and a
     ``.json`` summary into ``workdir/eval_folder/``. A class-conditional model is given each
     image's own label: the bits/dim are the conditional -log2 p(x | y) / D, and the summary
-    says so under ``class_labels``.
+    says so under ``class_labels``. A latent config (``data.autoencoder.name != 'none'``)
+    reports the LSGM bound on the data's bits/dim instead
+    (:func:`training.latent_likelihood.run_latent_likelihood`).
 
     Args:
         split: default ``config.eval.bpd_dataset``.
         max_images: evaluate only the first ``max_images`` (0 = the whole split).
     """
+    if is_latent(config):  # the LSGM bound on the data's bits/dim, never a latent-space number
+        from score_sde.training.latent_likelihood import run_latent_likelihood
+
+        return run_latent_likelihood(config, workdir, eval_folder, checkpoint=checkpoint,
+                                     split=split, max_images=max_images, progress=progress)
     split = split or config.eval.bpd_dataset
     method = config.eval.get("bpd_method", "ode")
     if method not in BPD_METHODS:

@@ -41,11 +41,13 @@ from score_sde.training import (
     checkpoints,
     classes,
     distributed,
+    latent,
     super_resolution,
     validation,
 )
 from score_sde.training.events import EventLog
 from score_sde.training.images import class_rows, save_image_grid, save_scatter
+from score_sde.training.latent_data import latent_iterators
 from score_sde.training.lock import WorkdirLock
 from score_sde.training.nonfinite import NonFiniteGuard
 from score_sde.training.sampling import ema_weights, generate, get_sde
@@ -123,8 +125,13 @@ def build(config, workdir: str | Path | None = None) -> tuple[dict[str, Any], An
                                            dataset=eval_data, with_labels=with_labels,
                                            num_workers=0),
     }
+    ae = latent.load_config_autoencoder(config, device)
+    if ae is not None:  # a latent config: batches of z ~ q(z | x) (training.latent_data)
+        iterators = latent_iterators(config, ae, iterators, generators, workdir)
     state = dict(model=model, ema=ema, optimizer=optimizer, step=0, generators=generators,
                  iterators=iterators)
+    if ae is not None:
+        state["autoencoder"] = ae  # frozen, not checkpointed
     sde = get_sde(config)
     scaler = acceleration.grad_scaler(config)
     if scaler is not None:
@@ -214,7 +221,7 @@ def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
     super-resolution stage super-resolves the first test images, downsampled."""
     folder = workdir / "samples" / f"iter_{step}"  # made by the first write
     model = state["model"]
-    shape = (config.training.batch_size, *datasets.data_shape(config))
+    shape = (config.training.batch_size, *latent.latent_data_shape(config))
     generator = torch.Generator(device=config.device).manual_seed(config.seed + step)
     sampled = classes.sample_classes(config)
     labels = None if sampled is None else classes.sample_class_labels(
@@ -226,10 +233,12 @@ def snapshot_samples(config, state, sde, workdir: Path, step: int) -> Path:
         write_samples(x, folder)
         return folder
     with ema_weights(model, state["ema"]):
-        x, _ = generate(config, sde, model, shape, generator=generator,
-                        inverse_scaler=datasets.get_data_inverse_scaler(config),
-                        class_labels=labels)
-    write_samples(x, folder, class_labels=labels)
+        z, _ = generate(config, sde, model, shape, generator=generator,
+                        inverse_scaler=lambda z: z, class_labels=labels)
+    ae = state.get("autoencoder")
+    write_samples(latent.get_model_inverse_scaler(config, ae)(z), folder, class_labels=labels)
+    if ae is not None:  # the decoded grid above, the sampled latents here
+        write_latents(z, folder, labels)
     return folder
 
 
@@ -262,6 +271,19 @@ def write_samples(x: torch.Tensor, folder: Path,
     arrays = {} if labels is None else {"labels": labels.numpy()}
     np.savez_compressed(buffer, samples=samples, **arrays)
     atomic_write_bytes(folder / "sample.npz", buffer.getvalue(), what="the samples")
+
+
+def write_latents(z: torch.Tensor, folder: Path, class_labels: torch.Tensor | None) -> Path:
+    """``folder/latents.npz``: ``latents`` float32 (N, c, h, w) as sampled (model space) and,
+    for a class-conditional model, ``labels`` (N,); written atomically."""
+    arrays = {"latents": z.detach().cpu().float().numpy()}
+    if class_labels is not None:
+        arrays["labels"] = class_labels.detach().cpu().numpy()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path = folder / "latents.npz"
+    atomic_write_bytes(path, buffer.getvalue(), what="the sampled latents")
+    return path
 
 
 def log_training(writer, bar, state, step: int, loss: torch.Tensor, rate: float,
@@ -382,7 +404,7 @@ def _train_locked(config, workdir: Path, ctx: distributed.Context, hooks: Sequen
     train_step = distributed.data_parallel_step(train_step, forward, t.batch_size, ctx)
     if not ctx.enabled:
         train_step = acceleration.with_forward_model(train_step, forward)
-    scaler = datasets.get_data_scaler(config)
+    scaler = latent.get_model_scaler(config)
     writer = EventLog(workdir / "tensorboard") if ctx.is_main else None
     bar = tqdm(total=t.n_iters, initial=state["step"], disable=not (progress and ctx.is_main),
                desc="train")

@@ -28,11 +28,13 @@ from models.checkpoint import (
     name_ema_shadow_params,
     safe_load,
 )
+from models.latent_space import model_space_config
 from models.memory import MEMORY_KEYS
 from models.utils import get_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
 from score_sde.training import acceleration, classes, distributed
+from score_sde.training.latent import check_autoencoder_checkpoint, check_autoencoder_config
 from score_sde.training.sampling import get_sde
 from score_sde.training.super_resolution import check_super_resolution_config
 
@@ -219,7 +221,7 @@ def validate_config(config, world_size: int = 1) -> None:
                              f"config.model.{high}={config.model[high]}")
     if any(config.model.get(key, False) for key in MEMORY_KEYS):
         with torch.device("meta"):  # the builder refuses what its model does not support
-            get_model(config.model.name)(config)
+            get_model(config.model.name)(model_space_config(config))
 
     _name(config, "data.dataset", datasets.DATASETS)
     _int(config, "data.image_size", optional=True)
@@ -240,6 +242,7 @@ def validate_config(config, world_size: int = 1) -> None:
     check_discrete_diffusion_config(config)
     check_super_resolution_config(config)  # data.low_res_size, model.cond_*, training.cond_aug_*
     acceleration.check_acceleration_config(config, world_size)
+    check_autoencoder_config(config)  # data.autoencoder (training.latent)
 
 
 def _choice(config, key: str, choices: tuple[str, ...]) -> Any:
@@ -480,7 +483,7 @@ def validate_checkpoint_file(path: str | os.PathLike, config) -> dict:
     config = config.copy_and_resolve_references()
     config.device = "meta"
     with torch.device("meta"):
-        model = get_model(config.model.name)(config)
+        model = get_model(config.model.name)(model_space_config(config))
     check_training_tensors(ckpt, model, path)
     return ckpt
 
@@ -501,6 +504,7 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
         raise ValueError(f"--mode {mode} runs in one process; only --mode train is "
                          f"data-parallel (launched with {world_size} processes by torchrun)")
     validate_config(config, world_size)
+    check_autoencoder_checkpoint(config, mode)  # a latent config's autoencoder is on disk
     if mode == "train":
         validate_dataset(config, ("train", "test"), Path(workdir) / "verified_images.json")
         for path in (checkpoints.meta_path(workdir),
