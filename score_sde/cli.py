@@ -357,6 +357,7 @@ def eval_inputs(config, workdir: Path):
         load_config_autoencoder,
     )
     from score_sde.training.latent_data import to_autoencoder_input
+    from score_sde.training.latent_likelihood import bound_over_split
     from score_sde.training.loop import get_step_fns
     from score_sde.training.sampling import (
         class_record,
@@ -384,7 +385,9 @@ def eval_inputs(config, workdir: Path):
 
         latent_inputs = dict(autoencoder=describe_autoencoder(ae),
                              sample_shape=latent_data_shape(config), encode=encode,
-                             decode=get_model_inverse_scaler(config, ae))
+                             decode=get_model_inverse_scaler(config, ae),
+                             data_bound=lambda model, progress: bound_over_split(
+                                 config, model, ae, config.eval.bpd_dataset, progress=progress))
     return Trained(sde=sde, snapshots=list_snapshots(workdir),
                    load_model=lambda path: load_ema_model(config, path),
                    eval_step=get_step_fns(config, sde)[1], method=method, options=options,

@@ -170,8 +170,8 @@ def test_latent_model_trains_samples_decoded_and_resumes(ae_dir, tmp_path, model
 
 def test_sample_decodes_and_eval_runs(ae_dir, tmp_path):
     from score_sde.cli import eval_inputs
-    from score_sde.evaluation.run import LATENT_BPD, evaluate
-    from score_sde.training.inference import run_sample
+    from score_sde.evaluation.run import evaluate
+    from score_sde.training.inference import run_likelihood, run_sample
 
     config = latent_config(ae_dir, 2)
     run_latent(config, tmp_path)
@@ -183,12 +183,22 @@ def test_sample_decodes_and_eval_runs(ae_dir, tmp_path):
     assert record["decoded"] is True and record["autoencoder"]["kind"] == "KLAutoencoder"
     assert (folder / "sample.png").is_file()
     config.eval.update(begin_ckpt=1, end_ckpt=1, num_samples=6, batch_size=297,
-                       enable_loss=True, enable_bpd=True, enable_sampling=True)
+                       enable_loss=True, enable_bpd=True, enable_sampling=True, rtol=1e-3,
+                       atol=1e-3)
+    config.data.autoencoder.bound_draws = 1
     [path] = evaluate(config, eval_inputs(config, tmp_path), tmp_path, progress=False)
     record = json.loads(path.read_text())
-    assert np.isfinite(record["metrics"]["eval_loss"]) and "bpd" not in record["metrics"]
-    assert record["bpd"] == LATENT_BPD and "fdd" in record["metrics"]
+    assert np.isfinite(record["metrics"]["eval_loss"]) and "fdd" in record["metrics"]
     assert record["autoencoder"]["kind"] == "KLAutoencoder"
+    # eval's bits/dim is the data-space bound of --mode likelihood (same seed, same draws), never
+    # the latents' own ODE bits/dim
+    bound = json.loads(run_likelihood(config, tmp_path, "lik", progress=False).read_text())
+    assert record["bpd"]["bpd_method"] == "latent_bound"
+    assert record["metrics"]["bpd"] == pytest.approx(bound["bpd"], rel=1e-6)
+    assert record["metrics"]["bpd_stderr"] == pytest.approx(bound["bpd_stderr"], rel=1e-6)
+    assert record["bpd"]["num_images"] == bound["num_images"] > 0
+    per_image = np.load(record["bpd"]["per_image"])["bpd"]
+    assert per_image.shape == (bound["num_images"],) and np.isfinite(per_image).all()
 
 
 def test_the_network_is_built_for_the_latent_shape(ae_dir):

@@ -64,9 +64,6 @@ EVAL_KEYS = ("begin_ckpt", "end_ckpt", "batch_size", "enable_sampling", "num_sam
 #: ``on_batch(samples)`` taps the sample stream of a checkpoint (tests use it to interrupt a run)
 BatchHook = Callable[[torch.Tensor], None]
 #: what a class-conditional model's loss and bits/dim records say of their labels
-#: what an evaluation of a latent model records instead of bits/dim
-LATENT_BPD = ("n/a for a latent model here: the ODE bits/dim of its latents are not data bits/dim; "
-              "the data-space bound (LSGM eq. 3) is --mode likelihood's")
 DATA_LABELS = "the data's own labels: conditional loss and bits/dim, -log2 p(x | y) / D"
 
 
@@ -90,6 +87,10 @@ class Trained:
             ``sample_shape`` is the latent's, ``encode(x, generator)`` draws model-space
             latents of images x in [0, 1] (the loss) and ``decode(z)`` gives images in [0, 1]
             (the samples scored); None (a pixel model): the data scaler and its inverse.
+        data_bound: a latent model's bits/dim: ``data_bound(model, progress)`` gives the
+            per-image arrays and the summary of the LSGM bound on the data's bits/dim over
+            ``eval.bpd_dataset`` (``training.latent_likelihood.bound_over_split``), never the
+            latents' own ODE bits/dim.
     """
 
     sde: sde_lib.SDE
@@ -104,6 +105,7 @@ class Trained:
     sample_shape: tuple[int, ...] | None = None
     encode: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    data_bound: Callable[[nn.Module, bool], tuple[dict[str, np.ndarray], dict]] | None = None
 
 
 def check_eval_config(config) -> None:
@@ -497,9 +499,15 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
         extra["loss"] = eval_loss(config, model, trained.eval_step, trained.encode)
         result["eval_loss"] = extra["loss"]["mean"]
         log.info("ckpt %d: eval_loss %.5e", n, result["eval_loss"])
-    if e.enable_bpd and trained.autoencoder is not None:  # never latent bits/dim as data's
-        extra["bpd"] = LATENT_BPD
-        log.warning("ckpt %d: bits/dim skipped: %s", n, LATENT_BPD)
+    if e.enable_bpd and trained.data_bound is not None:  # the LSGM bound, in data bits/dim
+        out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
+        arrays, summary = trained.data_bound(model, progress)
+        _write_npz(out, **arrays)
+        extra["bpd"] = {**summary, "mean": summary["bpd"], "stderr": summary["bpd_stderr"],
+                        "per_image": str(out)}
+        result["bpd"], result["bpd_stderr"] = summary["bpd"], summary["bpd_stderr"]
+        log.info("ckpt %d: %s data bits/dim bound %.4f +- %.4f", n, e.bpd_dataset,
+                 result["bpd"], result["bpd_stderr"])
     elif e.enable_bpd:
         out = folder / f"bpd_ckpt_{n}_{e.bpd_dataset}.npz"
         # 'fp32' unless forced: the ODE and divergence never run in TF32 unless asked

@@ -137,26 +137,21 @@ def _write(stem: Path, arrays: dict[str, np.ndarray], summary: dict) -> None:
                        what="the likelihood summary")
 
 
-def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
-                          checkpoint: str = "", split: str = "", max_images: int = 0,
-                          progress: bool = True) -> Path:
-    """The data bits/dim bound of a latent model on a split (module docstring); batch b's
-    draws and probes come from one generator seeded with ``config.seed``. A class-conditional
-    model is given each image's label (the bound is then on -log2 P(x | y) / D).
-
-    Returns:
-        the ``.json`` summary's path.
-    """
-    split = split or config.eval.bpd_dataset
+def bound_over_split(config, model, ae, split: str, *, max_images: int = 0,
+                     progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """The data bits/dim bound of a latent model (``model``, its weights as loaded) on the
+    images of ``split`` (the first ``max_images``; 0 = all): per-image arrays (``bpd``,
+    ``stderr``, the terms, ``labels``) and the summary (:func:`bound_summary` with the NFE, the
+    likelihood options, the autoencoder and the settings). Batch b's draws and probes come
+    from one generator seeded with ``config.seed``; a class-conditional model is given each
+    image's label (the bound is then on -log2 P(x | y) / D). Shared by ``--mode likelihood``
+    and ``--mode eval``."""
     settings = bound_settings(config, split)
     if config.eval.get("bpd_method", "ode") != "ode":
         raise ValueError(f"config.eval.bpd_method = {config.eval.bpd_method!r}: a latent model's "
                          "data bits/dim is the LSGM bound with the latent ODE likelihood; set "
                          "--config.eval.bpd_method=ode")
-    path = find_checkpoint(workdir, checkpoint)
-    model, step = load_ema_model(config, path)
     sde = get_sde(config)
-    ae = load_config_autoencoder(config, config.device)
     decoder = decoder_likelihood(config, ae, settings)
     dataset = _first(datasets.get_dataset(config, split), max_images)
     conditional = classes.read_num_classes(config) > 0
@@ -187,7 +182,7 @@ def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval"
         nfe += info["nfe"]
     arrays = {k: torch.cat(v).double().numpy() for k, v in out.items()}
     summary = {
-        **run_facts(config, path, step), "split": split, "num_images": len(arrays["bpd"]),
+        "split": split, "num_images": len(arrays["bpd"]),
         **bound_summary(arrays["bpd"], arrays["stderr"], {k: arrays[k] for k in TERMS}, info),
         "nfe": nfe, "bpd_method": "latent_bound", "likelihood": options,
         "autoencoder": describe_autoencoder(ae), "bound_settings": settings,
@@ -195,13 +190,33 @@ def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval"
     if conditional:
         summary["class_labels"] = ("the data's own labels: a bound on -log2 P(x | y) / D, the "
                                    "latent prior given each image's class y")
-    stem = Path(workdir) / eval_folder / f"likelihood_{split}_step_{step}"
-    _write(stem, {**arrays, "labels": dataset.labels.numpy()}, summary)
     log.info("%s data bits/dim bound %.4f +- %.4f (images; draws alone +- %.4f) over %d images, "
-             "K=%d, decoder %s (step %d, %d NFE)", split, summary["bpd"], summary["bpd_stderr"],
-             summary["bpd_mc_stderr"], summary["num_images"], K, decoder.source, step, nfe)
+             "K=%d, decoder %s (%d NFE)", split, summary["bpd"], summary["bpd_stderr"],
+             summary["bpd_mc_stderr"], summary["num_images"], K, decoder.source, nfe)
+    return {**arrays, "labels": dataset.labels.numpy()}, summary
+
+
+def run_latent_likelihood(config, workdir: str | Path, eval_folder: str = "eval", *,
+                          checkpoint: str = "", split: str = "", max_images: int = 0,
+                          progress: bool = True) -> Path:
+    """The data bits/dim bound of a latent model on a split (module docstring,
+    :func:`bound_over_split`) from a checkpoint of ``workdir``.
+
+    Returns:
+        the ``.json`` summary's path.
+    """
+    split = split or config.eval.bpd_dataset
+    bound_settings(config, split)  # at the door, before the checkpoint is read
+    path = find_checkpoint(workdir, checkpoint)
+    model, step = load_ema_model(config, path)
+    ae = load_config_autoencoder(config, config.device)
+    arrays, summary = bound_over_split(config, model, ae, split, max_images=max_images,
+                                       progress=progress)
+    summary = {**run_facts(config, path, step), **summary}
+    stem = Path(workdir) / eval_folder / f"likelihood_{split}_step_{step}"
+    _write(stem, arrays, summary)
     return stem.with_suffix(".json")
 
 
-__all__ = ["DECODER_VARIANCES", "bound_settings", "bound_summary", "decoder_likelihood",
-           "from_autoencoder_input", "run_latent_likelihood"]
+__all__ = ["DECODER_VARIANCES", "bound_over_split", "bound_settings", "bound_summary",
+           "decoder_likelihood", "from_autoencoder_input", "run_latent_likelihood"]
