@@ -146,6 +146,36 @@ def test_cached_posteriors_give_the_on_the_fly_draws_bitwise(ae_dir, tmp_path, f
         assert not torch.equal(next(it), draws["none"][0])
 
 
+def test_a_ranks_shard_reads_the_shared_cache_of_every_image(ae_dir, tmp_path, monkeypatch):
+    """Under torchrun a rank's dataset reads zeros outside its rows of a global batch: the
+    posterior cache that rank builds must still hold every image (one cache for all ranks), and
+    the rank's rows of each batch must be the one-process run's draws."""
+    from score_sde.training import latent_data
+    from score_sde.training.distributed import ShardedDataset
+
+    monkeypatch.setattr(latent_data, "ENCODE_BATCH", 16)  # encoder chunks = global batches
+    config = latent_config(ae_dir)
+    ae = load_config_autoencoder(config)
+
+    def draws(cache, rows=None):
+        config.data.cache = cache
+        iterator = datasets.get_data_iterator(config, "train")
+        if rows is not None:  # rank 1 of 2, global batch 16
+            d = iterator.dataset
+            iterator.dataset = ShardedDataset(d.data, d.labels, d.levels, d.classes, d.notes,
+                                              rows=rows, batch_size=16)
+        it = latent_iterators(config, ae, {"train": iterator},
+                              {"train": torch.Generator().manual_seed(3)}, tmp_path)["train"]
+        return torch.stack([next(it) for _ in range(3)])
+
+    cache = str(tmp_path / "cache")
+    shard = draws(cache, slice(8, 16))  # builds the cache
+    on_the_fly = draws("none")
+    assert torch.equal(shard[:, 8:], on_the_fly[:, 8:])
+    assert torch.equal(draws(cache), on_the_fly)  # the cache the rank built holds every image
+    assert len(list((tmp_path / "cache").rglob("*posteriors*"))) == 1
+
+
 @pytest.mark.parametrize("model", ["ncsnpp", "dit"])
 def test_latent_model_trains_samples_decoded_and_resumes(ae_dir, tmp_path, model):
     config = latent_config(ae_dir, 2, model)

@@ -31,6 +31,7 @@ from models.autoencoders import Autoencoder
 from score_sde import datasets
 from score_sde.datasets.base import ArrayDataset, DataIterator
 from score_sde.datasets.cache import ArrayCache, cache_key
+from score_sde.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +197,23 @@ class LatentIterator:
         self.inner.close()
 
 
+def unsharded(dataset: ArrayDataset) -> ArrayDataset:
+    """All of ``dataset``'s samples: a rank's :class:`training.distributed.ShardedDataset`
+    reads zeros outside its rows of a global batch, which must not reach a shared cache."""
+    if isinstance(dataset, distributed.ShardedDataset):
+        return ArrayDataset(dataset.data, dataset.labels, dataset.levels, dataset.classes,
+                            dataset.notes)
+    return dataset
+
+
 def latent_iterators(config, ae: Autoencoder, iterators: dict, generators: dict,
                      workdir: str | Path | None = None) -> dict[str, LatentIterator]:
     """The training loop's iterators ('train', 'eval') of images turned into iterators of
     latents drawn with the same-named generators; through the posterior cache of
     ``data.cache`` (:func:`datasets.cache_folder`) unless it is 'none'.
+
+    Under torchrun the cache holds every image (not a rank's shard), built by rank 0 while the
+    others wait, then read by all; each rank's batches draw the one-process run's z for its rows.
 
     Raises:
         ValueError: a cache with ``data.uniform_dequantization`` (the noise would be added to
@@ -211,10 +224,15 @@ def latent_iterators(config, ae: Autoencoder, iterators: dict, generators: dict,
         raise ValueError("config.data.uniform_dequantization dequantises the images before the "
                          "encoder, which cached posteriors cannot: set data.cache = 'none' "
                          "(encoded on the fly) or data.uniform_dequantization = False")
+    ctx = distributed.context()
     out = {}
     for name, inner in iterators.items():
         if folder is not None:
-            data = cached_posteriors(ae, inner.dataset, folder, inner.random_flip)
+            whole = unsharded(inner.dataset)
+            distributed.on_main(
+                lambda: cached_posteriors(ae, whole, folder, inner.random_flip),  # noqa: B023
+                ctx, "building the latent posterior cache", ae.device)
+            data = cached_posteriors(ae, whole, folder, inner.random_flip)
             inner.close()
             with warnings.catch_warnings():  # read-only memory map: batches are copies
                 warnings.simplefilter("ignore", UserWarning)
@@ -233,5 +251,6 @@ __all__ = [
     "latent_iterators",
     "posterior_cache_key",
     "to_autoencoder_input",
+    "unsharded",
     "weights_hash",
 ]
