@@ -377,3 +377,31 @@ def test_the_two_commands_of_digits_latent_and_sampling(tmp_path):
     folder = tmp_path / "latent" / "eval" / "samples_step_2"
     assert np.load(folder / "sample.npz")["samples"].shape == (4, 8, 8, 1)
     assert np.load(folder / "latents.npz")["latents"].shape == (4, 2, 4, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["none", "auto"])
+def test_two_gloo_ranks_train_a_latent_model_like_one_process(ae_dir, tmp_path, cache):
+    """torchrun with 2 Gloo ranks trains the latent model as one process does (on the fly, and
+    through the posterior cache that rank 0 builds in the workdir)."""
+    from test_distributed import _final, _main
+
+    args = ["--config=digits_latent", "--config.model.nf=16", "--config.model.num_res_blocks=1",
+            "--config.model.num_scales=10", "--config.training.batch_size=16",
+            "--config.training.n_iters=3", "--config.training.snapshot_freq=3",
+            "--config.training.snapshot_freq_for_preemption=3", "--config.training.log_freq=1",
+            "--config.training.eval_freq=3", "--config.training.snapshot_sampling=False",
+            f"--config.data.cache={cache}", f"--config.data.autoencoder.checkpoint={ae_dir}",
+            *(f"--config.data.autoencoder.{k}={v}" for k, v in TINY_AE.items()
+              if k != "channel_mult"),
+            "--config.data.autoencoder.channel_mult=1,2", "--noprogress"]
+    _main(*args, f"--workdir={tmp_path / 'two'}", nproc=2)
+    _main(*args, f"--workdir={tmp_path / 'one'}")
+    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    assert two["step"] == one["step"] == 3 and two["data"] == one["data"]
+    for name, a in one["model"].items():  # float round-off of sums in another order
+        assert torch.allclose(a, two["model"][name], rtol=1e-4, atol=1e-6), name
+    if cache == "auto":  # one cache per split, shared by the ranks, keyed as one process's
+        names = {run: sorted(p.name for p in (tmp_path / run).rglob("posteriors-*"))
+                 for run in ("one", "two")}
+        assert len(names["two"]) == 2 and names["two"] == names["one"]
