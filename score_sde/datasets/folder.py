@@ -213,11 +213,13 @@ class FolderImages:
 class CachedImages:
     """Decoded images in a memory-mapped (N, C, S, S) array (uint8, or uint16 for 16-bit files)
     behind the same interface as :class:`FolderImages`: ``images[index]`` gives a tensor of
-    levels (uint8, or int32 for 16 bits) without decoding anything."""
+    levels (uint8, or int32 for 16 bits) without decoding anything. A float32 array (cached
+    latent posteriors, ``training.latent_data``) gives float32 rows."""
 
     def __init__(self, array: np.ndarray, path: Path | None = None) -> None:
-        self.array, self.path = array, path
-        self.dtype = torch.uint8 if array.dtype == np.uint8 else torch.int32
+        self.array, self.path = array, path  # path: the cache file (logged at the start)
+        self.dtype = {np.dtype(np.uint8): torch.uint8,
+                      np.dtype(np.float32): torch.float32}.get(array.dtype, torch.int32)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ from models.autoencoders import Autoencoder
 from score_sde import datasets
 from score_sde.datasets.base import ArrayDataset, DataIterator
 from score_sde.datasets.cache import ArrayCache, cache_key
+from score_sde.datasets.folder import CachedImages
 from score_sde.training import distributed
 
 log = logging.getLogger(__name__)
@@ -76,32 +77,6 @@ def posterior_cache_key(ae: Autoencoder, dataset: ArrayDataset, flips: bool) -> 
                      data_key(dataset), len(dataset), bool(flips))
 
 
-class PosteriorArray:
-    """Cached posteriors (N, 2c, h, w or 2w) float32, memory-mapped, indexed like an image
-    tensor (``datasets.base.ArrayDataset.data``)."""
-
-    dtype = torch.float32
-
-    def __init__(self, array: np.ndarray, path: Path | None = None) -> None:
-        self.array, self.path = array, path  # path: the cache file (logged at the start)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """(N, 2c, h, w or 2w)."""
-        return tuple(self.array.shape)
-
-    def dim(self) -> int:
-        """4, as an image tensor."""
-        return 4
-
-    def __len__(self) -> int:
-        return self.array.shape[0]
-
-    def __getitem__(self, index) -> torch.Tensor:
-        indices = torch.as_tensor(index).reshape(-1).numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.array[indices]))
-
-
 @torch.no_grad()
 def _encode(ae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
     mean, log_std = ae.encode(to_autoencoder_input(x.to(ae.device)))
@@ -131,7 +106,7 @@ def cached_posteriors(ae: Autoencoder, dataset: ArrayDataset, folder: str | Path
     array = store.get_or_build(key, shape, np.float32, fill, name="posteriors")
     note = ("the autoencoder's posteriors (mean | log_std" + (", of the image | its mirror)"
                                                               if flips else ")"))
-    return ArrayDataset(PosteriorArray(array, store.path(key, "posteriors")), dataset.labels,
+    return ArrayDataset(CachedImages(array, store.path(key, "posteriors")), dataset.labels,
                         None, dataset.classes, (*dataset.notes, note))
 
 
@@ -245,7 +220,6 @@ def latent_iterators(config, ae: Autoencoder, iterators: dict, generators: dict,
 
 __all__ = [
     "LatentIterator",
-    "PosteriorArray",
     "cached_posteriors",
     "data_key",
     "latent_iterators",
