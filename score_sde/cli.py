@@ -349,6 +349,7 @@ def eval_inputs(config, workdir: Path):
     from score_sde.training.sampling import (
         class_record,
         get_sde,
+        not_applied,
         sampling_options,
         sampling_score_fn,
     )
@@ -365,7 +366,8 @@ def eval_inputs(config, workdir: Path):
     return Trained(sde=sde, snapshots=list_snapshots(workdir),
                    load_model=lambda path: load_ema_model(config, path),
                    eval_step=get_step_fns(config, sde)[1], method=method, options=options,
-                   class_score_fn=class_score_fn, conditioning=conditioning)
+                   class_score_fn=class_score_fn, conditioning=conditioning,
+                   not_applied=not_applied(config, method))
 
 
 def run_eval(config, workdir: Path) -> None:

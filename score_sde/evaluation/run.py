@@ -83,6 +83,8 @@ class Trained:
             samples start..stop-1 (their classes bound, the config's guidance applied); None
             for an unconditional one.
         conditioning: the classes and guidance ``class_score_fn`` applies, for the record.
+        not_applied: the ``config.sampling`` keys set that ``method`` does not read, for the
+            record's ``sampler`` entry.
     """
 
     sde: sde_lib.SDE
@@ -93,6 +95,7 @@ class Trained:
     options: dict[str, Any]
     class_score_fn: Callable[[nn.Module, int, int], ScoreFn] | None = None
     conditioning: dict[str, Any] | None = None
+    not_applied: dict[str, Any] | None = None
 
 
 def check_eval_config(config) -> None:
@@ -507,6 +510,8 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
                                             folder / f"ckpt_{n}", progress=progress,
                                             on_batch=on_batch, model=sample_network)
         result.update(scores)
+        if trained.not_applied is not None:
+            sampling["sampler"]["not_applied"] = records.to_jsonable(trained.not_applied)
         extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"],
                      sample_precision={"network": sample_precision,
                                        "key": "config.sampling.precision",
