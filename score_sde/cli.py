@@ -274,7 +274,9 @@ def apply_classes_flag(config, mode: str, values: list[str] | None) -> None:
 
 def _log_to_file(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(workdir / "stdout.txt")
+    from score_sde.utils import LogFileHandler
+
+    handler = LogFileHandler(workdir / "stdout.txt")  # a full disk: one line, no tracebacks
     handler.setFormatter(logging.Formatter("%(levelname)s - %(filename)s - %(asctime)s - "
                                            "%(message)s"))
     logging.getLogger().addHandler(handler)
