@@ -279,7 +279,9 @@ def apply_classes_flag(config, mode: str, values: list[str] | None) -> None:
 
 def _log_to_file(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(workdir / "stdout.txt")
+    from score_sde.utils import LogFileHandler
+
+    handler = LogFileHandler(workdir / "stdout.txt")  # a full disk: one line, no tracebacks
     handler.setFormatter(logging.Formatter("%(levelname)s - %(filename)s - %(asctime)s - "
                                            "%(message)s"))
     logging.getLogger().addHandler(handler)
@@ -362,6 +364,7 @@ def eval_inputs(config, workdir: Path):
     from score_sde.training.sampling import (
         class_record,
         get_sde,
+        not_applied,
         sampling_options,
         sampling_score_fn,
     )
@@ -391,7 +394,8 @@ def eval_inputs(config, workdir: Path):
     return Trained(sde=sde, snapshots=list_snapshots(workdir),
                    load_model=lambda path: load_ema_model(config, path),
                    eval_step=get_step_fns(config, sde)[1], method=method, options=options,
-                   class_score_fn=class_score_fn, conditioning=conditioning, **latent_inputs)
+                   class_score_fn=class_score_fn, conditioning=conditioning,
+                   not_applied=not_applied(config, method), **latent_inputs)
 
 
 def run_eval(config, workdir: Path) -> None:

@@ -109,6 +109,9 @@ def test_cli_writes_the_record_and_skips_it_on_a_rerun(trained, tmp_path):
     assert sampler["method"] == "dpm_solver++_2m" and sampler["options"]["nfe"] == 4
     assert sampler["batch_size"] == 8 and sampler["shape_per_sample"] == [1, 8, 8]
     assert "eps" in sampler["options"] and "lower_order_final" in sampler["options"]
+    # the digits config's PC keys are set but not read by dpm_solver++_2m: not applied
+    assert sampler["not_applied"]["predictor"] == "euler_maruyama"
+    assert "nfe" not in sampler["not_applied"] and "method" not in sampler["not_applied"]
     assert record["nfe"] == 4 and record["nfe_per_batch"] == [4, 4, 4]
     assert record["nfe_total"] == 12 and record["resumed_batches"] == 0
     assert record["sample_metric"]["name"] == "digits"

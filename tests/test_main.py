@@ -143,8 +143,8 @@ def test_log_lines_are_written_above_the_progress_bar(monkeypatch):
 
 
 def test_a_refused_run_leaves_no_workdir(tmp_path):
-    """A run that fails validation (a corrupt CIFAR-10 tarball) and sample / likelihood on a
-    workdir that does not exist create nothing and name the workdir."""
+    """A run that fails validation (a corrupt CIFAR-10 tarball) and sample / likelihood / eval
+    on a workdir that does not exist create nothing and name the workdir."""
     root = tmp_path / "data"
     root.mkdir()
     (root / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")  # no download attempt
@@ -153,7 +153,7 @@ def test_a_refused_run_leaves_no_workdir(tmp_path):
                      check=False)
     assert cifar.returncode != 0 and "CIFAR-10" in cifar.stderr and "corrupt" in cifar.stderr
     assert not workdir.exists()
-    for mode in ("sample", "likelihood"):
+    for mode in ("sample", "likelihood", "eval"):
         result = run_main(*TINY_DIGITS, f"--workdir={workdir}", f"--mode={mode}", check=False)
         assert result.returncode != 0 and f"--workdir {workdir} does not exist" in result.stderr
         assert not workdir.exists()

@@ -32,13 +32,31 @@ def test_only_the_design_names_and_score_sde_are_installed_top_level():
     assert tops == DESIGN | {"score_sde", "main"}, sorted(tops)
 
 
-def test_the_console_command_runs_the_same_cli_as_main_py():
+def test_the_console_command_runs_the_same_cli_as_main_py(tmp_path):
+    """The entry point's target, started the way pip's ``score-sde`` script starts it (its own
+    argv[0], from another directory), prints the CLI's flags and refuses a missing workdir
+    with the one-line error, creating nothing."""
     scripts = _setup_cfg()["options.entry_points"]["console_scripts"]
     name, target = (s.strip() for s in scripts.strip().split("="))
     module, func = target.split(":")
     assert name == "score-sde" and module == "score_sde.cli"
     assert callable(getattr(importlib.import_module(module), func))
     assert "from score_sde.cli import run" in (REPO / "main.py").read_text()
+    script = (f"import sys; sys.argv[0] = {str(tmp_path / name)!r}; "
+              f"from {module} import {func}; sys.exit({func}())")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+    def console(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    usage = console("--helpshort")
+    assert "Traceback" not in usage.stderr, usage.stderr[-3000:]  # absl exits 1 after help
+    assert all(f"--{flag}" in usage.stdout for flag in ("config", "mode", "workdir"))
+    refused = console("--config=digits", "--mode=sample", "--workdir=run")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--workdir run does not exist" in refused.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_foreign_datasets_package_is_left_alone(tmp_path):

@@ -152,6 +152,18 @@ def test_record_holds_metrics_seeds_sampler_and_nfe(tmp_path):
     assert list(path.parent.iterdir()) == [path]  # no temporary file left
 
 
+def test_the_record_holds_the_options_resolved_at_run_time():
+    """PC's N (the SDE's) and its step rule (per-sample, since every sample has its seed) are
+    recorded as they ran, not as the ``None`` asked for; a given value is kept."""
+    sde = sde_lib.VPSDE(N=6)
+    _, info = sample_for_eval(sde, exact_score, (2,), 3, 2, 0, "pc", corrector="langevin")
+    options = info["sampler"]["options"]
+    assert (options["N"], options["step_rule"], options["corrector"]) == (6, "sample", "langevin")
+    assert info["nfe"] == 6 * 2  # one predictor and one corrector call per step
+    _, info = sample_for_eval(sde, exact_score, (2,), 3, 2, 0, "pc", N=3)
+    assert info["sampler"]["options"]["N"] == 3 and info["nfe"] == 3 * 2
+
+
 def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
     path = write_record(tmp_path / "record.json", evaluation_record(metrics={"fid": 1.0},
                                                                      num_samples=10))

@@ -247,6 +247,57 @@ def test_a_full_disk_under_tensorboard_ends_with_one_line(tmp_path, monkeypatch)
     assert not thread_errors  # caught in TensorBoard's writer thread, not printed there
 
 
+class _FullDisk:
+    """A file object on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self):
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_full_disk_under_the_log_file_is_one_line_not_a_traceback_per_line(tmp_path, capsys):
+    """stdout.txt is appended line by line: on ENOSPC one line on stderr names it, no
+    'Logging error' traceback (logging's default, repeated for every later line), and the file
+    is not written to again; the CLI logs to the file through this handler."""
+    from score_sde import cli
+    from score_sde.utils import LogFileHandler
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    cli._log_to_file(tmp_path)
+    try:
+        (handler,) = [h for h in root.handlers if h not in before]
+    finally:
+        for h in root.handlers[len(before):]:
+            root.removeHandler(h)
+    assert isinstance(handler, LogFileHandler)
+    assert handler.baseFilename == str(tmp_path / "stdout.txt")
+    handler.stream, full = _FullDisk(), handler.stream
+    full.close()
+    log = logging.getLogger("test_workdir_safety.full_log")
+    log.addHandler(handler)
+    try:
+        for step in range(3):
+            log.warning("step %d", step)
+    finally:
+        log.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.splitlines() == [
+        f"cannot write the log to {tmp_path / 'stdout.txt'}: No space left on device; later log "
+        "lines go to the terminal only."]
+    assert handler.failed and handler.stream.writes == 1
+
+
 def test_the_cli_turns_a_full_disk_into_one_line(tmp_path):
     fail = FULL_DISK.format(action="raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))")
     result = _main(*TOY, "--config.training.n_iters=2", f"--workdir={tmp_path}",

@@ -42,6 +42,8 @@ from score_sde.utils.io import atomic_write_bytes
 
 RECORD_FORMAT = "score-sde-toolkit/eval-record-v1"
 SEED_RULE = "sample k uses seed base + k"
+#: sampler options whose ``None`` is resolved at run time and reported by the sampler
+RUN_TIME_OPTIONS = ("N", "step_rule", "variance")
 
 
 # -- JSON helpers ------------------------------------------------------------------------------
@@ -260,6 +262,11 @@ def sample_for_eval(
         nfe_per_batch.append(int(report["nfe"]))
         reports.append(to_jsonable(report))
     nfe = nfe_per_batch[0] if len(set(nfe_per_batch)) == 1 else float(np.mean(nfe_per_batch))
+    # options the sampler chooses at run time (PC's N from the SDE and its per-sample step rule,
+    # ddpm's variance) are recorded as they ran, from the first batch's report
+    sampler["options"] = {**sampler["options"], **{
+        name: reports[0][name] for name in RUN_TIME_OPTIONS
+        if sampler["options"].get(name, 0) is None and name in reports[0]}}
     info = {
         "num_samples": num_samples, "seeds": seed_range(base_seed, num_samples),
         "sampler": to_jsonable(sampler), "nfe": nfe, "nfe_per_batch": nfe_per_batch,

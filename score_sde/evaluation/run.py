@@ -91,6 +91,8 @@ class Trained:
             per-image arrays and the summary of the LSGM bound on the data's bits/dim over
             ``eval.bpd_dataset`` (``training.latent_likelihood.bound_over_split``), never the
             latents' own ODE bits/dim.
+        not_applied: the ``config.sampling`` keys set that ``method`` does not read, for the
+            record's ``sampler`` entry.
     """
 
     sde: sde_lib.SDE
@@ -106,6 +108,7 @@ class Trained:
     encode: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     data_bound: Callable[[nn.Module, bool], tuple[dict[str, np.ndarray], dict]] | None = None
+    not_applied: dict[str, Any] | None = None
 
 
 def check_eval_config(config) -> None:
@@ -534,6 +537,8 @@ def _evaluate_checkpoint(config, trained: Trained, workdir: str | Path, eval_fol
                                             folder / f"ckpt_{n}", progress=progress,
                                             on_batch=on_batch, model=sample_network)
         result.update(scores)
+        if trained.not_applied is not None:
+            sampling["sampler"]["not_applied"] = records.to_jsonable(trained.not_applied)
         extra.update(sample_metric=scorer.info(), resumed_batches=sampling["resumed_batches"],
                      sample_precision={"network": sample_precision,
                                        "key": "config.sampling.precision",

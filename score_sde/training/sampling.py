@@ -94,8 +94,6 @@ def sampling_record(config, info: dict) -> dict[str, Any]:
     for name in ("step_rule", "variance"):
         if name in resolved and resolved[name] is None and name in info:
             resolved[name] = info[name]
-    read = ({config_key(method, name) for name in resolved}
-            | {"method", *CLASS_KEYS, *ACCELERATION_KEYS})
     precision = acceleration.sampling_precision(config)
     record = {
         "method": method,
@@ -105,12 +103,21 @@ def sampling_record(config, info: dict) -> dict[str, Any]:
             precision, "config.sampling.precision",
             "float32 solver state (or the input's dtype if wider)"),
         "compile": bool(config.sampling.get("compile", False)),
-        "not_applied": {k: v for k, v in sorted(config.sampling.items())
-                        if k not in read and v is not None},
+        "not_applied": not_applied(config, method),
     }
     if read_num_classes(config):
         record.update(class_record(config, info))
     return record
+
+
+def not_applied(config, method: str | None = None) -> dict[str, Any]:
+    """The ``config.sampling`` keys set (not ``None``) that sampler ``method`` (default:
+    ``config.sampling.method``) does not read: every config carries every sampler's keys, so a
+    record lists these as not applied rather than refusing them."""
+    method = config.sampling.method if method is None else method
+    read = ({config_key(method, name) for name in samplers.option_defaults(method)}
+            | {"method", *CLASS_KEYS, *ACCELERATION_KEYS})
+    return {k: v for k, v in sorted(config.sampling.items()) if k not in read and v is not None}
 
 
 def class_record(config, info: dict) -> dict[str, Any]:

@@ -4,8 +4,10 @@ and the one-line error a failed write (e.g. a full disk) ends a run with."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 
 
@@ -78,3 +80,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, what: str | None
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise write_error(e, path, what or "", kept="the new file is in place",
                               hint=hint) from e
+
+
+class LogFileHandler(logging.FileHandler):
+    """A run's log file (``workdir/stdout.txt``), appended line by line.
+
+    Where a line cannot be written (e.g. no space left on device), ``logging`` would print a
+    traceback for it and for every later line; this handler instead says so once, in one line on
+    stderr (naming the file and the reason, as :func:`write_error`), and stops writing the file.
+    The run goes on, logging to the terminal: its outputs (checkpoints, samples, records) are
+    written atomically and end it with their own one-line error if the disk is still full.
+    """
+
+    def __init__(self, filename: str | os.PathLike) -> None:
+        super().__init__(filename)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.failed = True
+        message = write_error(error, self.baseFilename, "the log",
+                              kept="later log lines go to the terminal only", hint="")
+        sys.stderr.write(f"{message}\n")
+
