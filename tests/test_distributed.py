@@ -65,10 +65,21 @@ def _final(workdir):
     return torch.load(checkpoints.meta_path(workdir), weights_only=True)
 
 
+def _snapshot_at(workdir, step):
+    """The numbered snapshot of ``workdir`` written at ``step``."""
+    found = [torch.load(p, weights_only=True) for _, p in checkpoints.list_snapshots(workdir)]
+    (ckpt,) = [c for c in found if c["step"] == step]
+    return ckpt
+
+
 def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
-    _main(*TOY, "--config.training.n_iters=4", f"--workdir={tmp_path / 'two'}", nproc=2)
-    _main(*TOY, "--config.training.n_iters=4", f"--workdir={tmp_path / 'one'}")
-    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    # the one-process run goes straight to step 6; its numbered snapshot of step 4 is the
+    # one-process state to compare the 2-rank run of 4 steps with (one launch fewer)
+    _main(*TOY, "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
+          f"--workdir={tmp_path / 'two'}", nproc=2)
+    _main(*TOY, "--config.training.n_iters=6", "--config.training.snapshot_freq=4",
+          f"--workdir={tmp_path / 'one'}")
+    two, one = _final(tmp_path / "two"), _snapshot_at(tmp_path / "one", 4)
     assert two["step"] == one["step"] == 4
     assert two["data"] == one["data"]
     assert not any(k.startswith("module.") for k in two["model"])  # no DDP prefix on disk
@@ -82,9 +93,9 @@ def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
         assert (a - b).abs().max() <= 1e-5 * moved
     assert (tmp_path / "two" / "stdout.txt").read_text().count("step: 4, training_loss") == 1
 
-    # a 2-rank checkpoint continues in one process like a one-process run
-    _main(*TOY, "--config.training.n_iters=6", f"--workdir={tmp_path / 'two'}")
-    _main(*TOY, "--config.training.n_iters=6", f"--workdir={tmp_path / 'one'}")
+    # a 2-rank checkpoint continues in one process like the one-process run
+    _main(*TOY, "--config.training.n_iters=6", "--config.training.snapshot_freq=4",
+          f"--workdir={tmp_path / 'two'}")
     two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
     assert two["step"] == one["step"] == 6
     for a, b in zip(one["model"].values(), two["model"].values()):
