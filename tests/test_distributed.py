@@ -115,6 +115,9 @@ def _fresh_model_state(tmp_path):
     return create_model(config).state_dict()
 
 
+@pytest.mark.slow  # a torchrun launch; by default the check main.py runs before any work
+# (validate_config with torchrun's world size) and its message are
+# test_validation.test_the_global_batch_must_split_evenly_over_the_ranks
 def test_a_global_batch_that_does_not_split_evenly_is_refused_at_launch(tmp_path):
     result = _main(*TOY, "--config.training.batch_size=15", "--config.training.n_iters=1",
                    f"--workdir={tmp_path}", nproc=2, check=False)

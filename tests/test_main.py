@@ -16,6 +16,7 @@ from conftest import REPO
 from PIL import Image
 
 from score_sde.training import checkpoints
+from score_sde.training.inference import find_checkpoint
 from score_sde.training.loop import train
 
 TINY_DIGITS = [  # a tiny DDPM++ on the 8x8 digits: a few steps, a few samples
@@ -103,12 +104,21 @@ def test_toy_train_sample_from_a_chosen_snapshot_likelihood(tmp_path):
              "--num_samples=3")
     samples = np.load(workdir / "eval" / "samples_step_2" / "sample.npz")["samples"]
     assert samples.shape == (3, 2) and np.isfinite(samples).all()
-    missing = run_main(*TINY_TOY, f"--workdir={workdir}", "--mode=sample", "--checkpoint=9",
+    # the error --checkpoint=9 ends with (main.py's one-line exit for it: the slow test below,
+    # and for every FileNotFoundError of a reader: test_a_refused_run_leaves_no_workdir)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '9' not found.*1, 2, 3"):
+        find_checkpoint(workdir, "9")
+    run_main(*TINY_TOY, f"--workdir={workdir}", "--mode=likelihood", "--max_images=5")
+    _check_likelihood_outputs(workdir / "eval", step, 5)
+
+
+@pytest.mark.slow
+def test_sampling_a_missing_snapshot_ends_naming_the_available_ones(tmp_path):
+    run_main(*TINY_TOY, f"--workdir={tmp_path}", "--config.training.snapshot_freq=1")
+    missing = run_main(*TINY_TOY, f"--workdir={tmp_path}", "--mode=sample", "--checkpoint=9",
                        check=False)
     assert missing.returncode != 0
     assert "checkpoint '9' not found" in missing.stderr and "1, 2, 3" in missing.stderr
-    run_main(*TINY_TOY, f"--workdir={workdir}", "--mode=likelihood", "--max_images=5")
-    _check_likelihood_outputs(workdir / "eval", step, 5)
 
 
 def test_training_starts_with_a_block_and_logs_clean_lines_and_tensorboard_images(digits_run):
