@@ -4,17 +4,20 @@ global batch must split evenly; checkpoints of a 2-rank run resume with one rank
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 import torch
 from conftest import REPO
 
 from score_sde import losses
 from score_sde.training import checkpoints, distributed
+from score_sde.training.loop import train
 from score_sde.training.sampling import get_sde
 
 # A tiny toy run. Adam with eps = 10 above every |gradient| acts like SGD, so a wrong gradient
@@ -73,12 +76,15 @@ def _snapshot_at(workdir, step):
 
 
 def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
-    # the one-process run goes straight to step 6; its numbered snapshot of step 4 is the
-    # one-process state to compare the 2-rank run of 4 steps with (one launch fewer)
     _main(*TOY, "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
           f"--workdir={tmp_path / 'two'}", nproc=2)
-    _main(*TOY, "--config.training.n_iters=6", "--config.training.snapshot_freq=4",
-          f"--workdir={tmp_path / 'one'}")
+    # The one-process run, in this process from the 2-rank run's resolved config (bitwise what
+    # main.py trains, see test_robustness), goes straight to step 6: its numbered snapshot of
+    # step 4 is the state to compare the 2-rank run of 4 steps with.
+    config = ml_collections.ConfigDict(json.loads((tmp_path / "two" / "config.json").read_text()))
+    config.training.n_iters = 6
+    torch.manual_seed(config.seed)  # as main.py
+    train(config, tmp_path / "one", progress=False)
     two, one = _final(tmp_path / "two"), _snapshot_at(tmp_path / "one", 4)
     assert two["step"] == one["step"] == 4
     assert two["data"] == one["data"]
@@ -104,10 +110,6 @@ def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
 
 def _fresh_model_state(tmp_path):
     """The initial weights of the toy run (config.seed applied as main.py does)."""
-    import json
-
-    import ml_collections
-
     from models.utils import create_model
 
     config = ml_collections.ConfigDict(json.loads((tmp_path / "one" / "config.json").read_text()))
