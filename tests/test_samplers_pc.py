@@ -193,8 +193,9 @@ class UnitVarianceLangevin(Corrector):
         return 2.0 * alpha * self.snr**2 * (m**2 + s**2)
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "ve"])
-@pytest.mark.parametrize("rule", ["batch", "sample", "former t-only step"])
+@pytest.mark.parametrize("rule,sde_name", default_subset(  # each rule on one SDE by default
+    (["batch", "sample", "former t-only step"], ["vp", "ve"]),
+    keep={("batch", "ve"), ("sample", "vp"), ("former t-only step", "vp")}))
 def test_langevin_at_the_reference_snr_on_sharp_data(rule, sde_name):
     """Regression: at the reference's default snr 0.16 on sharp 64-D data both langevin step
     rules follow the score's magnitude and sample p_0 (the former t-only step diverges: NaN
