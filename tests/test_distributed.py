@@ -99,9 +99,10 @@ def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
         assert (a - b).abs().max() <= 1e-5 * moved
     assert (tmp_path / "two" / "stdout.txt").read_text().count("step: 4, training_loss") == 1
 
-    # a 2-rank checkpoint continues in one process like the one-process run
-    _main(*TOY, "--config.training.n_iters=6", "--config.training.snapshot_freq=4",
-          f"--workdir={tmp_path / 'two'}")
+    # a 2-rank checkpoint continues in one process like the one-process run (in this process,
+    # as main.py would: the same config, 6 steps)
+    torch.manual_seed(config.seed)
+    train(config, tmp_path / "two", progress=False)
     two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
     assert two["step"] == one["step"] == 6
     for a, b in zip(one["model"].values(), two["model"].values()):

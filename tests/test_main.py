@@ -15,6 +15,7 @@ import torch
 from conftest import REPO
 from PIL import Image
 
+from score_sde.cli import resolve_config_path
 from score_sde.training import checkpoints
 from score_sde.training.inference import find_checkpoint
 from score_sde.training.loop import train
@@ -198,15 +199,23 @@ def test_cli_errors_are_clear(tmp_path):
                     check=False)
     assert typo.returncode != 0
     assert "unknown config key 'batch_sise'" in typo.stderr and "'batch_size'" in typo.stderr
-    unknown = run_main("--config=vp_cifa", f"--workdir={tmp_path}", check=False)
-    assert unknown.returncode != 0
-    assert "Unknown config 'vp_cifa'; valid: ddpm_cifar, digits" in unknown.stderr
+    # an unknown config name: the error --config ends with (main.py's exit: the slow test below;
+    # a flag error's exit is the misspelt key's above)
+    with pytest.raises(ValueError, match="Unknown config 'vp_cifa'; valid: ddpm_cifar, digits"):
+        resolve_config_path("vp_cifa")
     evaluate = run_main("--config=digits", f"--workdir={tmp_path}", "--mode=eval", check=False)
     assert evaluate.returncode != 0 and "no checkpoint checkpoints/checkpoint_" in evaluate.stderr
     assert str(tmp_path) in evaluate.stderr and not any(tmp_path.iterdir())  # nothing created
     helptext = run_main("--helpshort", check=False).stdout
     for flag in ("--config", "--workdir", "--mode", "--eval_folder", "--checkpoint"):
         assert flag in helptext
+
+
+@pytest.mark.slow
+def test_an_unknown_config_name_ends_the_cli_listing_the_valid_ones(tmp_path):
+    unknown = run_main("--config=vp_cifa", f"--workdir={tmp_path}", check=False)
+    assert unknown.returncode != 0
+    assert "Unknown config 'vp_cifa'; valid: ddpm_cifar, digits" in unknown.stderr
 
 
 def _tiny_config(n_iters, num_classes=0):
