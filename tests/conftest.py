@@ -14,6 +14,7 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,6 +26,28 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 REFERENCE_DIR = SHARED_FIXTURES / "reference"
 #: Every skip for a missing fixture folder says this, so that the summary can count them.
 MISSING_FIXTURES = "fixtures not found at"
+
+
+def latin_square(*axes):
+    """The cases of a three-factor grid in a Latin square: each pair of factors meets once.
+
+    ``axes`` are three lists of equal length n; case (a_i, b_j, c_k) is in the square when
+    k = (i + j) mod n, so n^2 of the n^3 cases cover every pair of values of every two factors.
+    """
+    n = len(axes[0])
+    if len(axes) != 3 or any(len(a) != n for a in axes):
+        raise ValueError(f"latin_square takes three axes of equal length, got "
+                         f"{[len(a) for a in axes]}")
+    return {(axes[0][i], axes[1][j], axes[2][(i + j) % n]) for i in range(n) for j in range(n)}
+
+
+def default_subset(axes, keep):
+    """Parametrize cases for the full grid of ``axes``: those in ``keep`` run in the default
+    suite, the rest under the ``slow`` marker (``-m slow`` runs them). Ids are the values joined
+    by ``-``, as stacked ``parametrize`` decorators would give."""
+    return [pytest.param(*case, id="-".join(map(str, case)),
+                         marks=() if case in keep else pytest.mark.slow)
+            for case in itertools.product(*axes)]
 
 
 def pytest_configure(config):

@@ -189,24 +189,35 @@ def test_sample_checkpoint_safetensors_refuses_bad_tensors(trained, tmp_path, ki
     assert step == 0 and torch.equal(model.state_dict()[NAME], ckpt["model"][NAME])
 
 
-def test_sample_cli_exits_with_the_file_and_tensor_named(trained, tmp_path):
+def _sample_cli_refuses(trained, tmp_path, name, message):
     workdir, ckpt = trained
-    pth, _ = _poisoned(ckpt, "ema", "nan")
-    torch.save(pth, tmp_path / "nan.pth")
-    safetensors.torch.save_file({**ckpt["model"], NAME: ckpt["model"][NAME].long()},
-                                tmp_path / "int.safetensors")
+    if name.endswith(".pth"):
+        pth, _ = _poisoned(ckpt, "ema", "nan")
+        torch.save(pth, tmp_path / name)
+    else:
+        safetensors.torch.save_file({**ckpt["model"], NAME: ckpt["model"][NAME].long()},
+                                    tmp_path / name)
     flags = ["--config=toy_2d", "--config.model.nf=8", "--config.eval.batch_size=4",
              "--config.sampling.nfe=2", "--mode=sample", "--num_samples=4", "--noprogress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name, message in (("nan.pth", f"ema.{NAME} has NaN or inf values"),
-                          ("int.safetensors", f"model.{NAME} is int64, the model's is float32")):
-        result = subprocess.run(
-            [sys.executable, str(REPO / "main.py"), *flags, f"--workdir={workdir}",
-             f"--checkpoint={tmp_path / name}", "--eval_folder=bad"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1, result.stderr[-2000:]
-        assert str(tmp_path / name) in result.stderr and message in result.stderr
-        assert not (workdir / "bad").exists()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *flags, f"--workdir={workdir}",
+         f"--checkpoint={tmp_path / name}", "--eval_folder=bad"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert str(tmp_path / name) in result.stderr and message in result.stderr
+    assert not (workdir / "bad").exists()
+
+
+def test_sample_cli_exits_with_the_file_and_tensor_named(trained, tmp_path):
+    _sample_cli_refuses(trained, tmp_path, "nan.pth", f"ema.{NAME} has NaN or inf values")
+
+
+@pytest.mark.slow  # the same exit as the .pth above; the .safetensors refusal of every kind is
+# test_sample_checkpoint_safetensors_refuses_bad_tensors (the loader --checkpoint calls)
+def test_sample_cli_exits_naming_an_int_safetensors_tensor(trained, tmp_path):
+    _sample_cli_refuses(trained, tmp_path, "int.safetensors",
+                        f"model.{NAME} is int64, the model's is float32")
 
 
 # -- load_inference -------------------------------------------------------------------------------

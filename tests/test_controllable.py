@@ -44,8 +44,12 @@ def assert_gaussian(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> N
     assert z_var.abs().max() < 4, z_var
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
-@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+# The ODE on every SDE; the PC sampler (500 steps of predictor and corrector) on VP by default,
+# on sub-VP and VE under slow.
+@pytest.mark.parametrize("method,options,sde_name", [
+    pytest.param(method, options, sde_name, id=f"{method}-{sde_name}",
+                 marks=pytest.mark.slow if method == "pc" and sde_name != "vp" else ())
+    for method, options in METHODS for sde_name in SDE_NAMES])
 def test_inpainting_keeps_known_entries_and_samples_the_exact_marginal(method, options,
                                                                        sde_name):
     sde = make_sde(sde_name)
@@ -118,7 +122,8 @@ def ring_classifier(sde):
     return lambda x, t, y: RING.class_log_posterior(x, t, sde).gather(1, y[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("sde_name", [  # VP by default, sub-VP and VE under slow
+    n if n == "vp" else pytest.param(n, marks=pytest.mark.slow) for n in SDE_NAMES])
 def test_classifier_guidance_at_scale_one_samples_the_class(sde_name):
     sde = make_sde(sde_name)
     score = ClassifierGuidance(RING.score_fn(sde), ring_classifier(sde), y=3, scale=1.0)

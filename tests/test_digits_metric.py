@@ -46,6 +46,8 @@ def test_build_is_deterministic():
         assert torch.equal(va, vb), k
 
 
+@pytest.mark.slow  # a full training of the classifier; by default test_build_is_deterministic and
+# test_stored_file_is_small_and_accurate keep the build and the stored weights covered
 def test_rebuild_reproduces_the_stored_classifier(test_digits):
     # Bits may differ on another CPU (vector kernels round differently), so compare behaviour:
     # held-out accuracy and agreement with the stored classifier.

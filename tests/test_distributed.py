@@ -4,17 +4,20 @@ global batch must split evenly; checkpoints of a 2-rank run resume with one rank
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 import torch
 from conftest import REPO
 
 from score_sde import losses
 from score_sde.training import checkpoints, distributed
+from score_sde.training.loop import train
 from score_sde.training.sampling import get_sde
 
 # A tiny toy run. Adam with eps = 10 above every |gradient| acts like SGD, so a wrong gradient
@@ -65,10 +68,24 @@ def _final(workdir):
     return torch.load(checkpoints.meta_path(workdir), weights_only=True)
 
 
+def _snapshot_at(workdir, step):
+    """The numbered snapshot of ``workdir`` written at ``step``."""
+    found = [torch.load(p, weights_only=True) for _, p in checkpoints.list_snapshots(workdir)]
+    (ckpt,) = [c for c in found if c["step"] == step]
+    return ckpt
+
+
 def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
-    _main(*TOY, "--config.training.n_iters=4", f"--workdir={tmp_path / 'two'}", nproc=2)
-    _main(*TOY, "--config.training.n_iters=4", f"--workdir={tmp_path / 'one'}")
-    two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
+    _main(*TOY, "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
+          f"--workdir={tmp_path / 'two'}", nproc=2)
+    # The one-process run, in this process from the 2-rank run's resolved config (bitwise what
+    # main.py trains, see test_robustness), goes straight to step 6: its numbered snapshot of
+    # step 4 is the state to compare the 2-rank run of 4 steps with.
+    config = ml_collections.ConfigDict(json.loads((tmp_path / "two" / "config.json").read_text()))
+    config.training.n_iters = 6
+    torch.manual_seed(config.seed)  # as main.py
+    train(config, tmp_path / "one", progress=False)
+    two, one = _final(tmp_path / "two"), _snapshot_at(tmp_path / "one", 4)
     assert two["step"] == one["step"] == 4
     assert two["data"] == one["data"]
     assert not any(k.startswith("module.") for k in two["model"])  # no DDP prefix on disk
@@ -82,9 +99,10 @@ def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
         assert (a - b).abs().max() <= 1e-5 * moved
     assert (tmp_path / "two" / "stdout.txt").read_text().count("step: 4, training_loss") == 1
 
-    # a 2-rank checkpoint continues in one process like a one-process run
-    _main(*TOY, "--config.training.n_iters=6", f"--workdir={tmp_path / 'two'}")
-    _main(*TOY, "--config.training.n_iters=6", f"--workdir={tmp_path / 'one'}")
+    # a 2-rank checkpoint continues in one process like the one-process run (in this process,
+    # as main.py would: the same config, 6 steps)
+    torch.manual_seed(config.seed)
+    train(config, tmp_path / "two", progress=False)
     two, one = _final(tmp_path / "two"), _final(tmp_path / "one")
     assert two["step"] == one["step"] == 6
     for a, b in zip(one["model"].values(), two["model"].values()):
@@ -93,10 +111,6 @@ def test_two_gloo_ranks_train_like_one_process_and_resume_with_one(tmp_path):
 
 def _fresh_model_state(tmp_path):
     """The initial weights of the toy run (config.seed applied as main.py does)."""
-    import json
-
-    import ml_collections
-
     from models.utils import create_model
 
     config = ml_collections.ConfigDict(json.loads((tmp_path / "one" / "config.json").read_text()))
@@ -104,6 +118,9 @@ def _fresh_model_state(tmp_path):
     return create_model(config).state_dict()
 
 
+@pytest.mark.slow  # a torchrun launch; by default the check main.py runs before any work
+# (validate_config with torchrun's world size) and its message are
+# test_validation.test_the_global_batch_must_split_evenly_over_the_ranks
 def test_a_global_batch_that_does_not_split_evenly_is_refused_at_launch(tmp_path):
     result = _main(*TOY, "--config.training.batch_size=15", "--config.training.n_iters=1",
                    f"--workdir={tmp_path}", nproc=2, check=False)

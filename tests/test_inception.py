@@ -305,7 +305,7 @@ def test_real_weights_known_outputs():
         np.testing.assert_allclose(ours.numpy(), data["pool3"], rtol=1e-3, atol=1e-4)
 
 
-def test_reference_statistics_are_cached_and_fid_of_the_same_set_is_zero(model, tmp_path):
+def _cached_statistics(model, tmp_path):
     from score_sde.evaluation import fid
 
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -318,13 +318,29 @@ def test_reference_statistics_are_cached_and_fid_of_the_same_set_is_zero(model, 
 
     mu2, sigma2 = fid.reference_statistics("toy", must_not_run, model, path=path)
     assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    return images, mu, sigma
+
+
+def test_reference_statistics_are_cached_and_checked_on_load(model, tmp_path):
+    from score_sde.evaluation import fid
+
+    _, mu, sigma = _cached_statistics(model, tmp_path)
+    np.savez(tmp_path / "bad.npz", mu=mu[:10], sigma=sigma)
+    with pytest.raises(ValueError, match="pool3"):
+        fid.load_statistics(tmp_path / "bad.npz")
+
+
+@pytest.mark.slow  # a 2048 x 2048 matrix square root (~10 s); by default FID of a set with
+# itself is test_metrics.test_fid_of_a_set_with_itself_is_zero, and inception_metrics at 2048
+# features runs in test_eval_mode.test_inception_metrics_with_random_weights
+def test_fid_of_the_same_set_against_its_cached_statistics_is_zero(model, tmp_path):
+    from score_sde.evaluation import fid
+
+    images, mu, sigma = _cached_statistics(model, tmp_path)
     scores = fid.inception_metrics(images, model, (mu, sigma), num_splits=2,
                                    reference_features=fid.inception_features(model, [images])[0])
     assert abs(scores["fid"]) < 1e-6 * np.trace(sigma)
     assert 1 <= scores["inception_score"] <= 1008 and scores["kid"] is not None
-    np.savez(tmp_path / "bad.npz", mu=mu[:10], sigma=sigma)
-    with pytest.raises(ValueError, match="pool3"):
-        fid.load_statistics(tmp_path / "bad.npz")
 
 
 def test_equals_torch_fidelity_implementation(model, tmp_path):

@@ -60,7 +60,11 @@ def mix100_vp():
     return sde, mix, x, ref
 
 
-@pytest.mark.parametrize("name", DIVERGENCES.names())
+# "exact" (128 samples x 100 backward passes per evaluation) under slow: the exact trace in 100-D
+# is held to the same 1e-3 nats/dim in test_exact_trace_matches_oracle[mix100-*].
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if DIVERGENCES.get(n).exact else n
+    for n in DIVERGENCES.names()])
 def test_estimators_unbiased_with_calibrated_stderr(name, mix100_vp):
     sde, mix, x, ref = mix100_vp
     K = PROBES.get(name, 8)

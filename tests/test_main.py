@@ -15,7 +15,9 @@ import torch
 from conftest import REPO
 from PIL import Image
 
+from score_sde.cli import resolve_config_path
 from score_sde.training import checkpoints
+from score_sde.training.inference import find_checkpoint
 from score_sde.training.loop import train
 
 TINY_DIGITS = [  # a tiny DDPM++ on the 8x8 digits: a few steps, a few samples
@@ -61,19 +63,37 @@ def _check_likelihood_outputs(folder, step, n):
     assert record["num_images"] == n and record["bpd"] == pytest.approx(bpd.mean())
 
 
-def test_digits_train_sample_likelihood(tmp_path):
-    workdir = tmp_path / "run"
-    run_main(*TINY_DIGITS, f"--workdir={workdir}")
+#: The shared digits run: 2 steps, one numbered snapshot (with its sample grid) at step 2.
+DIGITS_RUN = [*TINY_DIGITS, "--config.training.n_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One tiny digits training through main.py, shared by the tests that read its log and
+    outputs or sample from it (each main.py start costs seconds of imports): (workdir, result).
+    Run with the progress flag on; stderr is a pipe, so the bar is off."""
+    workdir = tmp_path_factory.mktemp("digits") / "run"
+    return workdir, run_main(*DIGITS_RUN, f"--workdir={workdir}", progress=True)
+
+
+def test_digits_train_sample_likelihood(digits_run):
+    """Training outputs; the default sampler's samples; the likelihood's per-image bits/dim and
+    a record holding the resolved options, the counted NFE, step, seed and device."""
+    workdir, _ = digits_run
     step = _check_training_outputs(workdir)
-    run_main(*TINY_DIGITS, f"--workdir={workdir}", "--mode=sample", "--num_samples=6")
+    run_main(*DIGITS_RUN, f"--workdir={workdir}", "--mode=sample", "--num_samples=6")
     folder = workdir / "eval" / f"samples_step_{step}"
     samples = np.load(folder / "sample.npz")["samples"]
     assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8
     assert Image.open(folder / "sample.png").size[0] >= 256
     assert json.loads((folder / "info.json").read_text())["nfe"] == 4
-    run_main(*TINY_DIGITS, f"--workdir={workdir}", "--mode=likelihood", "--max_images=5",
+    run_main(*DIGITS_RUN, f"--workdir={workdir}", "--mode=likelihood", "--max_images=5",
              "--split=test", "--eval_folder=bpd")
     _check_likelihood_outputs(workdir / "bpd", step, 5)
+    record = json.loads((workdir / "bpd" / f"likelihood_test_step_{step}.json").read_text())
+    assert record["likelihood"]["rtol"] == record["likelihood"]["atol"] == 1e-2
+    assert record["likelihood"]["divergence"] == "rademacher" and record["nfe"] > 0
+    assert (record["step"], record["seed"], record["device"]) == (2, 42, "cpu")
 
 
 def test_toy_train_sample_from_a_chosen_snapshot_likelihood(tmp_path):
@@ -85,23 +105,30 @@ def test_toy_train_sample_from_a_chosen_snapshot_likelihood(tmp_path):
              "--num_samples=3")
     samples = np.load(workdir / "eval" / "samples_step_2" / "sample.npz")["samples"]
     assert samples.shape == (3, 2) and np.isfinite(samples).all()
-    missing = run_main(*TINY_TOY, f"--workdir={workdir}", "--mode=sample", "--checkpoint=9",
-                       check=False)
-    assert missing.returncode != 0
-    assert "checkpoint '9' not found" in missing.stderr and "1, 2, 3" in missing.stderr
+    # the error --checkpoint=9 ends with (main.py's one-line exit for it: the slow test below,
+    # and for every FileNotFoundError of a reader: test_a_refused_run_leaves_no_workdir)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '9' not found.*1, 2, 3"):
+        find_checkpoint(workdir, "9")
     run_main(*TINY_TOY, f"--workdir={workdir}", "--mode=likelihood", "--max_images=5")
     _check_likelihood_outputs(workdir / "eval", step, 5)
 
 
-def test_training_starts_with_a_block_and_logs_clean_lines_and_tensorboard_images(tmp_path):
+@pytest.mark.slow
+def test_sampling_a_missing_snapshot_ends_naming_the_available_ones(tmp_path):
+    run_main(*TINY_TOY, f"--workdir={tmp_path}", "--config.training.snapshot_freq=1")
+    missing = run_main(*TINY_TOY, f"--workdir={tmp_path}", "--mode=sample", "--checkpoint=9",
+                       check=False)
+    assert missing.returncode != 0
+    assert "checkpoint '9' not found" in missing.stderr and "1, 2, 3" in missing.stderr
+
+
+def test_training_starts_with_a_block_and_logs_clean_lines_and_tensorboard_images(digits_run):
     """Before step 1 the log says device, threads, parameters, data and workdir; with stderr
     not a terminal the bar is off, so neither stdout.txt nor stderr holds a carriage return;
     the snapshot grid is a TensorBoard image of the PNG's size at its step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    workdir = tmp_path / "run"
-    result = run_main(*TINY_DIGITS, "--config.training.n_iters=2", f"--workdir={workdir}",
-                      progress=True)
+    workdir, result = digits_run
     log = (workdir / "stdout.txt").read_text()
     assert "\r" not in log and "\r" not in result.stderr
     start = log[:log.index("step: 1") if "step: 1" in log else log.index("step: 2")]
@@ -153,10 +180,19 @@ def test_a_refused_run_leaves_no_workdir(tmp_path):
                      check=False)
     assert cifar.returncode != 0 and "CIFAR-10" in cifar.stderr and "corrupt" in cifar.stderr
     assert not workdir.exists()
-    for mode in ("sample", "likelihood", "eval"):
-        result = run_main(*TINY_DIGITS, f"--workdir={workdir}", f"--mode={mode}", check=False)
-        assert result.returncode != 0 and f"--workdir {workdir} does not exist" in result.stderr
-        assert not workdir.exists()
+    _assert_a_reader_leaves_no_workdir(workdir, "sample")
+
+
+def _assert_a_reader_leaves_no_workdir(workdir, mode):
+    result = run_main(*TINY_DIGITS, f"--workdir={workdir}", f"--mode={mode}", check=False)
+    assert result.returncode != 0 and f"--workdir {workdir} does not exist" in result.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.slow  # the same check (cli.check_inputs) as --mode sample, in the test above
+@pytest.mark.parametrize("mode", ["likelihood", "eval"])
+def test_likelihood_or_eval_on_a_missing_workdir_leaves_no_workdir(tmp_path, mode):
+    _assert_a_reader_leaves_no_workdir(tmp_path / "run", mode)
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -164,15 +200,23 @@ def test_cli_errors_are_clear(tmp_path):
                     check=False)
     assert typo.returncode != 0
     assert "unknown config key 'batch_sise'" in typo.stderr and "'batch_size'" in typo.stderr
-    unknown = run_main("--config=vp_cifa", f"--workdir={tmp_path}", check=False)
-    assert unknown.returncode != 0
-    assert "Unknown config 'vp_cifa'; valid: ddpm_cifar, digits" in unknown.stderr
+    # an unknown config name: the error --config ends with (main.py's exit: the slow test below;
+    # a flag error's exit is the misspelt key's above)
+    with pytest.raises(ValueError, match="Unknown config 'vp_cifa'; valid: ddpm_cifar, digits"):
+        resolve_config_path("vp_cifa")
     evaluate = run_main("--config=digits", f"--workdir={tmp_path}", "--mode=eval", check=False)
     assert evaluate.returncode != 0 and "no checkpoint checkpoints/checkpoint_" in evaluate.stderr
     assert str(tmp_path) in evaluate.stderr and not any(tmp_path.iterdir())  # nothing created
     helptext = run_main("--helpshort", check=False).stdout
     for flag in ("--config", "--workdir", "--mode", "--eval_folder", "--checkpoint"):
         assert flag in helptext
+
+
+@pytest.mark.slow
+def test_an_unknown_config_name_ends_the_cli_listing_the_valid_ones(tmp_path):
+    unknown = run_main("--config=vp_cifa", f"--workdir={tmp_path}", check=False)
+    assert unknown.returncode != 0
+    assert "Unknown config 'vp_cifa'; valid: ddpm_cifar, digits" in unknown.stderr
 
 
 def _tiny_config(n_iters, num_classes=0):
@@ -328,14 +372,13 @@ def test_sampling_from_a_reference_checkpoint(tmp_path, reference_dir):
     assert json.loads((folder / "info.json").read_text())["nfe"] == 3 * 2
 
 
-def test_sampler_swaps_on_digits_and_records_that_say_what_ran(tmp_path):
+def test_sampler_swaps_on_digits_and_records_that_say_what_ran(tmp_path, digits_run):
     """The README's pc / ode / fast-sampler swaps work on ``digits`` as written, and each
     ``info.json`` holds the counted NFE, every option as it ran, what the method ignored, the
-    checkpoint step, seed, device and versions."""
-    workdir = tmp_path / "run"
-    tiny = [*TINY_DIGITS, "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
-            f"--workdir={workdir}"]
-    run_main(*tiny)
+    checkpoint step, seed, device and versions (the likelihood record's: in
+    test_digits_train_sample_likelihood, on the same run)."""
+    workdir, _ = digits_run
+    tiny = [*DIGITS_RUN, f"--workdir={workdir}"]
     swaps = {
         "pc": (["--config.sampling.method=pc", "--config.sampling.predictor=reverse_diffusion",
                 "--config.sampling.corrector=langevin", "--config.sampling.N=5"],
@@ -360,8 +403,3 @@ def test_sampler_swaps_on_digits_and_records_that_say_what_ran(tmp_path):
             assert record["sampling"]["not_applied"]["predictor"] == "euler_maruyama"
         else:
             assert record["sampling"]["not_applied"] == {"nfe": 4}
-    run_main(*tiny, "--mode=likelihood", "--max_images=2")
-    record = json.loads((workdir / "eval" / "likelihood_test_step_2.json").read_text())
-    assert record["likelihood"]["rtol"] == record["likelihood"]["atol"] == 1e-2
-    assert record["likelihood"]["divergence"] == "rademacher" and record["nfe"] > 0
-    assert (record["step"], record["seed"], record["device"]) == (2, 42, "cpu")

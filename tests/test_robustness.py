@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import pytest
 import torch
 from conftest import REPO
@@ -69,21 +71,25 @@ def _assert_bitwise_equal(a, b, where=""):
         assert a == b, where
 
 
-def _run_to_completion_timed(workdir):
-    """Uninterrupted run; returns how long its training phase took (first checkpoint to end)."""
-    process = _start(workdir)
-    meta = checkpoints.meta_path(workdir)
-    while not meta.exists() and process.poll() is None:
-        time.sleep(0.005)
-    first = time.perf_counter()
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr.decode()[-3000:]
-    return time.perf_counter() - first
+def _race_until(process, meta, step):
+    """Read the checkpoint while ``process`` writes it (a reader never sees a partial file)
+    until it records ``step`` or the process ends; returns the number of reads."""
+    reads = 0
+    while process.poll() is None:
+        ckpt = safe_load(meta)
+        reads += 1
+        assert isinstance(ckpt["step"], int)
+        if ckpt["step"] >= step:
+            break
+    return reads
 
 
 def test_sigkill_at_random_points_then_restart_is_bitwise_equal(tmp_path):
+    """Kills at random steps (and at a random point within the step: during its computation or
+    its checkpoint write), then a restart that runs to the end: every checkpoint file loads at
+    every moment, and the run ends bitwise equal to an uninterrupted one (trained in this
+    process from the killed run's own resolved config.json, which equals a main.py run)."""
     rng = random.Random(int(os.environ.get("KILL_SEED", "2026")))
-    duration = _run_to_completion_timed(tmp_path / "a")
     killed = tmp_path / "b"
     meta = checkpoints.meta_path(killed)
     kills, reads = 0, 0
@@ -92,11 +98,12 @@ def test_sigkill_at_random_points_then_restart_is_bitwise_equal(tmp_path):
         start = meta.stat().st_mtime if meta.exists() else None
         while process.poll() is None and (not meta.exists() or meta.stat().st_mtime == start):
             time.sleep(0.005)  # wait until this process trains (writes a checkpoint)
-        deadline = time.perf_counter() + rng.uniform(0.0, 0.8 * duration)
+        now = safe_load(meta)["step"]
+        reads += _race_until(process, meta, rng.randint(now + 1, now + max(1, int(
+            0.8 * (STEPS - now)))))
+        deadline = time.perf_counter() + rng.uniform(0.0, 0.03)  # a step takes ~10 ms
         while time.perf_counter() < deadline and process.poll() is None:
-            ckpt = safe_load(meta)  # a reader racing the writer never sees a partial file
-            reads += 1
-            assert isinstance(ckpt["step"], int)
+            reads += _race_until(process, meta, 0)  # one read
         if process.poll() is not None:
             break
         process.send_signal(signal.SIGKILL)
@@ -113,12 +120,17 @@ def test_sigkill_at_random_points_then_restart_is_bitwise_equal(tmp_path):
     assert process.returncode == 0, stderr.decode()[-3000:]
     _assert_every_checkpoint_loads(killed)
     assert not [p for p in _checkpoint_files(killed) if p.name.endswith(".tmp")]
+
+    config = ml_collections.ConfigDict(json.loads((killed / "config.json").read_text()))
+    torch.manual_seed(config.seed)  # as main.py
+    train(config, tmp_path / "a", progress=False)
     final_a = torch.load(checkpoints.meta_path(tmp_path / "a"), weights_only=True)
     final_b = torch.load(meta, weights_only=True)
     assert final_b["step"] == STEPS
     _assert_bitwise_equal(final_a, final_b, "checkpoint")
-    for (n, a), (_, b) in zip(checkpoints.list_snapshots(tmp_path / "a"),
-                              checkpoints.list_snapshots(killed)):
+    snapshots_a, snapshots_b = (checkpoints.list_snapshots(w) for w in (tmp_path / "a", killed))
+    assert [n for n, _ in snapshots_a] == [n for n, _ in snapshots_b] == [1, 2, 3, 4]
+    for (n, a), (_, b) in zip(snapshots_a, snapshots_b):
         _assert_bitwise_equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True),
                               f"snapshot {n}")
 

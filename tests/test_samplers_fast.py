@@ -89,9 +89,25 @@ def _quality(name, nfe, options, sde_name, problem, problems):
     assert z_w < 4.5, f"{name} on {sde_name}/{problem}: mode weights off by {z_w:.1f} SE"
 
 
-@pytest.mark.parametrize("problem", ["ring", "mix128"])
-@pytest.mark.parametrize("sde_name", list(SDES))
-@pytest.mark.parametrize("name, nfe, options", QUALITY_DEFAULT)
+#: VP in the default suite, sub-VP and VE under ``slow``.
+VP_THEN_SLOW = ["vp", *(pytest.param(n, marks=pytest.mark.slow) for n in ("subvp", "ve"))]
+
+
+def _quality_cases():
+    """QUALITY_DEFAULT on every SDE: on the 2-D ring always, in 128-D for one SDE per sampler
+    (a different one for each of the first three) by default, the other 128-D cases under slow."""
+    cases = []
+    for k, (name, nfe, options) in enumerate(QUALITY_DEFAULT):
+        for sde_name in SDES:
+            for problem in ("ring", "mix128"):
+                default = problem == "ring" or sde_name == list(SDES)[k % len(SDES)]
+                cases.append(pytest.param(name, nfe, options, sde_name, problem,
+                                          marks=() if default else pytest.mark.slow,
+                                          id=f"{name}-{nfe}-options{k}-{sde_name}-{problem}"))
+    return cases
+
+
+@pytest.mark.parametrize("name, nfe, options, sde_name, problem", _quality_cases())
 def test_quality_matches_exact_samples(name, nfe, options, sde_name, problem, problems):
     _quality(name, nfe, options, sde_name, problem, problems)
 
@@ -104,13 +120,16 @@ def test_quality_matches_exact_samples_slow(name, nfe, options, sde_name, proble
     _quality(name, nfe, options, sde_name, problem, problems)
 
 
-@pytest.mark.parametrize("sde_name", list(SDES))
+# VP in the default suite, the other SDEs under slow (the same error control on each SDE).
+@pytest.mark.parametrize("sde_name", VP_THEN_SLOW)
 def test_adaptive_quality_high_dimension(sde_name, problems):
     """nfe=None, the default: no budget, every sample error-controlled down to eps."""
     _quality("adaptive", None, {"rtol": 0.05}, sde_name, "mix128", problems)
 
 
-@pytest.mark.parametrize("sde_name", list(SDES))
+# VP in the default suite (it alone catches the missing Brownian memory at -8 SE), the other SDEs
+# (the slowest tests of this file) under slow.
+@pytest.mark.parametrize("sde_name", VP_THEN_SLOW)
 def test_adaptive_quality_ring(sde_name, problems):
     """Low dimension, where the error norm cannot average the noise out: without the Brownian
     memory, acceptance selected the noise (log-density -8, -11, -27 SE on VP, sub-VP, VE)."""

@@ -26,6 +26,7 @@ import math
 
 import pytest
 import torch
+from conftest import default_subset, latin_square
 from scipy.stats import chi2
 
 import sde_lib
@@ -106,17 +107,23 @@ def run_pc(gm, sde, n, seed=0, **options):
 # -- distribution checks -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
-@pytest.mark.parametrize("corrector", CORRECTOR_NAMES)
-@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+# Grids: the default suite runs a representative subset (every predictor, corrector and SDE, and
+# on the ring every pair of them, in a Latin square); ``-m slow`` runs the rest of each grid.
+_DIAGONAL = {(p, s) for p, s in zip(PREDICTOR_NAMES, SDE_NAMES)}
+_SHIFTED = {(p, s) for p, s in zip(PREDICTOR_NAMES, SDE_NAMES[1:] + SDE_NAMES[:1])}
+
+
+@pytest.mark.parametrize("predictor,corrector,sde_name", default_subset(
+    (PREDICTOR_NAMES, CORRECTOR_NAMES, SDE_NAMES),
+    keep=latin_square(PREDICTOR_NAMES, CORRECTOR_NAMES, SDE_NAMES)))
 def test_ring_every_combination(predictor, corrector, sde_name):
     sde = make_sde(sde_name)
     x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector=corrector, N=500, snr=0.05)
     assert_matches_exact(RING, x)
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
-@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+@pytest.mark.parametrize("predictor,sde_name", default_subset(
+    (PREDICTOR_NAMES, SDE_NAMES), keep=_DIAGONAL))
 def test_ring_probability_flow(predictor, sde_name):
     sde = make_sde(sde_name)
     x, _ = run_pc(RING, sde, 1000, predictor=predictor, corrector="none", N=500,
@@ -124,8 +131,8 @@ def test_ring_probability_flow(predictor, sde_name):
     assert_matches_exact(RING, x)
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
-@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+@pytest.mark.parametrize("predictor,sde_name", default_subset(
+    (PREDICTOR_NAMES, SDE_NAMES), keep=_SHIFTED))
 def test_mixture_100d_predictors(predictor, sde_name):
     sde = make_sde(sde_name)
     x, _ = run_pc(MIX100, sde, 100, predictor=predictor, corrector="none", N=1000)
@@ -144,8 +151,9 @@ def test_mixture_100d_probability_flow(predictor, sde_name):
     assert_matches_exact(MIX100, x)
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
-@pytest.mark.parametrize("corrector", [c for c in CORRECTOR_NAMES if c != "none"])
+@pytest.mark.parametrize("corrector,sde_name", default_subset(
+    ([c for c in CORRECTOR_NAMES if c != "none"], SDE_NAMES),
+    keep={("ald", "ve"), ("langevin", "vp")}))  # SMLD's annealed Langevin; the VP corrector
 def test_mixture_100d_correctors(corrector, sde_name):
     sde = make_sde(sde_name)
     x, _ = run_pc(MIX100, sde, 100, predictor="reverse_diffusion", corrector=corrector, N=1000,
@@ -185,8 +193,9 @@ class UnitVarianceLangevin(Corrector):
         return 2.0 * alpha * self.snr**2 * (m**2 + s**2)
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "ve"])
-@pytest.mark.parametrize("rule", ["batch", "sample", "former t-only step"])
+@pytest.mark.parametrize("rule,sde_name", default_subset(  # each rule on one SDE by default
+    (["batch", "sample", "former t-only step"], ["vp", "ve"]),
+    keep={("batch", "ve"), ("sample", "vp"), ("former t-only step", "vp")}))
 def test_langevin_at_the_reference_snr_on_sharp_data(rule, sde_name):
     """Regression: at the reference's default snr 0.16 on sharp 64-D data both langevin step
     rules follow the score's magnitude and sample p_0 (the former t-only step diverges: NaN
@@ -371,8 +380,8 @@ def test_euler_maruyama_and_reverse_diffusion_agree_to_first_order():
 _PF_REFERENCE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-@pytest.mark.parametrize("sde_name", SDE_NAMES)
-@pytest.mark.parametrize("predictor", PREDICTOR_NAMES)
+@pytest.mark.parametrize("predictor,sde_name", default_subset(
+    (PREDICTOR_NAMES, SDE_NAMES), keep=_DIAGONAL))
 def test_probability_flow_predictors_have_their_declared_order(predictor, sde_name):
     """From the same x_T, the error against a tight dopri5 solution of eq. 13 (T -> 0) falls
     as N^-order (fitted slope within 0.3 of the declared order)."""

@@ -81,7 +81,8 @@ def test_tune_refuses_what_it_cannot_tune():
         tune_time_grid(sde, gm.score_fn(sde), (8, 2), "ddim", max_evals=0, dtype=F64)
 
 
-@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("sde_name", [  # sub-VP, the slowest to tune, under slow
+    pytest.param(n, marks=pytest.mark.slow) if n == "subvp" else n for n in SDES])
 def test_tuning_lowers_the_error_and_counts_its_evaluations(sde_name):
     sde, gm = SDES[sde_name], oracle.GaussianMixture.ring()
     score = CountingScore(gm.score_fn(sde))

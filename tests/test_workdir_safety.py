@@ -84,9 +84,12 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_accepted_once_it_i
     workdir = tmp_path / "run"
     long_run = [*TOY, "--config.training.n_iters=1000000", "--config.training.snapshot_freq=500000",
                 "--config.training.snapshot_freq_for_preemption=1", f"--workdir={workdir}"]
+    # the first run writes its step-1 checkpoint, then waits (holding the lock) until killed:
+    # a live trainer that leaves the CPU to the second one
+    hold = FULL_DISK.format(action="real(src, dst)\n        __import__('time').sleep(600)")
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen([sys.executable, str(REPO / "main.py"), *long_run], cwd=REPO,
-                                 env=_env(), stdout=subprocess.DEVNULL, stderr=log)
+        first = subprocess.Popen([sys.executable, "-c", hold, checkpoints.META_FILE, *long_run],
+                                 cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=log)
     try:
         meta = checkpoints.meta_path(workdir)
         while not meta.exists() and first.poll() is None:
