@@ -3,10 +3,9 @@ fed batch by batch, then read.
 
 * :class:`DigitsScorer`: Fréchet Digits Distance and classifier score of the embedded digits
   (``evaluation.digits_metric``);
-* :class:`InceptionScorer`: FID (Heusel et al. 2017, eq. 6),
-  Inception score (Salimans et al. 2016) and KID (Bińkowski et al. 2018) against the training
-  split's pool3 features, cached once per reference set under ``inception.cache_dir()``
-  (:func:`reference_name`).
+* :class:`InceptionScorer`: FID (Heusel et al. 2017, eq. 6), Inception score (Salimans et al.
+  2016) and KID (Bińkowski et al. 2018) against the training split's pool3 features, cached once
+  per reference set under ``inception.cache_dir()`` (:func:`reference_name`).
 
 :func:`get_scorer` picks the scorer of ``config.data.dataset`` and loads every file it needs (the
 digits classifier, or the Inception weights and the reference features) before any sampling.
