@@ -28,8 +28,11 @@ import torch
 from models.checkpoint import CheckpointError, safe_load
 from models.memory import match_optimizer_state_layout
 from score_sde.losses import load_optimizer_state
+from score_sde.training.checkpoint_validation import (
+    check_training_tensors,
+    validate_training_checkpoint,
+)
 from score_sde.training.nonfinite import check_state_finite
-from score_sde.training.validation import check_training_tensors, validate_training_checkpoint
 from score_sde.utils import WriteError, atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,14 @@ message naming the value and what is allowed.
 config (cheap) and checks a checkpoint's structure before restoring it. Errors are ours:
 ``TypeError`` / ``ValueError`` for config values, :class:`DatasetError` for data,
 ``CheckpointError`` (``models.checkpoint``) for checkpoint files.
+
+This module holds the config checks and :func:`validate_run`; the dataset checks live in
+``training.dataset_validation`` and the checkpoint checks in ``training.checkpoint_validation``,
+both re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -21,30 +24,22 @@ import torch
 
 import samplers
 import sde_lib
-from models.checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    check_tensors,
-    name_ema_shadow_params,
-    safe_load,
-)
 from models.latent_space import model_space_config
 from models.memory import MEMORY_KEYS
 from models.utils import get_model
 from score_sde import datasets, losses
 from score_sde.discrete_diffusion import space_timesteps
-from score_sde.training import acceleration, classes, distributed
+from score_sde.training import acceleration, checkpoints, classes, distributed
+from score_sde.training.checkpoint_validation import (
+    CHECKPOINT_KEYS,
+    check_training_tensors,
+    validate_checkpoint_file,
+    validate_training_checkpoint,
+)
+from score_sde.training.dataset_validation import DatasetError, validate_dataset
 from score_sde.training.latent import check_autoencoder_checkpoint, check_autoencoder_config
 from score_sde.training.sampling import get_sde
 from score_sde.training.super_resolution import check_super_resolution_config
-
-#: top-level entries of a training checkpoint (``training.checkpoints.save_checkpoint``)
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "data")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used: missing or corrupt files, or samples of the wrong shape."""
-
 
 # -- config values ------------------------------------------------------------------------------
 
@@ -301,193 +296,6 @@ def check_discrete_diffusion_config(config) -> None:
             space_timesteps(get_sde(config).N, spacing)  # a bad spacing fails here, naming it
 
 
-# -- dataset files ------------------------------------------------------------------------------
-
-
-def validate_dataset(config, splits: tuple[str, ...] = ("train",),
-                     verified: str | os.PathLike | None = None) -> None:
-    """Load each split once and check its samples against the config.
-
-    Image folders are checked file by file: every image is decoded once (a truncated JPEG passes
-    PIL's ``verify``, not its decoder). ``verified`` names a JSON file remembering the files
-    (path, size, mtime) already decoded, so a restarted run does not decode them again. Other
-    datasets are read in full.
-
-    Args:
-        config: the experiment config (``data.*``, ``training.batch_size``).
-        splits: the splits to check.
-        verified: optional cache of decoded image files (written atomically).
-
-    Raises:
-        DatasetError: missing or corrupt files, or samples whose shape is not
-            ``datasets.data_shape(config)``, naming the dataset, the file or value and what is
-            expected; chained to the underlying error.
-        ValueError: a class-conditional config (``model.num_classes = K > 0``) on a dataset
-            without classes or with more than K (``training.classes.check_dataset_classes``).
-    """
-    name = config.data.dataset
-    expected = datasets.data_shape(config)
-    for split in splits:
-        try:
-            dataset = datasets.get_dataset(config, split)
-            if name == "folder":
-                _decode_images(dataset.data, verified)
-        except DatasetError:
-            raise
-        except Exception as e:  # any reader's error on a bad file becomes one clear message
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DatasetError(f"dataset {name!r} ({split} split) cannot be used: "
-                               f"{type(e).__name__}: {detail}") from e
-        shape = tuple(dataset.data.shape[1:])
-        if shape != expected:
-            raise DatasetError(
-                f"dataset {name!r} ({split} split) has samples of shape {shape}, but the config "
-                f"expects {expected} (data.image_size / data.num_channels / data.dim)"
-            )
-        batch = config.training.batch_size
-        if split == "train" and len(dataset) < batch:
-            raise DatasetError(f"dataset {name!r} has {len(dataset)} training samples, fewer "
-                               f"than config.training.batch_size={batch}")
-        if isinstance(dataset.data, torch.Tensor) and dataset.data.is_floating_point() and \
-                not bool(torch.isfinite(dataset.data).all()):
-            raise DatasetError(f"dataset {name!r} ({split} split) contains NaN or inf values")
-        classes.check_dataset_classes(config, dataset, split)
-
-
-def _decode_images(images, verified: str | os.PathLike | None) -> None:
-    """Decode each file of ``images`` (``datasets.folder.FolderImages``) as training will."""
-    import json
-
-    from score_sde.utils import atomic_write_bytes
-
-    known: dict[str, list[int]] = {}
-    if verified is not None and Path(verified).is_file():
-        with contextlib.suppress(ValueError, OSError):
-            known = dict(json.loads(Path(verified).read_text()))
-    done = {}
-    for i, path in enumerate(images.files):
-        stat = path.stat()
-        key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-        if known.get(key) != stamp:
-            try:
-                images[[i]]  # EXIF, alpha, resize: everything training does to it
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
-                raise DatasetError(f"image {path} is corrupt or not an image: "
-                                   f"{type(e).__name__}: {e}") from e
-        done[key] = stamp
-    if verified is not None and done != known:
-        atomic_write_bytes(verified, json.dumps(done).encode())
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-
-
-def _byte_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
-
-
-def validate_training_checkpoint(ckpt: Any, path: str | os.PathLike,
-                                 generators: Mapping[str, Any] | None = None,
-                                 iterators: Mapping[str, Any] | None = None) -> None:
-    """Structure of a loaded training checkpoint: the entries, step, RNG states, data positions.
-
-    Args:
-        ckpt: what ``safe_load`` returned.
-        path: the file, for the messages.
-        generators, iterators: the live ones whose states the checkpoint must hold (names only).
-    Raises:
-        CheckpointError: naming the file and the entry that is missing or malformed.
-    """
-    where = str(path)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{where}: not a training checkpoint (a {type(ckpt).__name__}, "
-                              "expected a dict)")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{where}: not a training checkpoint of this toolkit; missing "
-                              f"{', '.join(missing)}")
-    step = ckpt["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{where}: 'step' must be an integer >= 0, got {step!r}")
-    for key in ("model", "ema", "optimizer"):
-        if not isinstance(ckpt[key], dict):
-            raise CheckpointError(f"{where}: {key!r} must be a state dict, got "
-                                  f"{type(ckpt[key]).__name__}")
-    rng = ckpt["rng"]
-    if not (isinstance(rng, dict) and _byte_tensor(rng.get("torch"))
-            and isinstance(rng.get("generators"), dict)):
-        raise CheckpointError(f"{where}: 'rng' must hold 'torch' (a uint8 state) and "
-                              "'generators'")
-    for name in generators or {}:
-        if not _byte_tensor(rng["generators"].get(name)):
-            raise CheckpointError(f"{where}: no state of generator {name!r} in 'rng'")
-    data = ckpt["data"]
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{where}: 'data' must map iterator names to positions")
-    for name in iterators or {}:
-        position = data.get(name)
-        if not (isinstance(position, dict) and set(position) >= {"epoch", "batch", "seed"}
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                        for v in (position["epoch"], position["batch"]))
-                and isinstance(position["seed"], int)):
-            raise CheckpointError(f"{where}: data position {name!r} must be "
-                                  f"{{'epoch', 'batch', 'seed'}} integers, got {position!r}")
-
-
-def check_training_tensors(ckpt: Mapping[str, Any], model: torch.nn.Module,
-                           path: str | os.PathLike,
-                           params: list[torch.Tensor] | None = None) -> None:
-    """Dtypes, shapes and finiteness of a training checkpoint's tensors against the live ones,
-    by ``models.checkpoint.check_tensors``: the model's state dict, the EMA's shadow parameters
-    and the optimizer's per-parameter buffers (``exp_avg`` ...; scalar counters such as
-    ``step`` need only be finite if floating).
-
-    Args:
-        ckpt: a checkpoint that passed :func:`validate_training_checkpoint`.
-        model: the live model (may be on the ``meta`` device).
-        path: the file, for the messages.
-        params: the optimizer's parameters in its order; default ``model.parameters()``.
-    Raises:
-        CheckpointError: naming the file and the entry.
-    """
-    check_state_dict(model, ckpt["model"], str(path))
-    name_ema_shadow_params(model, ckpt["ema"], path)
-    params = list(model.parameters()) if params is None else params
-    found, expected = {}, {}
-    state = ckpt["optimizer"].get("state", {})
-    for index, entries in (state.items() if isinstance(state, Mapping) else ()):
-        for key, value in (entries.items() if isinstance(entries, Mapping) else ()):
-            name = f"state.{index}.{key}"
-            found[name] = value
-            if (isinstance(index, int) and 0 <= index < len(params)
-                    and isinstance(value, torch.Tensor) and value.dim() > 0):
-                expected[name] = params[index]  # a buffer with the parameter's shape and dtype
-    check_tensors(found, path, expected, what="optimizer", strict=False,
-                  owner=type(model).__name__)
-
-
-def validate_checkpoint_file(path: str | os.PathLike, config) -> dict:
-    """Read a training checkpoint weights-only and check it against ``config``'s model.
-
-    The model is built on the ``meta`` device (no memory) to compare keys, shapes and dtypes;
-    every floating tensor must be finite (:func:`check_training_tensors`).
-
-    Returns:
-        the loaded checkpoint.
-    Raises:
-        CheckpointError: unreadable, unsafe, truncated, malformed, non-finite, or for another
-            architecture, naming the file and the reason.
-    """
-    ckpt = safe_load(path)
-    validate_training_checkpoint(ckpt, path)
-    config = config.copy_and_resolve_references()
-    config.device = "meta"
-    with torch.device("meta"):
-        model = get_model(config.model.name)(model_space_config(config))
-    check_training_tensors(ckpt, model, path)
-    return ckpt
-
-
 def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int = 1) -> None:
     """Everything ``main.py`` checks before work: the mode against the world size, the config,
     the dataset (train and likelihood modes, and the labelled splits of a class-conditional
@@ -498,8 +306,6 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
         DatasetError: dataset files.
         CheckpointError: the checkpoints of ``workdir``.
     """
-    from score_sde.training import checkpoints  # imports this module
-
     if world_size > 1 and mode != "train":
         raise ValueError(f"--mode {mode} runs in one process; only --mode train is "
                          f"data-parallel (launched with {world_size} processes by torchrun)")
@@ -520,3 +326,16 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
             splits.add(e.get("bpd_dataset", "test"))
         if splits:
             validate_dataset(config, tuple(sorted(splits)))
+
+
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "DatasetError",
+    "check_discrete_diffusion_config",
+    "check_training_tensors",
+    "validate_checkpoint_file",
+    "validate_config",
+    "validate_dataset",
+    "validate_run",
+    "validate_training_checkpoint",
+]
