@@ -8,7 +8,7 @@ DPM-Solver++(2M) at the same ``--nfe`` (the latent model's decoding timed apart)
 metric (Fréchet Digits Distance and classifier score, ``evaluation.digits_metric``) of those
 samples, and bits/dim of the first ``--bpd_images`` test digits: the pixel model's
 probability-flow ODE bits/dim against the latent model's data-space bound (LSGM eq. 3) from
-``--mode likelihood`` where that is built ("n/a (bound not merged)" otherwise). Grids of the
+``--mode likelihood``. Grids of the
 first 100 samples: ``benchmarks/out/latent_pixel.png``, ``latent_latent.png``.
 
 Writes ``benchmarks/out/latent.md`` (pasted into docs/latent.md by update_docs.py). Usage, after
@@ -110,12 +110,9 @@ def sample(config, model, ae, n: int, nfe: int, seed: int) -> tuple[torch.Tensor
 
 def bits_per_dim(config, workdir: Path, n: int) -> str:
     """Bits/dim of the first ``n`` test digits by ``--mode likelihood`` (the pixel ODE, or a
-    latent model's data-space bound), or why there is none."""
-    try:
-        summary = json.loads(run_likelihood(config, workdir, "bench_latent", max_images=n,
-                                            progress=False).read_text())
-    except NotImplementedError:
-        return "n/a (bound not merged)"
+    latent model's data-space bound), with the standard error over images."""
+    summary = json.loads(run_likelihood(config, workdir, "bench_latent", max_images=n,
+                                        progress=False).read_text())
     return f"{summary['bpd']:.3f} ± {summary['bpd_stderr']:.3f}"
 
 
