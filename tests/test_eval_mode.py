@@ -23,7 +23,7 @@ import samplers
 import sde_lib
 from score_sde import cli as main
 from score_sde import datasets
-from score_sde.evaluation import inception, run
+from score_sde.evaluation import bits_per_dim, inception, run
 from score_sde.evaluation.inception import FID_WEIGHTS_NAME, FIDInceptionV3
 from score_sde.training import checkpoints
 from score_sde.training.events import EventLog
@@ -212,7 +212,7 @@ def test_bits_per_dim_mean_and_standard_error_reused_on_a_rerun(trained, tmp_pat
         raise AssertionError("bits/dim solved again")
 
     run.record_path(workdir, "eval", 1).unlink()  # as if interrupted after the bits/dim pass
-    monkeypatch.setattr(run, "dequantized_bits_per_dim", solve)
+    monkeypatch.setattr(bits_per_dim, "dequantized_bits_per_dim", solve)
     again = json.loads(evaluate(config, workdir)[0].read_text())
     assert again["bpd"] == record["bpd"] and again["metrics"] == record["metrics"]
 
@@ -225,7 +225,7 @@ def test_dequantized_bits_per_dim_equals_the_closed_form():
     levels, a, c = 17, 2.0, -1.0
     k = torch.randint(0, levels, (5, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     x = k / (levels - 1)
-    bpd, info = run.dequantized_bits_per_dim(
+    bpd, info = bits_per_dim.dequantized_bits_per_dim(
         sde, lambda y, t: -y, x, lambda y: (y - c) / a, levels, divergence="exact",
         generator=torch.Generator().manual_seed(1))
     z = info["z"][0]  # (B, 1, 8, 8)
@@ -235,7 +235,7 @@ def test_dequantized_bits_per_dim_equals_the_closed_form():
     log_normal = -0.5 * (z**2).flatten(1).sum(1) - D / 2 * math.log(2 * math.pi)
     expected = -(log_normal + D * math.log(a)) / (D * math.log(2)) + math.log2(levels)
     torch.testing.assert_close(bpd, expected, rtol=1e-5, atol=1e-5)
-    nats_bpd, info = run.dequantized_bits_per_dim(  # continuous data: -log2 p(x) / D
+    nats_bpd, info = bits_per_dim.dequantized_bits_per_dim(  # continuous data: -log2 p(x) / D
         sde, lambda y, t: -y, x, lambda y: (y - c) / a, None, divergence="exact")
     y = a * x + c
     log_normal = -0.5 * (y**2).flatten(1).sum(1) - D / 2 * math.log(2 * math.pi)
