@@ -274,6 +274,37 @@ def ddpm_loss(model_fn: ModelFn, vpsde: sde_lib.SDE, batch: torch.Tensor, labels
 
 # -- reference-style factories -------------------------------------------------------------------
 
+def _time_sampler(sde: sde_lib.SDE, eps: float, likelihood_weighting: bool,
+                  importance_weighting: bool) -> tuple[float, Callable[..., torch.Tensor]]:
+    """The checked ``eps`` and ``draw(batch, generator)``: t uniform on [eps, T], or with
+    ``importance_weighting`` from g^2 / s^2 (which needs ``likelihood_weighting``)."""
+    eps = _check_eps(sde, eps)
+    if importance_weighting and not likelihood_weighting:
+        raise ValueError("importance_weighting=True needs likelihood_weighting=True")
+    sample_t = sample_importance_time if importance_weighting else sample_time
+    return eps, lambda batch, generator: sample_t(batch, sde, eps, generator)
+
+
+def _checked_draws(batch: torch.Tensor, class_labels: torch.Tensor | None, image_cond: dict,
+                   shard: slice | None, draw: Callable[..., object],
+                   generator: torch.Generator | None) -> tuple[dict, object, torch.Tensor]:
+    """The prologue of every loss: the batch and labels checked, the image conditioning cut to
+    the shard's rows, then ``draw(batch, generator)`` (the times or steps) and z ~ N(0, I)
+    (B, *D), both for the whole global batch, in the reference's order."""
+    _check_batch(batch)
+    _check_class_labels(class_labels, batch)
+    image_cond = _image_cond_rows(image_cond, batch, shard)
+    t = draw(batch, generator)
+    z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+    return image_cond, t, z
+
+
+def _uniform_steps(N: int) -> Callable[..., torch.Tensor]:
+    """``draw(batch, generator)``: discrete steps n ~ U{0..N-1} (B,)."""
+    return lambda batch, generator: torch.randint(0, N, (batch.shape[0],), generator=generator,
+                                                  device=batch.device)
+
+
 def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = False,
                     eps: float = 1e-5, importance_weighting: bool = False) -> LossFn:
@@ -285,19 +316,13 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     ``models.utils.get_score_fn(sde, model, train, continuous, class_labels)``, so a
     class-conditional model learns the score of p_t(x | y) for the given labels (B,).
     """
-    eps = _check_eps(sde, eps)
-    if importance_weighting and not likelihood_weighting:
-        raise ValueError("importance_weighting=True needs likelihood_weighting=True")
-    draw_t = sample_importance_time if importance_weighting else sample_time
+    eps, draw_t = _time_sampler(sde, eps, likelihood_weighting, importance_weighting)
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
                 shard: slice | None = None, class_labels: torch.Tensor | None = None,
                 **image_cond: torch.Tensor):
-        _check_batch(batch)
-        _check_class_labels(class_labels, batch)
-        image_cond = _image_cond_rows(image_cond, batch, shard)
-        t = draw_t(batch, sde, eps, generator)
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        image_cond, t, z = _checked_draws(batch, class_labels, image_cond, shard, draw_t,
+                                          generator)
         batch, t, z, y = _rows(shard, batch, t, z, class_labels)
         score_fn = get_score_fn(sde, model, train=train, continuous=continuous, class_labels=y,
                                 **image_cond)
@@ -317,21 +342,15 @@ def get_ssm_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     Draws t (as ``get_sde_loss_fn``), z ~ N(0, I), then ``num_probes`` Gaussian probes v;
     ``class_labels`` (B,) are bound into the score as in ``get_sde_loss_fn``.
     """
-    eps = _check_eps(sde, eps)
-    if importance_weighting and not likelihood_weighting:
-        raise ValueError("importance_weighting=True needs likelihood_weighting=True")
+    eps, draw_t = _time_sampler(sde, eps, likelihood_weighting, importance_weighting)
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
-    draw_t = sample_importance_time if importance_weighting else sample_time
 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
                 shard: slice | None = None, class_labels: torch.Tensor | None = None,
                 **image_cond: torch.Tensor):
-        _check_batch(batch)
-        _check_class_labels(class_labels, batch)
-        image_cond = _image_cond_rows(image_cond, batch, shard)
-        t = draw_t(batch, sde, eps, generator)
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        image_cond, t, z = _checked_draws(batch, class_labels, image_cond, shard, draw_t,
+                                          generator)
         v = torch.randn((num_probes, *batch.shape), generator=generator, device=batch.device,
                         dtype=batch.dtype)
         batch, t, z, y = _rows(shard, batch, t, z, class_labels)
@@ -367,17 +386,13 @@ def _discrete_loss_fn(objective: Callable[..., torch.Tensor], sde: sde_lib.SDE, 
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
                 shard: slice | None = None, class_labels: torch.Tensor | None = None,
                 **image_cond: torch.Tensor):
-        _check_batch(batch)
-        _check_class_labels(class_labels, batch)
-        image_cond = _image_cond_rows(image_cond, batch, shard)
         if learns_sigma(model):
             raise ValueError(
                 "training.loss='simple' trains only the eps half of a model with learned "
                 "variances (learn_sigma=True): its v would never be trained. Use "
                 "training.loss='hybrid' (discrete VP SDEs) or a model without learn_sigma")
-        labels = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
-                               device=batch.device)
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        image_cond, labels, z = _checked_draws(batch, class_labels, image_cond, shard,
+                                               _uniform_steps(sde.N), generator)
         batch, labels, z, y = _rows(shard, batch, labels, z, class_labels)
         model_fn = get_model_fn(model, train=train, class_labels=y, **image_cond)
         return objective(model_fn, sde, batch, labels, z, reduce_mean).mean()
@@ -429,23 +444,21 @@ def get_hybrid_loss_fn(sde: sde_lib.SDE, train: bool, *, rescale: bool = False,
         raise ValueError(f"the importance sampler has {importance_sampler.num_timesteps} steps; "
                          f"the SDE has N={sde.N}")
 
+    def draw_steps(batch: torch.Tensor, generator: torch.Generator | None):
+        """Steps n (B,) uniform, or from the importance sampler with weights 1 / (N p_n)."""
+        if importance_sampler is None:
+            return _uniform_steps(sde.N)(batch, generator), None
+        n, weights = importance_sampler.sample(batch.shape[0], generator)
+        return n.to(batch.device), weights.to(batch.device, batch.dtype)
+
     def loss_fn(model, batch: torch.Tensor, *, generator: torch.Generator | None = None,
                 shard: slice | None = None, class_labels: torch.Tensor | None = None,
                 **image_cond: torch.Tensor):
-        _check_batch(batch)
-        _check_class_labels(class_labels, batch)
-        image_cond = _image_cond_rows(image_cond, batch, shard)
         if not learns_sigma(model):
             raise ValueError("training.loss='hybrid' needs a model with learned variances "
                              "(config.model.learn_sigma=True): L_vlb trains its v")
-        if importance_sampler is None:
-            n = torch.randint(0, sde.N, (batch.shape[0],), generator=generator,
-                              device=batch.device)
-            weights = None
-        else:
-            n, weights = importance_sampler.sample(batch.shape[0], generator)
-            n, weights = n.to(batch.device), weights.to(batch.device, batch.dtype)
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        image_cond, (n, weights), z = _checked_draws(batch, class_labels, image_cond, shard,
+                                                     draw_steps, generator)
         x0, n_rows, z, y, w = _rows(shard, batch, n, z, class_labels, weights)
         x_n = process.q_sample(x0, n_rows, z)
         out = get_model_fn(model, train=train, class_labels=y, **image_cond)(x_n, n_rows)
