@@ -76,7 +76,8 @@ def get_config():
     evaluate.bpd_dataset = 'test'
     # the network's precision in bits/dim (--mode likelihood, eval): 'fp32' unless forced
     evaluate.likelihood_precision = 'fp32'
-    evaluate.bpd_method = 'vlb'  # the DDPM variational bound (needs the latents, as training)
+    # a latent model's data bits/dim: the LSGM bound with the latent ODE likelihood ('ode' only)
+    evaluate.bpd_method = 'ode'
     evaluate.vlb_spacing = placeholder(str)
 
     config.data = data = ml_collections.ConfigDict()

@@ -224,6 +224,7 @@ def test_sample_decodes_and_eval_runs(ae_dir, tmp_path):
     # the latents' own ODE bits/dim
     bound = json.loads(run_likelihood(config, tmp_path, "lik", progress=False).read_text())
     assert record["bpd"]["bpd_method"] == "latent_bound"
+    assert record["bpd"]["network_precision"]["network"] == "fp32"  # eval.likelihood_precision
     assert record["metrics"]["bpd"] == pytest.approx(bound["bpd"], rel=1e-6)
     assert record["metrics"]["bpd_stderr"] == pytest.approx(bound["bpd_stderr"], rel=1e-6)
     assert record["bpd"]["num_images"] == bound["num_images"] > 0
@@ -405,3 +406,23 @@ def test_two_gloo_ranks_train_a_latent_model_like_one_process(ae_dir, tmp_path, 
         names = {run: sorted(p.name for p in (tmp_path / run).rglob("posteriors-*"))
                  for run in ("one", "two")}
         assert len(names["two"]) == 2 and names["two"] == names["one"]
+
+
+def test_the_bounds_settings_are_refused_before_any_network_loads(ae_dir, tmp_path):
+    from configs.imagenet256_dit_xl2 import get_config as get_imagenet_config
+    from score_sde.training.latent import bound_settings
+
+    config = latent_config(ae_dir)
+    config.eval.bpd_method = "vlb"
+    with pytest.raises(ValueError, match="bpd_method ?= ?'vlb'"):
+        validation.validate_run(config, tmp_path, "likelihood")
+    config.eval.bpd_method = "ode"
+    config.data.autoencoder.update(decoder_variance="fitted", decoder_fit_split="test")
+    with pytest.raises(ValueError, match="decoder_fit_split = 'test' is the evaluated split"):
+        validation.validate_run(config, tmp_path, "likelihood")
+    config.data.autoencoder.decoder_fit_split = "trian"
+    config.eval.update(enable_bpd=True)
+    with pytest.raises(ValueError, match="Unknown config.data.autoencoder.decoder_fit_split"):
+        validation.validate_run(config, tmp_path, "eval")
+    imagenet = get_imagenet_config()  # the shipped latent configs pass
+    assert bound_settings(imagenet, imagenet.eval.bpd_dataset)["decoder_variance"] == "auto"

@@ -249,7 +249,55 @@ def describe_autoencoder(ae: Autoencoder | None) -> dict | None:
     return {**ae.describe(), "source": getattr(ae, "source", "")}
 
 
+#: ``data.autoencoder.decoder_variance`` choices
+DECODER_VARIANCES = ("auto", "learned", "fitted")
+
+
+def bound_settings(config, split: str) -> dict:
+    """The bound's settings from ``config.data.autoencoder``, checked at the door.
+
+    Called before any file is read (``training.validation.validate_run``) and again by the
+    bound itself.
+
+    Raises:
+        ValueError: an unknown ``decoder_variance`` (listing the valid ones), ``bound_draws`` or
+            ``decoder_fit_images`` not a positive / non-negative integer, a fit split that is not
+            'train' or 'test' or (for a ``'fitted'`` variance) is the evaluated split (the
+            variance must come from held-out images), or ``eval.bpd_method`` other than 'ode'.
+    """
+    if config.eval.get("bpd_method", "ode") != "ode":
+        raise ValueError(f"config.eval.bpd_method = {config.eval.bpd_method!r}: a latent model's "
+                         "data bits/dim is the LSGM bound with the latent ODE likelihood; set "
+                         "--config.eval.bpd_method=ode")
+    section = config.data.autoencoder
+    variance = section.get("decoder_variance", "auto")
+    if variance not in DECODER_VARIANCES:
+        raise ValueError(f"Unknown config.data.autoencoder.decoder_variance {variance!r}; "
+                         f"valid: {', '.join(DECODER_VARIANCES)}")
+    draws = section.get("bound_draws", 4)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"config.data.autoencoder.bound_draws must be an integer >= 1, got "
+                         f"{draws!r}")
+    fit_images = section.get("decoder_fit_images", 1000)
+    if isinstance(fit_images, bool) or not isinstance(fit_images, int) or fit_images < 0:
+        raise ValueError(f"config.data.autoencoder.decoder_fit_images must be an integer >= 0 "
+                         f"(0: the whole split), got {fit_images!r}")
+    fit_split = section.get("decoder_fit_split", "train")
+    if fit_split not in ("train", "test"):
+        raise ValueError(f"Unknown config.data.autoencoder.decoder_fit_split {fit_split!r}; "
+                         "valid: train, test")
+    if variance == "fitted" and fit_split == split:
+        raise ValueError(f"config.data.autoencoder.decoder_fit_split = {fit_split!r} is the "
+                         "evaluated split: fit the decoder variance on held-out images (another "
+                         "split)")
+    return {"decoder_variance": variance, "num_draws": draws, "fit_split": fit_split,
+            "fit_images": fit_images, "split": split}
+
+
+
 __all__ = [
+    "DECODER_VARIANCES",
+    "bound_settings",
     "TRAIN_COMMAND",
     "apply_latent_scale",
     "autoencoder_section",

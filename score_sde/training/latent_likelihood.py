@@ -27,14 +27,19 @@ from tqdm.auto import tqdm
 
 from models.utils import get_score_fn
 from score_sde import datasets
-from score_sde.training import classes
+from score_sde.training import acceleration, classes
 from score_sde.training.inference import (
     find_checkpoint,
     likelihood_options,
     load_ema_model,
     run_facts,
 )
-from score_sde.training.latent import describe_autoencoder, load_config_autoencoder
+from score_sde.training.latent import (
+    DECODER_VARIANCES,
+    bound_settings,
+    describe_autoencoder,
+    load_config_autoencoder,
+)
 from score_sde.training.latent_bound import (
     DecoderLikelihood,
     fit_decoder_variance,
@@ -42,11 +47,11 @@ from score_sde.training.latent_bound import (
 )
 from score_sde.training.sampling import get_sde
 from score_sde.utils import atomic_write_bytes
+from score_sde.utils.compile import inference_network
+from score_sde.utils.precision import precision_scope
 
 log = logging.getLogger(__name__)
 
-#: ``data.autoencoder.decoder_variance`` choices
-DECODER_VARIANCES = ("auto", "learned", "fitted")
 #: the three terms of the bound, in the order recorded
 TERMS = ("decoder", "latent_prior", "entropy")
 
@@ -56,32 +61,6 @@ def from_autoencoder_input(y: torch.Tensor) -> torch.Tensor:
     scaling every autoencoder works in whatever ``data.centered`` says; the bound's data scaling
     (a = 2, c = -1: its log-determinant D log 2 for continuous data, its bins for quantised)."""
     return (y + 1.0) / 2.0
-
-
-def bound_settings(config, split: str) -> dict:
-    """The bound's settings from ``config.data.autoencoder``, checked at the door.
-
-    Raises:
-        ValueError: an unknown ``decoder_variance`` (listing the valid ones), ``bound_draws`` or
-            ``decoder_fit_images`` not a positive / non-negative integer, or a fit split equal
-            to the evaluated split (the variance must come from held-out images).
-    """
-    section = config.data.autoencoder
-    variance = section.get("decoder_variance", "auto")
-    if variance not in DECODER_VARIANCES:
-        raise ValueError(f"Unknown config.data.autoencoder.decoder_variance {variance!r}; "
-                         f"valid: {', '.join(DECODER_VARIANCES)}")
-    draws = section.get("bound_draws", 4)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"config.data.autoencoder.bound_draws must be an integer >= 1, got "
-                         f"{draws!r}")
-    fit_images = section.get("decoder_fit_images", 1000)
-    if isinstance(fit_images, bool) or not isinstance(fit_images, int) or fit_images < 0:
-        raise ValueError(f"config.data.autoencoder.decoder_fit_images must be an integer >= 0 "
-                         f"(0: the whole split), got {fit_images!r}")
-    fit_split = section.get("decoder_fit_split", "train")
-    return {"decoder_variance": variance, "num_draws": draws, "fit_split": fit_split,
-            "fit_images": fit_images, "split": split}
 
 
 def _first(dataset, n: int):
@@ -147,11 +126,20 @@ def bound_over_split(config, model, ae, split: str, *, max_images: int = 0,
     image's label (the bound is then on -log2 P(x | y) / D). Shared by ``--mode likelihood``
     and ``--mode eval``."""
     settings = bound_settings(config, split)
-    if config.eval.get("bpd_method", "ode") != "ode":
-        raise ValueError(f"config.eval.bpd_method = {config.eval.bpd_method!r}: a latent model's "
-                         "data bits/dim is the LSGM bound with the latent ODE likelihood; set "
-                         "--config.eval.bpd_method=ode")
     sde = get_sde(config)
+    precision = acceleration.likelihood_precision(config)  # 'fp32' unless forced
+    model = inference_network(config, model, precision)
+    with precision_scope(precision):  # TF32 off for the networks, the ODE and the divergence
+        arrays, summary = _bound_loop(config, sde, model, ae, split, settings, max_images,
+                                      progress)
+    summary["network_precision"] = acceleration.precision_record(
+        precision, "config.eval.likelihood_precision",
+        "float32 ODE state and divergence, TF32 off")
+    return arrays, summary
+
+
+def _bound_loop(config, sde, model, ae, split: str, settings: dict, max_images: int,
+                progress: bool) -> tuple[dict[str, np.ndarray], dict]:
     decoder = decoder_likelihood(config, ae, settings)
     dataset = _first(datasets.get_dataset(config, split), max_images)
     conditional = classes.read_num_classes(config) > 0

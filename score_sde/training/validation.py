@@ -24,7 +24,7 @@ import torch
 
 import samplers
 import sde_lib
-from models.latent_space import model_space_config
+from models.latent_space import is_latent, model_space_config
 from models.memory import MEMORY_KEYS
 from models.utils import get_model
 from score_sde import datasets, losses
@@ -37,7 +37,11 @@ from score_sde.training.checkpoint_validation import (
     validate_training_checkpoint,
 )
 from score_sde.training.dataset_validation import DatasetError, validate_dataset
-from score_sde.training.latent import check_autoencoder_checkpoint, check_autoencoder_config
+from score_sde.training.latent import (
+    bound_settings,
+    check_autoencoder_checkpoint,
+    check_autoencoder_config,
+)
 from score_sde.training.sampling import get_sde
 from score_sde.training.super_resolution import check_super_resolution_config
 
@@ -311,6 +315,9 @@ def validate_run(config, workdir: str | os.PathLike, mode: str, world_size: int 
                          f"data-parallel (launched with {world_size} processes by torchrun)")
     validate_config(config, world_size)
     check_autoencoder_checkpoint(config, mode)  # a latent config's autoencoder is on disk
+    bpd = mode == "likelihood" or (mode == "eval" and config.get("eval", {}).get("enable_bpd"))
+    if bpd and is_latent(config):  # the bound's settings, before any network is loaded
+        bound_settings(config, config.eval.get("bpd_dataset", "test"))
     if mode == "train":
         validate_dataset(config, ("train", "test"), Path(workdir) / "verified_images.json")
         for path in (checkpoints.meta_path(workdir),
