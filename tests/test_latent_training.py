@@ -426,3 +426,18 @@ def test_the_bounds_settings_are_refused_before_any_network_loads(ae_dir, tmp_pa
         validation.validate_run(config, tmp_path, "eval")
     imagenet = get_imagenet_config()  # the shipped latent configs pass
     assert bound_settings(imagenet, imagenet.eval.bpd_dataset)["decoder_variance"] == "auto"
+
+
+def test_samples_are_decoded_in_chunks_of_the_eval_batch(ae_dir):
+    from score_sde.training.latent import get_model_inverse_scaler
+
+    config = latent_config(ae_dir)
+    config.eval.batch_size = 2
+    ae = load_config_autoencoder(config)
+    calls = []
+    decode = ae.decode
+    ae.decode = lambda z: calls.append(z.shape[0]) or decode(z)
+    z = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = get_model_inverse_scaler(config, ae)(z)
+    assert calls == [2, 2, 1] and images.shape == (5, 1, 8, 8)
+    torch.testing.assert_close(images, (decode(z) + 1) / 2, rtol=1e-5, atol=1e-6)

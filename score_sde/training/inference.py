@@ -193,8 +193,9 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
                     "unconditional score of the guidance) is untrained",
                     config.model.get("class_dropout_prob"))
     chunks, labels, nfe = [], [], 0
+    sample_shape = latent_data_shape(config)  # the latent's for a latent config
     for start in tqdm(range(0, num_samples, batch), disable=not progress, desc="sample"):
-        shape = (min(batch, num_samples - start), *latent_data_shape(config))
+        shape = (min(batch, num_samples - start), *sample_shape)
         y = None if sampled is None else classes.sample_class_labels(
             sampled, start, shape[0], config.device)
         x, info = generate(config, sde, model, shape, inverse_scaler=inverse_scaler,
@@ -221,10 +222,8 @@ def run_sample(config, workdir: str | Path, eval_folder: str = "eval", *, checkp
                              {"name": config.data.autoencoder.name, "path": ""}}
         if ae is None:
             record["latents"]["note"] = LATENT_STOP
-        else:  # decoded in the sampling batches (an SD VAE at 256 px is memory-hungry)
-            decode = get_model_inverse_scaler(config, ae)
-            images = torch.cat([decode(z[i:i + batch].to(config.device)).cpu()
-                                for i in range(0, z.shape[0], batch)])
+        else:  # decoded in chunks of eval.batch_size (an SD VAE at 256 px is memory-hungry)
+            images = get_model_inverse_scaler(config, ae)(z.cpu())  # chunks on the device
             write_samples(images, folder, class_labels=y_all)
     else:
         write_samples(torch.cat(chunks), folder, class_labels=y_all)

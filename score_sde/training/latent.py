@@ -229,14 +229,18 @@ def get_model_scaler(config):
 
 
 def get_model_inverse_scaler(config, ae: Autoencoder | None):
-    """Model space -> data in [0, 1]: for a latent config the decoder, (decode(z) + 1) / 2 (the
-    only place samples are decoded); else ``datasets.get_data_inverse_scaler``."""
+    """Model space -> data in [0, 1]: for a latent config the decoder, (decode(z) + 1) / 2, in
+    chunks of ``eval.batch_size`` latents on the autoencoder's device, the images returned on
+    z's device (an SD VAE decoding a whole training batch at 256 px would need far more memory;
+    the only place samples are decoded); else ``datasets.get_data_inverse_scaler``."""
     if ae is None:
         return datasets.get_data_inverse_scaler(config)
+    chunk = config.eval.batch_size
 
     @torch.no_grad()
     def decode(z: torch.Tensor) -> torch.Tensor:
-        return (ae.decode(z) + 1.0) / 2.0
+        return torch.cat([((ae.decode(part.to(ae.device)) + 1.0) / 2.0).to(z.device)
+                          for part in z.split(chunk)])
 
     return decode
 
