@@ -441,3 +441,16 @@ def test_samples_are_decoded_in_chunks_of_the_eval_batch(ae_dir):
     images = get_model_inverse_scaler(config, ae)(z)
     assert calls == [2, 2, 1] and images.shape == (5, 1, 8, 8)
     torch.testing.assert_close(images, (decode(z) + 1) / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("precision", "bf16"), ("compile", True),
+                                       ("grad_accum", 2), ("skip_nonfinite", True)])
+def test_train_autoencoder_refuses_the_score_loops_options_it_would_ignore(key, value):
+    from score_sde.training.autoencoder import check_autoencoder_training_config
+
+    config = ae_config()
+    check_autoencoder_training_config(config)  # the defaults pass
+    config.training[key] = value
+    with pytest.raises(ValueError, match=f"config.training.{key}={value!r} is not supported by "
+                                         "--mode train_autoencoder"):
+        check_autoencoder_training_config(config)

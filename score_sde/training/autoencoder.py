@@ -56,10 +56,27 @@ GRID_IMAGES = 8
 def check_autoencoder_training_config(config) -> dict:
     """The ``data.autoencoder`` section of ``--mode train_autoencoder``, checked.
 
+    The score-model loop's acceleration and guard options do not apply to this loop (it trains
+    in fp32, eager, one batch per step, and stops at a non-finite loss at its next log step): a
+    value other than their default is refused rather than ignored.
+
     Raises:
         ValueError: a name other than 'kl', an unknown reconstruction, a negative beta or a
-            non-positive lr (naming the key and the valid values).
+            non-positive lr (naming the key and the valid values); ``training.precision`` other
+            than 'auto' / 'fp32', ``training.compile``, ``training.grad_accum`` > 1 or
+            ``training.skip_nonfinite``.
     """
+    t = config.training
+    unsupported = {"precision": (t.get("precision", "auto"), ("auto", "fp32")),
+                   "compile": (t.get("compile", False), (False,)),
+                   "grad_accum": (t.get("grad_accum", 1), (1,)),
+                   "skip_nonfinite": (t.get("skip_nonfinite", False), (False,))}
+    for key, (value, supported) in unsupported.items():
+        if value not in supported or isinstance(value, bool) != isinstance(supported[0], bool):
+            raise ValueError(f"config.training.{key}={value!r} is not supported by --mode "
+                             f"train_autoencoder (it trains in fp32, eager, one batch per step, "
+                             f"and stops at a non-finite loss at its next log step); use "
+                             f"{' or '.join(repr(v) for v in supported)}")
     name = autoencoder_name(config)
     if name != "kl":
         raise ValueError(f"--mode train_autoencoder trains the toolkit's own autoencoder: "
