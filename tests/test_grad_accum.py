@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 import torch
 import torch.distributed as dist
+from test_hybrid_loss import LearnedVarianceNet
 
 import sde_lib
 from models.ema import ExponentialMovingAverage
@@ -19,18 +20,9 @@ from score_sde.training import acceleration
 F64 = torch.float64
 
 
-class Net(torch.nn.Module):
-    """A score network for (B, D) data taking (x, labels); 2 D outputs with ``learn_sigma``."""
-
-    def __init__(self, dim: int = 3, learn_sigma: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.learn_sigma = learn_sigma
-        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, 32), torch.nn.SiLU(),
-                                       torch.nn.Linear(32, 2 * dim if learn_sigma else dim))
-
-    def forward(self, x, labels):
-        return self.net(torch.cat([x, labels[:, None].to(x.dtype) / 100], dim=1))
+def Net(dim: int = 3, learn_sigma: bool = False) -> torch.nn.Module:
+    """The (B, D) score network of the hybrid-loss tests; 2 D outputs only with ``learn_sigma``."""
+    return LearnedVarianceNet(dim, learn_sigma)
 
 
 def _config():
